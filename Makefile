@@ -1,0 +1,73 @@
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.deps-stamp
+
+.PHONY: help
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## .*$$' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q -U pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *p['optional-dependencies']['dev'], sep='\n')" > $(VENV)/requirements.txt
+	$(PIP) install -q -r $(VENV)/requirements.txt
+	touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## make the venv and install the dependencies
+
+.PHONY: build-dev
+build-dev: $(STAMP) ## rebuild the Rust extension in place (release profile, for realistic speed)
+	$(VENV)/bin/maturin develop -q --release
+
+.PHONY: build-prod
+build-prod: $(STAMP) ## build a release wheel into dist/
+	$(VENV)/bin/maturin build --release -o dist
+
+.PHONY: format
+format: $(STAMP) ## format Rust and Python
+	cargo fmt
+	$(VENV)/bin/ruff format python tests benches loadtests
+	$(VENV)/bin/ruff check --fix python tests benches loadtests
+
+.PHONY: lint-rust
+lint-rust: ## cargo fmt --check and clippy -D warnings
+	cargo fmt --check
+	cargo clippy --all-targets -q -- -D warnings
+
+.PHONY: lint-python
+lint-python: $(STAMP) ## ruff (lint and format check) and stubtest
+	$(VENV)/bin/ruff check python tests benches loadtests
+	$(VENV)/bin/ruff format --check python tests benches loadtests
+
+.PHONY: lint
+lint: lint-rust lint-python ## all linters
+
+.PHONY: test-rust
+test-rust: ## Rust unit and property tests (no Python needed)
+	cargo test -q
+
+.PHONY: test-python
+test-python: build-dev ## pytest, against real servers on loopback
+	$(VENV)/bin/python -m pytest -q
+
+.PHONY: test
+test: ## everything: Rust tests, lint, pytest (bootstraps the venv and services)
+	bash scripts/bootstrap.sh
+	$(MAKE) test-rust lint test-python
+
+.PHONY: bench
+bench: build-dev ## micro-benchmarks of the decision core
+	$(VENV)/bin/python -m pytest benches/bench_decide.py --benchmark-enable --benchmark-only -q
+
+.PHONY: demo
+demo: build-dev ## fastroute's main job: route a traffic mix and print where it went and what it cost
+	$(VENV)/bin/fastroute demo
+
+.PHONY: all
+all: format build-dev lint test ## format, build, lint, test

@@ -1,0 +1,79 @@
+"""The compiled decision core of fastroute (Rust, built by maturin).
+
+Pure and synchronous: no I/O, no clocks, no globals. Given the same compiled
+spec and the same request it returns the same Decision.
+"""
+
+from collections.abc import Mapping
+from typing import Protocol, final
+
+__version__: str
+
+class Headers(Protocol):
+    """Anything with `.get(name)`: granian's RSGI headers, a dict with lowercase keys."""
+
+    def get(self, key: str, default: str | None = None, /) -> str | None: ...
+
+@final
+class Router:
+    """Compiled routes, tenants and splits. Immutable: compile a new one to change anything."""
+
+    @staticmethod
+    def compile(spec: bytes) -> Router:
+        """Compile a validated config, given as the JSON bytes of `fastroute.config.Config`.
+
+        Raises:
+            fastroute.errors.ConfigError: the spec is unusable; `.path` names the config key
+                (e.g. `routes[3].match.headers.x-tier.regex`).
+        """
+
+    def decide(self, method: str, path: str, headers: Headers | Mapping[str, str], body: bytes) -> Decision:
+        """Decide where one request goes. Reads only the headers the rules name.
+
+        Raises:
+            fastroute.errors.RequestError: the body is not a JSON object, or a known field has the
+                wrong type (`.param` names it).
+        """
+
+    @property
+    def route_count(self) -> int: ...
+    @property
+    def tenant_key_count(self) -> int: ...
+    @property
+    def header_names(self) -> tuple[str, ...]:
+        """The lowercase header names decide() may read (the key header included)."""
+
+@final
+class Decision:
+    """The outcome of one `decide` call. Frozen.
+
+    `status` is 200 when the request may go upstream; otherwise 401 (unknown or missing key),
+    403 (tenant not allowed this model/adapter) or 404 (no route, unknown model), and `error`
+    holds a message for the client. "No route" is a Decision, never an exception.
+    """
+
+    status: int
+    error: str | None
+    route: str | None
+    pool: str | None
+    upstream_model: str | None
+    adapter: str | None
+    variant: str | None
+    tenant: str | None
+    upstream_path: str | None
+    body: bytes | None  # the rewritten body, or None when it is unchanged
+    requested_model: str | None
+    stream: bool
+    max_tokens: int | None
+    est_input_tokens: int
+    score: float | None
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        """Every field as a plain dict (what `explain` prints), body as text or None."""
+
+def noop() -> None:
+    """Does nothing: the baseline for timing the Python→Rust crossing."""
+
+def estimate_tokens(text: str | bytes, exact: bool = False, encoding: str = 'o200k_base') -> int:
+    """Tokens in `text`: the fast estimate, or the exact BPE count when `exact`."""
