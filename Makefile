@@ -23,7 +23,7 @@ install: $(STAMP) ## make the venv and install the dependencies
 
 .PHONY: build-dev
 build-dev: $(STAMP) ## rebuild the Rust extension in place (release profile, for realistic speed)
-	$(VENV)/bin/maturin develop -q --release
+	$(VENV)/bin/maturin develop -q --profile devrel
 
 .PHONY: build-prod
 build-prod: $(STAMP) ## build a release wheel into dist/
@@ -62,7 +62,8 @@ test: ## everything: Rust tests, lint, pytest (bootstraps the venv and services)
 	$(MAKE) test-rust lint test-python
 
 .PHONY: bench
-bench: build-dev ## micro-benchmarks of the decision core
+bench: $(STAMP) ## micro-benchmarks of the decision core (release build)
+	$(VENV)/bin/maturin develop -q --release
 	$(VENV)/bin/python -m pytest benches/bench_decide.py --benchmark-enable --benchmark-only -q
 
 .PHONY: demo
