@@ -59,9 +59,7 @@ class RequestError(FastrouteError, ValueError):
     status = 400
     type = 'invalid_request_error'
 
-    def __init__(
-        self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message, code=code, param=param)
         self.status = status
 
@@ -74,7 +72,7 @@ class AuthError(FastrouteError):
     code = 'invalid_api_key'
 
 
-class PermissionError_(FastrouteError):  # noqa: N801 - the builtin name is taken
+class PermissionError_(FastrouteError):  # trailing underscore: the builtin name is taken
     """The key is valid, but its tenant may not use this model or adapter (403)."""
 
     status = 403
