@@ -50,6 +50,12 @@ class Decision:
     `status` is 200 when the request may go upstream; otherwise 401 (unknown or missing key),
     403 (tenant not allowed this model/adapter) or 404 (no route, unknown model), and `error`
     holds a message for the client. "No route" is a Decision, never an exception.
+
+    `upstream_model` is the `model` the upstream sees (the pool's `upstream_model`, else the
+    client's own); with an adapter on an `adapter_field: model` pool the body's `model` is the
+    adapter instead. `reasons` is rendered on first access by deciding again, traced, from the
+    same inputs (`decide` is pure), so `decide` itself stays allocation-light; read it before
+    mutating the headers object passed to `decide`.
     """
 
     status: int

@@ -1,17 +1,389 @@
 //! The binding layer of fastroute's decision core: pyclasses, argument extraction and error
-//! mapping only. No routing logic lives here, and no other file imports pyo3.
+//! mapping only. It turns Python arguments into a borrowed `request::Request`, hands Python
+//! strings created at compile time back by refcount, and maps core errors to
+//! `fastroute.errors`. No routing logic lives here, and no other file imports pyo3.
 
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
+pub mod classify;
+pub mod error;
+pub mod request;
+pub mod rewrite;
+pub mod router;
+pub mod rules;
+pub mod spec;
+pub mod split;
 pub mod tokens;
+
+use crate::error::{CompileError, DecideError};
+use crate::request::Request;
+use crate::router::{CompiledRouter, MAX_HEADERS};
+use crate::tokens::Estimator;
+
+pyo3::import_exception!(fastroute.errors, ConfigError);
+pyo3::import_exception!(fastroute.errors, RequestError);
+
+#[cold]
+fn config_error(py: Python<'_>, e: CompileError) -> PyErr {
+    let kwargs = PyDict::new(py);
+    let path = (!e.path.is_empty()).then_some(e.path);
+    if let Err(err) = kwargs.set_item("path", path) {
+        return err;
+    }
+    match py.get_type::<ConfigError>().call((e.msg,), Some(&kwargs)) {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(err) => err,
+    }
+}
+
+#[cold]
+fn request_error(py: Python<'_>, e: DecideError) -> PyErr {
+    let kwargs = PyDict::new(py);
+    if let Err(err) = kwargs.set_item("param", e.param) {
+        return err;
+    }
+    match py.get_type::<RequestError>().call((&*e.msg,), Some(&kwargs)) {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(err) => err,
+    }
+}
+
+/// Python strings for every name a decision can hand out, created once per compile.
+struct Names {
+    headers: Vec<Py<PyString>>,
+    routes: Vec<Py<PyString>>,
+    route_paths: Vec<Option<Py<PyString>>>,
+    models: Vec<Py<PyString>>,
+    upstream_models: Vec<Option<Py<PyString>>>,
+    adapters: Vec<Py<PyString>>,
+    variants: Vec<Py<PyString>>,
+    tenants: Vec<Py<PyString>>,
+    get: Py<PyString>,
+}
+
+fn strs<'a>(py: Python<'_>, items: impl Iterator<Item = &'a str>) -> Vec<Py<PyString>> {
+    items.map(|s| PyString::intern(py, s).unbind()).collect()
+}
+
+fn pick(names: &[Py<PyString>], py: Python<'_>, i: Option<u32>) -> Option<Py<PyString>> {
+    i.and_then(|i| names.get(i as usize)).map(|s| s.clone_ref(py))
+}
+
+/// Compiled routes, tenants and splits. Immutable: compile a new one to change anything.
+#[pyclass(frozen, module = "fastroute._core")]
+struct Router {
+    core: CompiledRouter,
+    names: Names,
+}
+
+/// Header values fetched for one request, held as Python objects so the `&str`s can borrow them.
+type HeaderObjs<'py> = [Option<Bound<'py, PyString>>; MAX_HEADERS];
+
+impl Router {
+    /// Call `headers.get(name)` for each header the router reads, and nothing else.
+    fn fetch_headers<'py>(&self, headers: &Bound<'py, PyAny>) -> PyResult<HeaderObjs<'py>> {
+        let py = headers.py();
+        let mut out: HeaderObjs<'py> = std::array::from_fn(|_| None);
+        let dict = headers.cast_exact::<PyDict>().ok();
+        for (slot, name) in self.names.headers.iter().enumerate().take(MAX_HEADERS) {
+            let name = name.bind(py);
+            let v = match dict {
+                Some(d) => d.get_item(name)?,
+                None => Some(headers.call_method1(self.names.get.bind(py), (name,))?),
+            };
+            out[slot] = v.and_then(|v| v.cast_into::<PyString>().ok());
+        }
+        Ok(out)
+    }
+
+    fn run<'a>(
+        &'a self,
+        method: &'a str,
+        path: &'a str,
+        values: &'a [Option<&'a str>],
+        body: &'a [u8],
+        trace: Option<&mut Vec<String>>,
+    ) -> Result<router::Decision<'a>, DecideError> {
+        let req = Request {
+            method,
+            path,
+            headers: &values[..self.names.headers.len().min(MAX_HEADERS)],
+            body,
+        };
+        self.core.decide(&req, trace)
+    }
+}
+
+fn header_strs<'a>(objs: &'a HeaderObjs<'_>) -> PyResult<[Option<&'a str>; MAX_HEADERS]> {
+    let mut values: [Option<&str>; MAX_HEADERS] = [None; MAX_HEADERS];
+    for (v, o) in values.iter_mut().zip(objs) {
+        if let Some(s) = o {
+            *v = Some(s.to_str()?);
+        }
+    }
+    Ok(values)
+}
+
+#[pymethods]
+impl Router {
+    /// Compile a validated config, given as the JSON bytes of `fastroute.config.Config`.
+    #[staticmethod]
+    fn compile(py: Python<'_>, spec: &[u8]) -> PyResult<Self> {
+        let core = CompiledRouter::compile(spec).map_err(|e| config_error(py, e))?;
+        let models = core.models();
+        let names = Names {
+            headers: strs(py, core.header_names().iter().map(|s| &**s)),
+            routes: strs(py, core.route_names().iter().map(|s| &**s)),
+            route_paths: core
+                .route_upstream_paths()
+                .iter()
+                .map(|p| p.as_deref().map(|s| PyString::intern(py, s).unbind()))
+                .collect(),
+            models: strs(py, models.iter().map(|m| &*m.name)),
+            upstream_models: models
+                .iter()
+                .map(|m| m.upstream_model.as_deref().map(|s| PyString::intern(py, s).unbind()))
+                .collect(),
+            adapters: strs(py, core.adapters().iter().map(|s| &**s)),
+            variants: strs(py, core.variants().iter().map(|v| &*v.name)),
+            tenants: strs(py, core.tenant_names().iter().map(|s| &**s)),
+            get: PyString::intern(py, "get").unbind(),
+        };
+        Ok(Self { core, names })
+    }
+
+    /// Decide where one request goes. Reads only the headers the rules name.
+    fn decide(
+        slf: &Bound<'_, Self>,
+        method: &Bound<'_, PyString>,
+        path: &Bound<'_, PyString>,
+        headers: &Bound<'_, PyAny>,
+        body: &Bound<'_, PyBytes>,
+    ) -> PyResult<Decision> {
+        let py = slf.py();
+        let this = slf.get();
+        let objs = this.fetch_headers(headers)?;
+        let values = header_strs(&objs)?;
+        let raw = body.as_bytes();
+        let d = this
+            .run(method.to_str()?, path.to_str()?, &values, raw, None)
+            .map_err(|e| request_error(py, e))?;
+        let n = &this.names;
+        let requested_model = d.requested_model.map(|m| PyString::new(py, &m.decode()).unbind());
+        let upstream_model = match d.pool {
+            Some(p) => match &n.upstream_models[p as usize] {
+                Some(u) => Some(u.clone_ref(py)),
+                None => requested_model.as_ref().map(|m| m.clone_ref(py)),
+            },
+            None => None,
+        };
+        let new_body = match &d.rewrite {
+            Some(plan) => Some(
+                PyBytes::new_with(py, plan.len(), |buf| {
+                    plan.write(raw, buf);
+                    Ok(())
+                })?
+                .unbind(),
+            ),
+            None => None,
+        };
+        Ok(Decision {
+            status: d.status,
+            error: d.error.as_deref().map(|e| PyString::new(py, e).unbind()),
+            route: pick(&n.routes, py, d.route),
+            pool: pick(&n.models, py, d.pool),
+            upstream_model,
+            adapter: pick(&n.adapters, py, d.adapter),
+            variant: pick(&n.variants, py, d.variant),
+            tenant: pick(&n.tenants, py, d.tenant),
+            upstream_path: d
+                .route
+                .and_then(|r| n.route_paths[r as usize].as_ref().map(|p| p.clone_ref(py))),
+            body: new_body,
+            requested_model,
+            stream: d.stream,
+            max_tokens: d.max_tokens,
+            est_input_tokens: d.est_input_tokens,
+            score: d.score.map(f64::from),
+            source: Source {
+                router: slf.clone().unbind(),
+                method: method.clone().unbind(),
+                path: path.clone().unbind(),
+                headers: headers.clone().unbind(),
+                body: body.clone().unbind(),
+            },
+            reasons: PyOnceLock::new(),
+        })
+    }
+
+    /// Number of routes.
+    #[getter]
+    fn route_count(&self) -> usize {
+        self.core.route_names().len()
+    }
+
+    /// Number of tenant key digests.
+    #[getter]
+    fn tenant_key_count(&self) -> usize {
+        self.core.tenant_key_count()
+    }
+
+    /// The lowercase header names decide() may read (the key header first).
+    #[getter]
+    fn header_names<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, self.names.headers.iter().map(|h| h.bind(py)))
+    }
+}
+
+/// What a decision was made from, kept so the trace can be rendered on first access.
+struct Source {
+    router: Py<Router>,
+    method: Py<PyString>,
+    path: Py<PyString>,
+    headers: Py<PyAny>,
+    body: Py<PyBytes>,
+}
+
+/// The outcome of one `decide` call. Frozen.
+#[pyclass(frozen, freelist = 64, module = "fastroute._core")]
+struct Decision {
+    #[pyo3(get)]
+    status: u16,
+    #[pyo3(get)]
+    error: Option<Py<PyString>>,
+    #[pyo3(get)]
+    route: Option<Py<PyString>>,
+    #[pyo3(get)]
+    pool: Option<Py<PyString>>,
+    #[pyo3(get)]
+    upstream_model: Option<Py<PyString>>,
+    #[pyo3(get)]
+    adapter: Option<Py<PyString>>,
+    #[pyo3(get)]
+    variant: Option<Py<PyString>>,
+    #[pyo3(get)]
+    tenant: Option<Py<PyString>>,
+    #[pyo3(get)]
+    upstream_path: Option<Py<PyString>>,
+    #[pyo3(get)]
+    body: Option<Py<PyBytes>>,
+    #[pyo3(get)]
+    requested_model: Option<Py<PyString>>,
+    #[pyo3(get)]
+    stream: bool,
+    #[pyo3(get)]
+    max_tokens: Option<i64>,
+    #[pyo3(get)]
+    est_input_tokens: u32,
+    #[pyo3(get)]
+    score: Option<f64>,
+    source: Source,
+    reasons: PyOnceLock<Py<PyTuple>>,
+}
+
+#[pymethods]
+impl Decision {
+    /// The trace `explain` prints. Rendered on first access by deciding again, with tracing on,
+    /// from the same inputs (`decide` is pure, so the outcome is the same).
+    #[getter]
+    fn reasons<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let t = self.reasons.get_or_try_init(py, || -> PyResult<Py<PyTuple>> {
+            let s = &self.source;
+            let router = s.router.get();
+            let headers = s.headers.bind(py);
+            let objs = router.fetch_headers(headers)?;
+            let values = header_strs(&objs)?;
+            let mut lines = Vec::new();
+            let method = s.method.bind(py).to_str()?;
+            let path = s.path.bind(py).to_str()?;
+            if let Err(e) = router.run(method, path, &values, s.body.bind(py).as_bytes(), Some(&mut lines)) {
+                lines.push(format!("request error: {e}"));
+            }
+            Ok(PyTuple::new(py, lines)?.unbind())
+        })?;
+        Ok(t.bind(py).clone())
+    }
+
+    /// Every field as a plain dict (what `explain` prints), body as text or None.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("status", self.status)?;
+        d.set_item("error", &self.error)?;
+        d.set_item("route", &self.route)?;
+        d.set_item("pool", &self.pool)?;
+        d.set_item("upstream_model", &self.upstream_model)?;
+        d.set_item("adapter", &self.adapter)?;
+        d.set_item("variant", &self.variant)?;
+        d.set_item("tenant", &self.tenant)?;
+        d.set_item("upstream_path", &self.upstream_path)?;
+        let body = self
+            .body
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b.bind(py).as_bytes()).into_owned());
+        d.set_item("body", body)?;
+        d.set_item("requested_model", &self.requested_model)?;
+        d.set_item("stream", self.stream)?;
+        d.set_item("max_tokens", self.max_tokens)?;
+        d.set_item("est_input_tokens", self.est_input_tokens)?;
+        d.set_item("score", self.score)?;
+        d.set_item("reasons", PyList::new(py, self.reasons(py)?.iter())?)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let s = |o: &Option<Py<PyString>>| {
+            o.as_ref()
+                .map_or_else(|| "None".to_owned(), |v| format!("{:?}", v.bind(py).to_string()))
+        };
+        format!(
+            "Decision(status={}, route={}, pool={}, upstream_model={}, adapter={}, variant={}, tenant={}, est_input_tokens={})",
+            self.status,
+            s(&self.route),
+            s(&self.pool),
+            s(&self.upstream_model),
+            s(&self.adapter),
+            s(&self.variant),
+            s(&self.tenant),
+            self.est_input_tokens
+        )
+    }
+}
 
 /// Does nothing: the baseline for timing the Python→Rust crossing.
 #[pyfunction]
 fn noop() {}
 
+/// Tokens in `text`: the fast estimate, or the exact BPE count when `exact`.
+#[pyfunction]
+#[pyo3(signature = (text, exact = false, encoding = "o200k_base"))]
+fn estimate_tokens(text: &Bound<'_, PyAny>, exact: bool, encoding: &str) -> PyResult<u32> {
+    let estimator = match (exact, encoding) {
+        (false, _) => Estimator::Fast,
+        (true, "o200k_base") => Estimator::ExactO200k,
+        (true, "cl100k_base") => Estimator::ExactCl100k,
+        (true, other) => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "unknown encoding `{other}`: use o200k_base or cl100k_base"
+            )));
+        }
+    };
+    if let Ok(s) = text.cast::<PyString>() {
+        Ok(estimator.count(s.to_str()?.as_bytes()))
+    } else if let Ok(b) = text.cast::<PyBytes>() {
+        Ok(estimator.count(b.as_bytes()))
+    } else {
+        Err(pyo3::exceptions::PyTypeError::new_err("text must be str or bytes"))
+    }
+}
+
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<Router>()?;
+    m.add_class::<Decision>()?;
     m.add_function(wrap_pyfunction!(noop, m)?)?;
+    m.add_function(wrap_pyfunction!(estimate_tokens, m)?)?;
     Ok(())
 }

@@ -1,0 +1,881 @@
+//! The request as the router sees it: borrowed method, path and header values, and one pass over
+//! the JSON body that validates it and pulls out the fields routing needs (`model`, message text,
+//! `stream`, `max_tokens`, `user`, `metadata`, …) without building a DOM. Strings stay borrowed
+//! slices of the body; nothing here allocates unless a string needed for routing holds escapes.
+//! This module must never decide anything and never copy the body.
+
+use std::borrow::Cow;
+
+use memchr::memchr2;
+
+use crate::classify::Features;
+use crate::error::DecideError;
+use crate::tokens::Estimator;
+
+/// Most distinct `metadata.<key>` names the rules of one router may read.
+pub const MAX_METADATA_KEYS: usize = 16;
+/// Deepest nesting of arrays and objects accepted in a body.
+pub const MAX_DEPTH: u32 = 128;
+/// Tokens a chat format adds per message (role markers and separators).
+pub const TOKENS_PER_MESSAGE: u32 = 4;
+
+/// A request, borrowed from what the server already holds. Built per call; costs nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// HTTP method, as received.
+    pub method: &'a str,
+    /// Request path (no query string).
+    pub path: &'a str,
+    /// Values of the headers the router reads, indexed by the router's header slots
+    /// (`CompiledRouter::header_names`); None when absent.
+    pub headers: &'a [Option<&'a str>],
+    /// The raw body.
+    pub body: &'a [u8],
+}
+
+impl<'a> Request<'a> {
+    /// The value of header slot `slot`, if present.
+    #[inline]
+    #[must_use]
+    pub fn header(&self, slot: usize) -> Option<&'a str> {
+        self.headers.get(slot).copied().flatten()
+    }
+}
+
+/// Byte range `[start, end)` in the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// First byte.
+    pub start: usize,
+    /// One past the last byte.
+    pub end: usize,
+}
+
+/// A JSON string from the body: its raw content between the quotes (valid UTF-8, escapes not yet
+/// decoded) and whether it holds any escape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JStr<'a> {
+    /// The bytes between the quotes.
+    pub raw: &'a str,
+    /// True when `raw` holds a backslash escape.
+    pub escaped: bool,
+}
+
+impl<'a> JStr<'a> {
+    /// The decoded string; allocates only when the string holds escapes.
+    #[must_use]
+    pub fn decode(&self) -> Cow<'a, str> {
+        if self.escaped {
+            Cow::Owned(unescape(self.raw))
+        } else {
+            Cow::Borrowed(self.raw)
+        }
+    }
+
+    /// Whether the decoded string equals `s`.
+    #[inline]
+    #[must_use]
+    pub fn eq_str(&self, s: &str) -> bool {
+        if self.escaped {
+            self.decode() == s
+        } else {
+            self.raw == s
+        }
+    }
+}
+
+/// Decode the escapes of a string already validated by the scanner.
+#[cold]
+fn unescape(raw: &str) -> String {
+    let b = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    let mut lit = 0;
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        out.push_str(&raw[lit..i]);
+        let c = b.get(i + 1).copied().unwrap_or(b'\\');
+        i += 2;
+        match c {
+            b'n' => out.push('\n'),
+            b't' => out.push('\t'),
+            b'r' => out.push('\r'),
+            b'b' => out.push('\u{8}'),
+            b'f' => out.push('\u{c}'),
+            b'u' => {
+                let hi = hex4(b, i).unwrap_or(0xFFFD);
+                i += 4;
+                let cp = if (0xD800..0xDC00).contains(&hi) {
+                    let lo = hex4(b, i + 2).unwrap_or(0xDC00);
+                    i += 6;
+                    0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                } else {
+                    hi
+                };
+                out.push(char::from_u32(cp).unwrap_or('\u{FFFD}'));
+            }
+            other => out.push(char::from(other)),
+        }
+        lit = i;
+    }
+    out.push_str(&raw[lit.min(raw.len())..]);
+    out
+}
+
+fn hex4(b: &[u8], at: usize) -> Option<u32> {
+    let s = b.get(at..at + 4)?;
+    let mut v = 0u32;
+    for &c in s {
+        v = (v << 4) | char::from(c).to_digit(16)?;
+    }
+    Some(v)
+}
+
+/// What the body scan needs from the compiled router.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanOptions<'r> {
+    /// How text is counted.
+    pub estimator: Estimator,
+    /// Collect complexity features (only when a classify route exists).
+    pub features: bool,
+    /// The `metadata.<key>` names rules read, in slot order.
+    pub metadata_keys: &'r [Box<str>],
+}
+
+/// What one pass over the body found. Borrowed from the body; built on the stack.
+#[derive(Debug, Clone)]
+pub struct Body<'a> {
+    /// The `model` value.
+    pub model: Option<JStr<'a>>,
+    /// Span of the `model` value, quotes included.
+    pub model_span: Option<Span>,
+    /// The `adapter_id` value (LoRAX).
+    pub adapter_id: Option<JStr<'a>>,
+    /// Span of the `adapter_id` value, quotes included.
+    pub adapter_id_span: Option<Span>,
+    /// `stream`.
+    pub stream: bool,
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub max_tokens: Option<i64>,
+    /// `user`.
+    pub user: Option<JStr<'a>>,
+    /// `metadata.<key>` string values, by metadata slot.
+    pub metadata: [Option<JStr<'a>>; MAX_METADATA_KEYS],
+    /// Estimated input tokens.
+    pub est_tokens: u32,
+    /// Complexity features (zero unless asked for).
+    pub features: Features,
+    /// Offset of the top-level object's closing `}`.
+    pub close: usize,
+    /// Number of top-level fields.
+    pub fields: u32,
+}
+
+const SEEN_MODEL: u16 = 1;
+const SEEN_MESSAGES: u16 = 1 << 1;
+const SEEN_PROMPT: u16 = 1 << 2;
+const SEEN_INPUT: u16 = 1 << 3;
+const SEEN_STREAM: u16 = 1 << 4;
+const SEEN_MAX_TOKENS: u16 = 1 << 5;
+const SEEN_MAX_COMPLETION: u16 = 1 << 6;
+const SEEN_USER: u16 = 1 << 7;
+const SEEN_METADATA: u16 = 1 << 8;
+const SEEN_ADAPTER_ID: u16 = 1 << 9;
+
+/// Scan `body` once: validate it as one JSON object and extract the routing fields.
+/// Cost is linear in the body (a few passes of SIMD-friendly loops over string bytes);
+/// no allocation unless a metadata key or `model` holds escapes.
+///
+/// # Errors
+/// Malformed JSON, trailing bytes, a body that is not an object, invalid UTF-8 in a string,
+/// or a known field of the wrong type.
+pub fn scan<'a>(body: &'a [u8], opts: &ScanOptions<'_>) -> Result<Body<'a>, DecideError> {
+    let mut s = Scanner {
+        buf: body,
+        pos: 0,
+        opts,
+        tokens: 0,
+        features: Features::default(),
+    };
+    let mut out = Body {
+        model: None,
+        model_span: None,
+        adapter_id: None,
+        adapter_id_span: None,
+        stream: false,
+        max_tokens: None,
+        user: None,
+        metadata: [None; MAX_METADATA_KEYS],
+        est_tokens: 0,
+        features: Features::default(),
+        close: 0,
+        fields: 0,
+    };
+    s.ws();
+    if s.peek() != Some(b'{') {
+        return Err(DecideError::other("the request body must be a JSON object"));
+    }
+    let mut seen = 0u16;
+    let mut max_tokens = None;
+    let mut max_completion = None;
+    if s.object_open()? {
+        loop {
+            out.fields += 1;
+            let key = s.object_key()?;
+            let (bit, field) = classify_key(key);
+            if bit != 0 {
+                if seen & bit != 0 {
+                    return Err(DecideError::field(field, "a field appears twice in the request body"));
+                }
+                seen |= bit;
+            }
+            match bit {
+                SEEN_MODEL => {
+                    let start = s.pos;
+                    if let Some(v) = s.opt_string(field, "`model` must be a string")? {
+                        out.model = Some(v);
+                        out.model_span = Some(Span { start, end: s.pos });
+                    }
+                }
+                SEEN_ADAPTER_ID => {
+                    let start = s.pos;
+                    if let Some(v) = s.opt_string(field, "`adapter_id` must be a string")? {
+                        out.adapter_id = Some(v);
+                        out.adapter_id_span = Some(Span { start, end: s.pos });
+                    }
+                }
+                SEEN_MESSAGES => s.messages()?,
+                SEEN_PROMPT => s.prompt_like(field, "`prompt` must be a string or an array")?,
+                SEEN_INPUT => s.prompt_like(field, "`input` must be a string or an array")?,
+                SEEN_STREAM => out.stream = s.opt_bool(field, "`stream` must be a boolean")?.unwrap_or(false),
+                SEEN_MAX_TOKENS => max_tokens = s.opt_int(field, "`max_tokens` must be an integer")?,
+                SEEN_MAX_COMPLETION => {
+                    max_completion = s.opt_int(field, "`max_completion_tokens` must be an integer")?;
+                }
+                SEEN_USER => out.user = s.opt_string(field, "`user` must be a string")?,
+                SEEN_METADATA => s.metadata(&mut out.metadata)?,
+                _ => s.skip_value(1)?,
+            }
+            if !s.object_next()? {
+                break;
+            }
+        }
+    }
+    out.close = s.pos - 1;
+    s.ws();
+    if s.pos != body.len() {
+        return Err(DecideError::syntax("unexpected data after the JSON object", s.pos));
+    }
+    out.max_tokens = max_completion.or(max_tokens);
+    out.est_tokens = s.tokens;
+    out.features = s.features;
+    Ok(out)
+}
+
+fn classify_key(key: JStr<'_>) -> (u16, &'static str) {
+    const KEYS: [(&str, u16); 10] = [
+        ("model", SEEN_MODEL),
+        ("messages", SEEN_MESSAGES),
+        ("prompt", SEEN_PROMPT),
+        ("input", SEEN_INPUT),
+        ("stream", SEEN_STREAM),
+        ("max_tokens", SEEN_MAX_TOKENS),
+        ("max_completion_tokens", SEEN_MAX_COMPLETION),
+        ("user", SEEN_USER),
+        ("metadata", SEEN_METADATA),
+        ("adapter_id", SEEN_ADAPTER_ID),
+    ];
+    if key.raw.len() > 21 && !key.escaped {
+        return (0, "");
+    }
+    for (name, bit) in KEYS {
+        if key.eq_str(name) {
+            return (bit, name);
+        }
+    }
+    (0, "")
+}
+
+struct Scanner<'a, 'o, 'r> {
+    buf: &'a [u8],
+    pos: usize,
+    opts: &'o ScanOptions<'r>,
+    tokens: u32,
+    features: Features,
+}
+
+impl<'a> Scanner<'a, '_, '_> {
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.buf.get(self.pos).copied()
+    }
+
+    #[inline]
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    #[cold]
+    fn unexpected(&self) -> DecideError {
+        if self.pos >= self.buf.len() {
+            DecideError::syntax("unexpected end of input", self.pos)
+        } else {
+            DecideError::syntax("unexpected character", self.pos)
+        }
+    }
+
+    fn expect(&mut self, b: u8) -> Result<(), DecideError> {
+        if self.peek() == Some(b) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            Err(self.unexpected())
+        }
+    }
+
+    /// At `{`: consume it; true when the object has members.
+    fn object_open(&mut self) -> Result<bool, DecideError> {
+        self.expect(b'{')?;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            Ok(false)
+        } else {
+            Ok(true)
+        }
+    }
+
+    /// Read `"key" :` and leave the cursor on the value.
+    fn object_key(&mut self) -> Result<JStr<'a>, DecideError> {
+        if self.peek() != Some(b'"') {
+            return Err(self.unexpected());
+        }
+        let key = self.string()?;
+        self.ws();
+        self.expect(b':')?;
+        self.ws();
+        Ok(key)
+    }
+
+    /// After a member's value: true if another member follows.
+    fn object_next(&mut self) -> Result<bool, DecideError> {
+        self.ws();
+        match self.peek() {
+            Some(b',') => {
+                self.pos += 1;
+                self.ws();
+                Ok(true)
+            }
+            Some(b'}') => {
+                self.pos += 1;
+                Ok(false)
+            }
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    fn array_open(&mut self) -> Result<bool, DecideError> {
+        self.expect(b'[')?;
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            Ok(false)
+        } else {
+            Ok(true)
+        }
+    }
+
+    fn array_next(&mut self) -> Result<bool, DecideError> {
+        self.ws();
+        match self.peek() {
+            Some(b',') => {
+                self.pos += 1;
+                self.ws();
+                Ok(true)
+            }
+            Some(b']') => {
+                self.pos += 1;
+                Ok(false)
+            }
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    /// At `"`: read one string, validating escapes, control characters and UTF-8.
+    fn string(&mut self) -> Result<JStr<'a>, DecideError> {
+        let start = self.pos + 1;
+        let mut i = start;
+        let mut escaped = false;
+        let end = loop {
+            let Some(off) = memchr2(b'"', b'\\', &self.buf[i..]) else {
+                return Err(DecideError::syntax("unterminated string", self.buf.len()));
+            };
+            let j = i + off;
+            if self.buf[j] == b'"' {
+                break j;
+            }
+            escaped = true;
+            i = self.escape(j)?;
+        };
+        let raw = &self.buf[start..end];
+        // NOTE: `min` over the bytes vectorizes; an early-exit `any` does not.
+        if raw.iter().copied().min().is_some_and(|m| m < 0x20) {
+            return Err(DecideError::syntax("control character in string", start));
+        }
+        let Ok(text) = std::str::from_utf8(raw) else {
+            return Err(DecideError::other(
+                "the request body holds a string that is not valid UTF-8",
+            ));
+        };
+        self.pos = end + 1;
+        Ok(JStr { raw: text, escaped })
+    }
+
+    /// Validate the escape at `at` (a backslash); return the offset after it.
+    fn escape(&self, at: usize) -> Result<usize, DecideError> {
+        match self.buf.get(at + 1) {
+            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(at + 2),
+            Some(b'u') => {
+                let Some(cp) = hex4(self.buf, at + 2) else {
+                    return Err(DecideError::syntax("bad \\u escape", at));
+                };
+                if (0xDC00..0xE000).contains(&cp) {
+                    return Err(DecideError::syntax("lone surrogate in \\u escape", at));
+                }
+                if (0xD800..0xDC00).contains(&cp) {
+                    let low = if self.buf.get(at + 6..at + 8) == Some(b"\\u") {
+                        hex4(self.buf, at + 8)
+                    } else {
+                        None
+                    };
+                    if !low.is_some_and(|lo| (0xDC00..0xE000).contains(&lo)) {
+                        return Err(DecideError::syntax("lone surrogate in \\u escape", at));
+                    }
+                    return Ok(at + 12);
+                }
+                Ok(at + 6)
+            }
+            _ => Err(DecideError::syntax("bad escape", at)),
+        }
+    }
+
+    fn literal(&mut self, word: &'static [u8]) -> Result<(), DecideError> {
+        if self.buf.get(self.pos..self.pos + word.len()) == Some(word) {
+            self.pos += word.len();
+            Ok(())
+        } else {
+            Err(self.unexpected())
+        }
+    }
+
+    /// Validate a number; return whether it is an integer (no fraction, no exponent).
+    fn number(&mut self) -> Result<bool, DecideError> {
+        let b = self.buf;
+        let mut i = self.pos;
+        if b.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        match b.get(i) {
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => {
+                while b.get(i).is_some_and(u8::is_ascii_digit) {
+                    i += 1;
+                }
+            }
+            _ => return Err(DecideError::syntax("bad number", i)),
+        }
+        let mut int = true;
+        if b.get(i) == Some(&b'.') {
+            int = false;
+            i += 1;
+            if !b.get(i).is_some_and(u8::is_ascii_digit) {
+                return Err(DecideError::syntax("bad number", i));
+            }
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+        }
+        if let Some(b'e' | b'E') = b.get(i) {
+            int = false;
+            i += 1;
+            if let Some(b'+' | b'-') = b.get(i) {
+                i += 1;
+            }
+            if !b.get(i).is_some_and(u8::is_ascii_digit) {
+                return Err(DecideError::syntax("bad number", i));
+            }
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+        }
+        self.pos = i;
+        Ok(int)
+    }
+
+    /// Skip one value of any type, validating it.
+    fn skip_value(&mut self, depth: u32) -> Result<(), DecideError> {
+        match self.peek() {
+            Some(b'"') => self.string().map(|_| ()),
+            Some(b'{') => {
+                let depth = self.deeper(depth)?;
+                if self.object_open()? {
+                    loop {
+                        self.object_key()?;
+                        self.skip_value(depth)?;
+                        if !self.object_next()? {
+                            break;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Some(b'[') => {
+                let depth = self.deeper(depth)?;
+                if self.array_open()? {
+                    loop {
+                        self.skip_value(depth)?;
+                        if !self.array_next()? {
+                            break;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            Some(b'-' | b'0'..=b'9') => self.number().map(|_| ()),
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    fn deeper(&self, depth: u32) -> Result<u32, DecideError> {
+        if depth >= MAX_DEPTH {
+            Err(DecideError::syntax("nesting too deep", self.pos))
+        } else {
+            Ok(depth + 1)
+        }
+    }
+
+    /// Count one text string toward the token estimate (and the complexity features).
+    #[inline]
+    fn text(&mut self, s: JStr<'_>) {
+        let bytes = s.raw.as_bytes();
+        self.tokens = self.tokens.saturating_add(self.opts.estimator.count(bytes));
+        if self.opts.features {
+            self.features.observe(bytes);
+        }
+    }
+
+    /// A value that carries prompt text: strings count; arrays and objects are searched
+    /// (objects only under `text` and `content`); numbers count as one token each (token-id
+    /// prompts); anything else is skipped.
+    fn text_value(&mut self, depth: u32) -> Result<(), DecideError> {
+        match self.peek() {
+            Some(b'"') => {
+                let s = self.string()?;
+                self.text(s);
+                Ok(())
+            }
+            Some(b'[') => {
+                let depth = self.deeper(depth)?;
+                if self.array_open()? {
+                    loop {
+                        self.text_value(depth)?;
+                        if !self.array_next()? {
+                            break;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Some(b'{') => {
+                let depth = self.deeper(depth)?;
+                if self.object_open()? {
+                    loop {
+                        let key = self.object_key()?;
+                        if key.eq_str("text") || key.eq_str("content") {
+                            self.text_value(depth)?;
+                        } else {
+                            self.skip_value(depth)?;
+                        }
+                        if !self.object_next()? {
+                            break;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                self.number()?;
+                self.tokens = self.tokens.saturating_add(1);
+                Ok(())
+            }
+            _ => self.skip_value(depth),
+        }
+    }
+
+    /// `messages`: an array of objects; each message's `content` is text.
+    fn messages(&mut self) -> Result<(), DecideError> {
+        match self.peek() {
+            Some(b'n') => return self.literal(b"null"),
+            Some(b'[') => {}
+            _ => return Err(DecideError::field("messages", "`messages` must be an array")),
+        }
+        if !self.array_open()? {
+            return Ok(());
+        }
+        loop {
+            if self.peek() != Some(b'{') {
+                return Err(DecideError::field("messages", "`messages` must be an array of objects"));
+            }
+            self.tokens = self.tokens.saturating_add(TOKENS_PER_MESSAGE);
+            if self.object_open()? {
+                loop {
+                    let key = self.object_key()?;
+                    if key.eq_str("content") {
+                        match self.peek() {
+                            Some(b'"' | b'[' | b'n') => self.text_value(3)?,
+                            _ => {
+                                return Err(DecideError::field(
+                                    "messages",
+                                    "a message's `content` must be a string or an array",
+                                ));
+                            }
+                        }
+                    } else {
+                        self.skip_value(3)?;
+                    }
+                    if !self.object_next()? {
+                        break;
+                    }
+                }
+            }
+            if !self.array_next()? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// `prompt` / `input`: a string, an array (of strings, token ids or input items), or null.
+    fn prompt_like(&mut self, field: &'static str, msg: &'static str) -> Result<(), DecideError> {
+        match self.peek() {
+            Some(b'"' | b'[') => self.text_value(1),
+            Some(b'n') => self.literal(b"null"),
+            _ => Err(DecideError::field(field, msg)),
+        }
+    }
+
+    fn opt_string(&mut self, field: &'static str, msg: &'static str) -> Result<Option<JStr<'a>>, DecideError> {
+        match self.peek() {
+            Some(b'"') => self.string().map(Some),
+            Some(b'n') => self.literal(b"null").map(|()| None),
+            _ => Err(DecideError::field(field, msg)),
+        }
+    }
+
+    fn opt_bool(&mut self, field: &'static str, msg: &'static str) -> Result<Option<bool>, DecideError> {
+        match self.peek() {
+            Some(b't') => self.literal(b"true").map(|()| Some(true)),
+            Some(b'f') => self.literal(b"false").map(|()| Some(false)),
+            Some(b'n') => self.literal(b"null").map(|()| None),
+            _ => Err(DecideError::field(field, msg)),
+        }
+    }
+
+    fn opt_int(&mut self, field: &'static str, msg: &'static str) -> Result<Option<i64>, DecideError> {
+        match self.peek() {
+            Some(b'n') => self.literal(b"null").map(|()| None),
+            Some(b'-' | b'0'..=b'9') => {
+                let start = self.pos;
+                if !self.number()? {
+                    return Err(DecideError::field(field, msg));
+                }
+                let digits = std::str::from_utf8(&self.buf[start..self.pos]).unwrap_or("0");
+                let neg = digits.starts_with('-');
+                Ok(Some(digits.parse::<i64>().unwrap_or(if neg {
+                    i64::MIN
+                } else {
+                    i64::MAX
+                })))
+            }
+            _ => Err(DecideError::field(field, msg)),
+        }
+    }
+
+    /// `metadata`: an object; string values of the keys the rules read are kept.
+    fn metadata(&mut self, slots: &mut [Option<JStr<'a>>; MAX_METADATA_KEYS]) -> Result<(), DecideError> {
+        match self.peek() {
+            Some(b'n') => return self.literal(b"null"),
+            Some(b'{') => {}
+            _ => return Err(DecideError::field("metadata", "`metadata` must be an object")),
+        }
+        if !self.object_open()? {
+            return Ok(());
+        }
+        loop {
+            let key = self.object_key()?;
+            let slot = self.opts.metadata_keys.iter().position(|k| key.eq_str(k));
+            match (slot, self.peek()) {
+                (Some(i), Some(b'"')) if i < MAX_METADATA_KEYS => slots[i] = Some(self.string()?),
+                _ => self.skip_value(2)?,
+            }
+            if !self.object_next()? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OPTS: ScanOptions<'static> = ScanOptions {
+        estimator: Estimator::Fast,
+        features: false,
+        metadata_keys: &[],
+    };
+
+    fn ok(body: &str) -> Body<'_> {
+        scan(body.as_bytes(), &OPTS).unwrap()
+    }
+
+    fn err(body: &[u8]) -> DecideError {
+        scan(body, &OPTS).unwrap_err()
+    }
+
+    #[test]
+    fn extracts_fields() {
+        let b = ok(r#" {"model": "gpt-4o", "stream": true, "max_tokens": 100, "user": "u1",
+            "messages": [{"role": "user", "content": "hello there"}]} "#);
+        assert_eq!(b.model.unwrap().raw, "gpt-4o");
+        let span = b.model_span.unwrap();
+        assert_eq!(&r#" {"model": "gpt-4o""#[span.start..span.end], "\"gpt-4o\"");
+        assert!(b.stream);
+        assert_eq!(b.max_tokens, Some(100));
+        assert_eq!(b.user.unwrap().raw, "u1");
+        assert!(b.est_tokens > TOKENS_PER_MESSAGE);
+        assert_eq!(b.fields, 5);
+    }
+
+    #[test]
+    fn list_content_and_prompt_forms() {
+        let a = ok(
+            r#"{"messages":[{"role":"user","content":[{"type":"text","text":"aaaa bbbb cccc dddd"},
+            {"type":"image_url","image_url":{"url":"http://x/very/long/url/that/should/not/count"}}]}]}"#,
+        );
+        let b = ok(r#"{"messages":[{"role":"user","content":"aaaa bbbb cccc dddd"}]}"#);
+        assert_eq!(a.est_tokens, b.est_tokens);
+        let p = ok(r#"{"prompt":["aaaa bbbb","cccc dddd"]}"#);
+        assert!(p.est_tokens > 0);
+        let ids = ok(r#"{"prompt":[1,2,3,4,5]}"#);
+        assert_eq!(ids.est_tokens, 5);
+        let inp = ok(r#"{"input":[{"role":"user","content":[{"type":"input_text","text":"aaaa"}]}]}"#);
+        assert_eq!(inp.est_tokens, Estimator::Fast.count(b"aaaa"));
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_and_nulls_are_absent() {
+        let b = ok(r#"{"max_tokens":5,"max_completion_tokens":7,"stream":null,"model":null,"user":null}"#);
+        assert_eq!(b.max_tokens, Some(7));
+        assert!(!b.stream && b.model.is_none() && b.user.is_none());
+    }
+
+    #[test]
+    fn escapes() {
+        let b = ok(r#"{"model":"a\"b\\c\u00e9\ud83d\ude00\n"}"#);
+        let m = b.model.unwrap();
+        assert!(m.escaped);
+        assert_eq!(m.decode(), "a\"b\\cé😀\n");
+        assert!(m.eq_str("a\"b\\cé😀\n"));
+        let k = ok(r#"{"\u006dodel":"x"}"#);
+        assert_eq!(k.model.unwrap().raw, "x");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        assert_eq!(err(br#"{"stream":"yes"}"#).param, Some("stream"));
+        assert_eq!(err(br#"{"stream":"yes"}"#).msg, "`stream` must be a boolean");
+        assert_eq!(err(br#"{"max_tokens":1.5}"#).param, Some("max_tokens"));
+        assert_eq!(err(br#"{"model":1}"#).param, Some("model"));
+        assert_eq!(err(br#"{"messages":{}}"#).param, Some("messages"));
+        assert_eq!(err(br#"{"messages":[1]}"#).param, Some("messages"));
+        assert_eq!(err(br#"{"messages":[{"content":1}]}"#).param, Some("messages"));
+        assert_eq!(err(br#"{"metadata":[]}"#).param, Some("metadata"));
+        assert_eq!(err(br#"{"model":"a","model":"b"}"#).param, Some("model"));
+    }
+
+    #[test]
+    fn malformed() {
+        for bad in [
+            &b""[..],
+            b"[]",
+            b"\"x\"",
+            b"{",
+            b"{\"a\"}",
+            b"{\"a\":}",
+            b"{\"a\":1,}",
+            b"{\"a\":1} x",
+            b"{\"a\":01}",
+            b"{\"a\":-}",
+            b"{\"a\":1.}",
+            b"{\"a\":1e}",
+            b"{\"a\":tru}",
+            b"{\"a\":\"\x01\"}",
+            b"{\"a\":\"\\x\"}",
+            b"{\"a\":\"\\ud800\"}",
+            b"{\"a\":\"\\udc00\"}",
+            b"{\"a\":\"\xff\"}",
+            b"{\"a\":[1 2]}",
+            b"{'a':1}",
+        ] {
+            assert!(scan(bad, &OPTS).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        assert!(scan(deep.as_bytes(), &OPTS).is_err());
+        let fine = format!("{{\"a\":{}{}}}", "[".repeat(100), "]".repeat(100));
+        assert!(scan(fine.as_bytes(), &OPTS).is_ok());
+    }
+
+    #[test]
+    fn metadata_slots() {
+        let keys: Vec<Box<str>> = vec!["team".into(), "tier".into()];
+        let opts = ScanOptions {
+            metadata_keys: &keys,
+            ..OPTS
+        };
+        let b = scan(br#"{"metadata":{"tier":"gold","x":{"y":1},"team":"a"}}"#, &opts).unwrap();
+        assert_eq!(b.metadata[0].unwrap().raw, "a");
+        assert_eq!(b.metadata[1].unwrap().raw, "gold");
+    }
+
+    #[test]
+    fn close_offset() {
+        let b = ok("{\"a\":1 }\n");
+        assert_eq!(b.close, 7);
+        let e = ok(" { } ");
+        assert_eq!((e.close, e.fields), (3, 0));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = scan(&body, &OPTS);
+        }
+
+        #[test]
+        fn agrees_with_serde_on_validity(s in "[{}\\[\\]\",:0-9a-z \\\\.e-]{0,40}") {
+            let ours = scan(s.as_bytes(), &OPTS).is_ok();
+            let theirs = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&s).is_ok();
+            // serde accepts duplicate unknown keys and deep nesting within its own limits; our extra
+            // rule (duplicate known fields) only narrows, so ours implies theirs.
+            if ours { proptest::prop_assert!(theirs, "{}", s); }
+        }
+    }
+}

@@ -1,0 +1,407 @@
+use std::path::PathBuf;
+
+use proptest::prelude::*;
+use serde_json::Value;
+
+use super::*;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/specs")
+}
+
+fn load(name: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(fixtures().join(name)).unwrap()).unwrap()
+}
+
+fn compile(spec: &Value) -> CompiledRouter {
+    CompiledRouter::compile(&serde_json::to_vec(spec).unwrap()).unwrap()
+}
+
+/// Header values in the router's slot order, from a name → value map (any case).
+fn header_values<'a>(r: &CompiledRouter, headers: &'a [(String, String)]) -> Vec<Option<&'a str>> {
+    r.header_names()
+        .iter()
+        .map(|h| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(h))
+                .map(|(_, v)| v.as_str())
+        })
+        .collect()
+}
+
+fn name<T: AsRef<str>>(names: &[T], i: Option<u32>) -> Value {
+    i.map_or(Value::Null, |i| Value::String(names[i as usize].as_ref().to_owned()))
+}
+
+/// The decision as the JSON object the fixtures' `expect` blocks describe.
+fn as_json(r: &CompiledRouter, body: &[u8], d: &Decision<'_>) -> Value {
+    let models: Vec<&str> = r.models().iter().map(|m| &*m.name).collect();
+    let variants: Vec<&str> = r.variants().iter().map(|v| &*v.name).collect();
+    let upstream = d.pool.and_then(|p| {
+        r.models()[p as usize]
+            .upstream_model
+            .as_deref()
+            .map(str::to_owned)
+            .or_else(|| d.requested_model.map(|m| m.decode().into_owned()))
+    });
+    serde_json::json!({
+        "status": d.status,
+        "error": d.error,
+        "route": name(r.route_names(), d.route),
+        "pool": name(&models, d.pool),
+        "upstream_model": upstream,
+        "adapter": name(r.adapters(), d.adapter),
+        "variant": name(&variants, d.variant),
+        "tenant": name(r.tenant_names(), d.tenant),
+        "upstream_path": d.route.and_then(|i| r.route_upstream_paths()[i as usize].as_deref()),
+        "body": d.rewrite.map(|p| String::from_utf8(p.apply(body)).unwrap()),
+        "requested_model": d.requested_model.map(|m| m.decode().into_owned()),
+        "stream": d.stream,
+        "max_tokens": d.max_tokens,
+    })
+}
+
+#[test]
+fn fixture_cases() {
+    let mut n = 0;
+    for file in ["basic.json", "tenants.json", "splits.json", "classify.json"] {
+        let fx = load(file);
+        let r = compile(&fx["spec"]);
+        for case in fx["cases"].as_array().unwrap() {
+            let label = format!("{file}: {}", case["name"]);
+            let headers: Vec<(String, String)> = case["headers"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                .collect();
+            let values = header_values(&r, &headers);
+            let body = case["body"].as_str().unwrap().as_bytes();
+            let req = Request {
+                method: case["method"].as_str().unwrap(),
+                path: case["path"].as_str().unwrap(),
+                headers: &values,
+                body,
+            };
+            let expect = case["expect"].as_object().unwrap();
+            let mut trace = Vec::new();
+            let traced = r.decide(&req, Some(&mut trace));
+            let fast = r.decide(&req, None);
+            assert_eq!(traced.is_ok(), fast.is_ok(), "{label}");
+            match fast {
+                Err(e) => {
+                    assert!(expect.contains_key("raises"), "{label}: unexpected error {e}");
+                    assert_eq!(expect["raises"].as_str(), e.param, "{label}");
+                }
+                Ok(d) => {
+                    assert!(!expect.contains_key("raises"), "{label}: expected an error, got {d:?}");
+                    let got = as_json(&r, body, &d);
+                    assert_eq!(
+                        got,
+                        as_json(&r, body, &traced.unwrap()),
+                        "{label}: trace changed the outcome"
+                    );
+                    for (k, v) in expect {
+                        assert_eq!(&got[k], v, "{label}: field {k}\n{got:#}\ntrace: {trace:#?}");
+                    }
+                }
+            }
+            n += 1;
+        }
+    }
+    assert!(n > 40);
+}
+
+#[test]
+fn compile_errors_name_their_path() {
+    let fx = load("compile_errors.json");
+    for case in fx["cases"].as_array().unwrap() {
+        let bytes = serde_json::to_vec(&case["spec"]).unwrap();
+        let err = CompiledRouter::compile(&bytes).expect_err(case["name"].as_str().unwrap());
+        let want = case["path"].as_str().unwrap_or("");
+        assert_eq!(err.path, want, "{}: {err}", case["name"]);
+    }
+}
+
+fn splits_router() -> CompiledRouter {
+    compile(&load("splits.json")["spec"])
+}
+
+fn decide_split<'a>(r: &'a CompiledRouter, values: &'a [Option<&'a str>], body: &'a [u8]) -> Decision<'a> {
+    let req = Request {
+        method: "POST",
+        path: "/v1/chat/completions",
+        headers: values,
+        body,
+    };
+    r.decide(&req, None).unwrap()
+}
+
+#[test]
+fn split_by_header_is_sticky_and_weighted() {
+    let r = splits_router();
+    let slot = r.header_names().iter().position(|h| &**h == "x-user-id").unwrap();
+    let mut counts = [0u32; 2];
+    let n = 20_000;
+    for i in 0..n {
+        let user = format!("user-{i}");
+        let mut values = vec![None; r.header_names().len()];
+        values[slot] = Some(user.as_str());
+        let a = decide_split(&r, &values, b"{}");
+        let b = decide_split(&r, &values, br#"{"user":"someone-else","messages":[]}"#);
+        assert_eq!(a.variant, b.variant, "the header wins over the body and `user`");
+        counts[a.variant.unwrap() as usize] += 1;
+        if a.variant == Some(1) {
+            assert_eq!(r.adapters()[a.adapter.unwrap() as usize].as_ref(), "b-lora-v2");
+        }
+    }
+    let share = f64::from(counts[0]) / f64::from(n);
+    assert!((share - 0.5).abs() < 0.02, "{counts:?}");
+}
+
+#[test]
+fn split_falls_back_to_user_then_body() {
+    let r = splits_router();
+    let values = vec![None; r.header_names().len()];
+    let by_user: Vec<_> = (0..200)
+        .map(|i| {
+            let body = format!(r#"{{"user":"u{i}"}}"#);
+            let d1 = decide_split(&r, &values, body.as_bytes()).variant;
+            let body2 = format!(r#"{{"messages":[],"user":"u{i}"}}"#);
+            let d2 = decide_split(&r, &values, body2.as_bytes()).variant;
+            assert_eq!(d1, d2, "same user, same variant, whatever the body");
+            d1
+        })
+        .collect();
+    assert!(by_user.contains(&Some(0)) && by_user.contains(&Some(1)));
+    let body = br#"{"messages":[{"role":"user","content":"x"}]}"#;
+    assert_eq!(
+        decide_split(&r, &values, body).variant,
+        decide_split(&r, &values, body).variant
+    );
+}
+
+#[test]
+fn trace_reads_like_an_explanation() {
+    let r = compile(&load("basic.json")["spec"]);
+    let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    let values = vec![None; r.header_names().len()];
+    let req = Request {
+        method: "POST",
+        path: "/v1/chat/completions",
+        headers: &values,
+        body,
+    };
+    let mut trace = Vec::new();
+    r.decide(&req, Some(&mut trace)).unwrap();
+    let text = trace.join("\n");
+    assert!(text.contains("no API key: anonymous caller"), "{text}");
+    assert!(
+        text.contains("route classify-path skipped: path /v1/chat/completions is not /v1/classify"),
+        "{text}"
+    );
+    assert!(text.contains("route long skipped: input_tokens"), "{text}");
+    assert!(text.contains("route gpt4o matched"), "{text}");
+    assert!(text.contains("body rewritten: model → `llama-3-70b`"), "{text}");
+}
+
+fn tenant_spec(n: usize) -> Value {
+    let mut tenants = serde_json::Map::new();
+    for t in 0..n {
+        let digest: [u8; 32] = Sha256::digest(format!("key-{t}").as_bytes()).into();
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        tenants.insert(
+            format!("t{t}"),
+            serde_json::json!({"keys_sha256": [hex], "base": "base", "adapter": format!("lora-{t}")}),
+        );
+    }
+    serde_json::json!({
+        "models": {
+            "base": {"endpoints": ["http://x"], "upstream_model": "llama"},
+            "lorax": {"endpoints": ["http://y"], "upstream_model": "mistral", "adapter_field": "adapter_id"},
+            "other": {"endpoints": ["http://z"]},
+        },
+        "tenants": tenants,
+        "splits": {"canary": {"sticky": "tenant", "variants": [
+            {"name": "v3", "to": "base", "weight": 1},
+            {"name": "v4", "to": "base", "weight": 1, "adapter": "lora-0"},
+        ]}},
+        "routes": [
+            {"name": "by-name", "match": {"path": "/v1/completions"}, "requested": true},
+            {"name": "lorax", "match": {"path": "/lorax"}, "to": "lorax"},
+            {"name": "canary", "match": {"path": "/canary"}, "split": "canary"},
+        ],
+        "default": "base",
+        "server": {"allow_anonymous": true},
+    })
+}
+
+#[test]
+fn many_keys() {
+    let r = compile(&tenant_spec(2000));
+    assert_eq!(r.tenant_key_count(), 2000);
+    for t in [0usize, 1, 999, 1999] {
+        let auth = format!("Bearer key-{t}");
+        let values = [Some(auth.as_str())];
+        let req = Request {
+            method: "POST",
+            path: "/",
+            headers: &values,
+            body: b"{}",
+        };
+        let d = r.decide(&req, None).unwrap();
+        assert_eq!(r.tenant_names()[d.tenant.unwrap() as usize].as_ref(), format!("t{t}"));
+        assert_eq!(r.adapters()[d.adapter.unwrap() as usize].as_ref(), format!("lora-{t}"));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn any_body_is_a_decision_or_an_error(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let r = compile(&load("basic.json")["spec"]);
+        let values = vec![None; r.header_names().len()];
+        let req = Request { method: "POST", path: "/v1/completions", headers: &values, body: &body };
+        let fast = r.decide(&req, None).map(|d| d.status);
+        let mut trace = Vec::new();
+        let traced = r.decide(&req, Some(&mut trace)).map(|d| d.status);
+        prop_assert_eq!(fast, traced);
+    }
+
+    #[test]
+    fn json_like_bodies_never_panic(body in r#"\{("(model|stream|messages|max_tokens|user|metadata|x)":([0-9]{1,3}|"[a-z\\"]{0,4}"|true|null|\[[^\]]{0,8}\]|\{[^}]{0,8}\}),?){0,4}\}"#) {
+        let r = compile(&load("basic.json")["spec"]);
+        let values = vec![None; r.header_names().len()];
+        let req = Request { method: "POST", path: "/v1/completions", headers: &values, body: body.as_bytes() };
+        let _ = r.decide(&req, None);
+    }
+
+    #[test]
+    fn rewritten_body_is_the_original_but_for_the_rewritten_fields(
+        tenant in 0usize..8,
+        model in proptest::option::of("[a-zA-Z0-9\"\\\\\n é-]{0,12}"),
+        extra in proptest::collection::btree_map("[a-z_]{1,8}", "[ -~]{0,10}", 0..4),
+        adapter_id in proptest::option::of("[a-z-]{1,8}"),
+        path in prop_oneof![Just("/"), Just("/lorax")],
+    ) {
+        let r = compile(&tenant_spec(8));
+        let mut obj = serde_json::Map::new();
+        obj.insert("messages".into(), serde_json::json!([{"role": "user", "content": "hello"}]));
+        for (k, v) in &extra {
+            obj.insert(format!("x_{k}"), Value::String(v.clone()));
+        }
+        if let Some(m) = &model {
+            obj.insert("model".into(), Value::String(m.clone()));
+        }
+        if let Some(a) = &adapter_id {
+            obj.insert("adapter_id".into(), Value::String(a.clone()));
+        }
+        let body = serde_json::to_vec(&Value::Object(obj.clone())).unwrap();
+        let auth = format!("Bearer key-{tenant}");
+        let values = [Some(auth.as_str())];
+        let req = Request { method: "POST", path, headers: &values, body: &body };
+        let d = r.decide(&req, None).unwrap();
+        prop_assume!(d.status == 200);
+        if let Some(plan) = d.rewrite {
+            let out: Value = serde_json::from_slice(&plan.apply(&body)).unwrap();
+            let mut out = out.as_object().unwrap().clone();
+            let mut orig = obj.clone();
+            for f in ["model", "adapter_id"] {
+                out.remove(f);
+                orig.remove(f);
+            }
+            prop_assert_eq!(out, orig);
+        }
+    }
+
+    #[test]
+    fn a_tenant_never_gets_another_tenants_adapter(
+        tenant in 0usize..8,
+        asked in 0usize..8,
+        path in prop_oneof![Just("/"), Just("/v1/completions"), Just("/lorax"), Just("/canary")],
+        via_adapter_id in any::<bool>(),
+    ) {
+        let r = compile(&tenant_spec(8));
+        let body = if via_adapter_id {
+            format!(r#"{{"model":"llama","adapter_id":"lora-{asked}"}}"#)
+        } else {
+            format!(r#"{{"model":"lora-{asked}"}}"#)
+        };
+        let auth = format!("Bearer key-{tenant}");
+        let values = [Some(auth.as_str())];
+        let req = Request { method: "POST", path, headers: &values, body: body.as_bytes() };
+        let d = r.decide(&req, None).unwrap();
+        if d.status == 200 {
+            if let Some(a) = d.adapter {
+                prop_assert_eq!(r.adapters()[a as usize].as_ref(), format!("lora-{tenant}"));
+            }
+            if let Some(plan) = d.rewrite {
+                let out = String::from_utf8(plan.apply(body.as_bytes())).unwrap();
+                for other in (0..8).filter(|&o| o != tenant) {
+                    prop_assert!(!out.contains(&format!("\"lora-{other}\"")), "{}", out);
+                }
+            }
+        }
+        if asked != tenant {
+            prop_assert_eq!(d.status, 403);
+        }
+    }
+}
+
+/// Timing of the core alone (no Python): `cargo test --profile devrel -q core_timing -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing, run by hand"]
+fn core_timing() {
+    let r = compile(&tenant_spec(1000));
+    let sentence = "The quick brown fox jumps over the lazy dog, and then explains why it did so. ";
+    for size in [200usize, 2048, 102_400] {
+        let mut msgs = Vec::new();
+        let mut len = 0;
+        while len < size {
+            let t = sentence.repeat(1 + (size - len).min(2000) / sentence.len());
+            len += t.len() + 30;
+            msgs.push(serde_json::json!({"role": "user", "content": t}));
+        }
+        let body = serde_json::to_vec(&serde_json::json!({"model": "gpt-4o-mini", "messages": msgs})).unwrap();
+        let auth = "Bearer key-123".to_owned();
+        let values = [Some(auth.as_str())];
+        let req = Request {
+            method: "POST",
+            path: "/",
+            headers: &values,
+            body: &body,
+        };
+        let opts = ScanOptions {
+            estimator: Estimator::Fast,
+            features: false,
+            metadata_keys: &[],
+        };
+        let n = if size > 10_000 { 2000 } else { 200_000 };
+        let t0 = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(r.decide(std::hint::black_box(&req), None).unwrap());
+        }
+        let t_decide = t0.elapsed() / n;
+        let t0 = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(scan(std::hint::black_box(&body), &opts).unwrap());
+        }
+        let t_scan = t0.elapsed() / n;
+        let t0 = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(Estimator::Fast.count(std::hint::black_box(&body)));
+        }
+        let t_est = t0.elapsed() / n;
+        let t0 = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(r.keys.lookup(std::hint::black_box(b"key-123")));
+        }
+        let t_key = t0.elapsed() / n;
+        eprintln!(
+            "{} B: decide {t_decide:?}, scan {t_scan:?}, estimate(whole body) {t_est:?}, key {t_key:?}",
+            body.len()
+        );
+    }
+}
