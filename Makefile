@@ -66,6 +66,14 @@ bench: $(STAMP) ## micro-benchmarks of the decision core (release build)
 	$(VENV)/bin/maturin develop -q --release
 	$(VENV)/bin/python -m pytest benches/bench_decide.py --benchmark-enable --benchmark-only -q
 
+.PHONY: bench-overhead
+bench-overhead: build-dev ## end-to-end proxy overhead: direct vs nginx vs minimal Python proxy vs fastroute
+	$(PY) benches/bench_overhead.py $(ARGS)
+
+.PHONY: loadtest
+loadtest: build-dev ## a bounded locust scenario on loopback: make loadtest SCENARIO=mixed
+	bash loadtests/run.sh $(or $(SCENARIO),mixed)
+
 .PHONY: demo
 demo: build-dev ## fastroute's main job: route a traffic mix and print where it went and what it cost
 	$(VENV)/bin/fastroute demo
