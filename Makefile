@@ -41,9 +41,10 @@ lint-rust: ## cargo fmt --check and clippy -D warnings
 	cargo clippy --all-targets -q -- -D warnings
 
 .PHONY: lint-python
-lint-python: $(STAMP) ## ruff (lint and format check) and stubtest
+lint-python: build-dev ## ruff (lint and format check) and stubtest of the compiled module against _core.pyi
 	$(VENV)/bin/ruff check python tests benches loadtests
 	$(VENV)/bin/ruff format --check python tests benches loadtests
+	$(PY) -m mypy.stubtest fastroute._core
 
 .PHONY: lint
 lint: lint-rust lint-python ## all linters
@@ -59,7 +60,14 @@ test-python: build-dev ## pytest, against real servers on loopback
 .PHONY: test
 test: ## everything: Rust tests, lint, pytest (bootstraps the venv and services)
 	bash scripts/bootstrap.sh
-	$(MAKE) test-rust lint test-python
+	$(MAKE) build-dev test-rust lint test-python
+
+.PHONY: wheel-check
+wheel-check: build-prod ## install the release wheel into a fresh venv (no source tree) and use it
+	rm -rf /tmp/fastroute-wheel-check && python3 -m venv /tmp/fastroute-wheel-check
+	/tmp/fastroute-wheel-check/bin/pip install -q dist/fastroute-*.whl
+	cd /tmp && /tmp/fastroute-wheel-check/bin/fastroute check $(CURDIR)/examples/saas.yaml
+	cd /tmp && /tmp/fastroute-wheel-check/bin/python -c "import fastroute, fastroute._core as c; print('wheel ok', fastroute.__version__, c.__file__)"
 
 .PHONY: bench
 bench: $(STAMP) ## micro-benchmarks of the decision core (release build)

@@ -84,6 +84,11 @@ impl<'a> JStr<'a> {
     }
 }
 
+#[cold]
+fn not_utf8() -> DecideError {
+    DecideError::other("the request body holds a string that is not valid UTF-8")
+}
+
 /// Decode the escapes of a string already validated by the scanner.
 #[cold]
 fn unescape(raw: &str) -> String {
@@ -139,7 +144,8 @@ fn hex4(b: &[u8], at: usize) -> Option<u32> {
 pub struct ScanOptions<'r> {
     /// How text is counted.
     pub estimator: Estimator,
-    /// Collect complexity features (only when a classify route exists).
+    /// Collect the complexity features of the text instead of estimating its tokens: the second pass a classify
+    /// route asks for when it is reached (`est_tokens` is then not meaningful).
     pub features: bool,
     /// The `metadata.<key>` names rules read, in slot order.
     pub metadata_keys: &'r [Box<str>],
@@ -166,7 +172,7 @@ pub struct Body<'a> {
     pub metadata: [Option<JStr<'a>>; MAX_METADATA_KEYS],
     /// Estimated input tokens.
     pub est_tokens: u32,
-    /// Complexity features (zero unless asked for).
+    /// Complexity features (zero unless `ScanOptions::features`).
     pub features: Features,
     /// Offset of the top-level object's closing `}`.
     pub close: usize,
@@ -408,6 +414,16 @@ impl<'a> Scanner<'a, '_, '_> {
 
     /// At `"`: read one string, validating escapes, control characters and UTF-8.
     fn string(&mut self) -> Result<JStr<'a>, DecideError> {
+        let (raw, escaped) = self.raw_string()?;
+        let Ok(text) = std::str::from_utf8(raw) else {
+            return Err(not_utf8());
+        };
+        Ok(JStr { raw: text, escaped })
+    }
+
+    /// At `"`: read and validate one string like [`Self::string`], returning its raw bytes and whether it holds
+    /// escapes. For strings only counted or skipped: an ASCII string is never run through a UTF-8 validator.
+    fn raw_string(&mut self) -> Result<(&'a [u8], bool), DecideError> {
         let start = self.pos + 1;
         let mut i = start;
         let mut escaped = false;
@@ -423,17 +439,17 @@ impl<'a> Scanner<'a, '_, '_> {
             i = self.escape(j)?;
         };
         let raw = &self.buf[start..end];
-        // NOTE: `min` over the bytes vectorizes; an early-exit `any` does not.
-        if raw.iter().copied().min().is_some_and(|m| m < 0x20) {
+        // NOTE: one branch-free min/max fold (it vectorizes; an early-exit `any` does not) replaces a `min` pass
+        // plus `str::from_utf8` over every string: ~2.5k fewer instructions per 2 KB chat body (callgrind).
+        let (lo, hi) = raw.iter().fold((u8::MAX, 0u8), |(lo, hi), &b| (lo.min(b), hi.max(b)));
+        if lo < 0x20 {
             return Err(DecideError::syntax("control character in string", start));
         }
-        let Ok(text) = std::str::from_utf8(raw) else {
-            return Err(DecideError::other(
-                "the request body holds a string that is not valid UTF-8",
-            ));
-        };
+        if hi >= 0x80 && std::str::from_utf8(raw).is_err() {
+            return Err(not_utf8());
+        }
         self.pos = end + 1;
-        Ok(JStr { raw: text, escaped })
+        Ok((raw, escaped))
     }
 
     /// Validate the escape at `at` (a backslash); return the offset after it.
@@ -520,7 +536,7 @@ impl<'a> Scanner<'a, '_, '_> {
     /// Skip one value of any type, validating it.
     fn skip_value(&mut self, depth: u32) -> Result<(), DecideError> {
         match self.peek() {
-            Some(b'"') => self.string().map(|_| ()),
+            Some(b'"') => self.raw_string().map(|_| ()),
             Some(b'{') => {
                 let depth = self.deeper(depth)?;
                 if self.object_open()? {
@@ -562,13 +578,14 @@ impl<'a> Scanner<'a, '_, '_> {
         }
     }
 
-    /// Count one text string toward the token estimate (and the complexity features).
+    /// Count one text string (raw content) toward the token estimate, or the complexity features.
     #[inline]
-    fn text(&mut self, s: JStr<'_>) {
-        let bytes = s.raw.as_bytes();
-        self.tokens = self.tokens.saturating_add(self.opts.estimator.count(bytes));
+    fn text(&mut self, raw: &[u8], escaped: bool) {
         if self.opts.features {
-            self.features.observe(bytes);
+            self.features.observe(raw);
+        } else {
+            let n = self.opts.estimator.count_raw(raw, escaped);
+            self.tokens = self.tokens.saturating_add(n);
         }
     }
 
@@ -578,8 +595,8 @@ impl<'a> Scanner<'a, '_, '_> {
     fn text_value(&mut self, depth: u32) -> Result<(), DecideError> {
         match self.peek() {
             Some(b'"') => {
-                let s = self.string()?;
-                self.text(s);
+                let (raw, escaped) = self.raw_string()?;
+                self.text(raw, escaped);
                 Ok(())
             }
             Some(b'[') => {

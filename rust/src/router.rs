@@ -233,7 +233,6 @@ pub struct CompiledRouter {
     metadata_keys: Vec<Box<str>>,
     tenant_names: Vec<Box<str>>,
     estimator: Estimator,
-    needs_features: bool,
 }
 
 fn idx(i: usize) -> u32 {
@@ -504,7 +503,6 @@ impl CompiledRouter {
         let mut routes = Vec::with_capacity(cfg.routes.len());
         let mut route_names: Vec<Box<str>> = Vec::with_capacity(cfg.routes.len());
         let mut route_paths = Vec::with_capacity(cfg.routes.len());
-        let mut needs_features = false;
         for (ri, r) in cfg.routes.iter().enumerate() {
             let path = format!("routes[{ri}]");
             if r.name.is_empty() {
@@ -537,7 +535,6 @@ impl CompiledRouter {
                     if !(0.0..=1.0).contains(&r.threshold) {
                         return Err(CompileError::new(format!("{path}.threshold"), "must be within [0, 1]"));
                     }
-                    needs_features = true;
                     Target::Classify {
                         simple: model(&ct.simple, &|| format!("{path}.to.simple"))?,
                         complex: model(&ct.complex, &|| format!("{path}.to.complex"))?,
@@ -599,7 +596,6 @@ impl CompiledRouter {
                 (spec::TokenEstimator::Exact, spec::Encoding::O200k) => Estimator::ExactO200k,
                 (spec::TokenEstimator::Exact, spec::Encoding::Cl100k) => Estimator::ExactCl100k,
             },
-            needs_features,
         })
     }
 
@@ -700,7 +696,7 @@ impl CompiledRouter {
         // Phase 2: the body.
         let opts = ScanOptions {
             estimator: self.estimator,
-            features: self.needs_features,
+            features: false,
             metadata_keys: &self.metadata_keys,
         };
         let body = scan(req.body, &opts)?;
@@ -812,7 +808,10 @@ impl CompiledRouter {
                         complex,
                         threshold,
                     } => {
-                        let score = classify::score(&body.features, body.est_tokens);
+                        // NOTE: features are counted only here, by a second pass over the body, so requests
+                        // that never reach a classify route do not pay for them.
+                        let features = scan(req.body, &ScanOptions { features: true, ..opts })?.features;
+                        let score = classify::score(&features, body.est_tokens);
                         d.score = Some(score);
                         let (m, op, which) = if score >= threshold {
                             (complex, ">=", "complex")
