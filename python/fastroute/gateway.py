@@ -1,0 +1,833 @@
+"""The RSGI app: one request's life, as named phases over a per-request `Ctx`.
+
+    read_body -> decide -> pick_endpoint -> send -> on_upstream_error (loops to pick_endpoint | fail)
+              -> stream_back -> record
+
+Each phase returns a value, or None when it has already answered and the request stops there.
+Every accepted request gets exactly one answer: the upstream's, or an OpenAI-shaped error.
+The app holds a `Snapshot` (compiled Router, pools, tables); a request reads `app.snapshot` once,
+so a reload is one reference swap.
+
+Hot-path rules: no dict of all headers, one `decide` call, the body is never parsed in Python (the
+Decision says what we need), constant header lists are built once per pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import itertools
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from time import perf_counter_ns
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import msgspec
+
+from fastroute.errors import (
+    AuthError,
+    ConfigError,
+    FastrouteError,
+    NoRouteError,
+    PermissionError_,
+    RequestError,
+    UpstreamError,
+    error_body,
+)
+from fastroute.upstream import Endpoint, Pool, Readiness, build_pools
+
+if TYPE_CHECKING:
+    from fastroute._core import Decision, Router
+    from fastroute.config import Config, Match
+
+__all__ = ['App', 'Ctx', 'Snapshot', 'app', 'cli_explain', 'cli_explain_args', 'cli_serve', 'cli_serve_args']
+
+log = logging.getLogger('fastroute')
+
+CONFIG_ENV = 'FASTROUTE_CONFIG'
+LOG_LEVEL_ENV = 'FASTROUTE_LOG_LEVEL'
+STANDARD_PATHS = ('/v1/chat/completions', '/v1/completions', '/v1/embeddings')
+EXPLAIN_PATH = '/v1/route/explain'
+DEFAULT_EXPLAIN_PATH = '/v1/chat/completions'
+
+# What a path leads to.
+PROXY, MODELS, HEALTH, READY, EXPLAIN = range(5)
+
+# Client headers forwarded upstream, besides content-type and x-request-id (always set) and the
+# model's own key. An allowlist, so hop-by-hop headers, the client's credentials (authorization,
+# the key header, cookies) and client telemetry (x-stainless-*) never leave.
+# NOTE: an allowlist of gets, not a walk over every header: the openai client sends ~13 headers and
+# the HTTP client validates each one it is given (~1.5k instructions a header, callgrind).
+FORWARD_HEADERS = ('accept', 'user-agent', 'traceparent', 'tracestate', 'baggage')
+
+JSON_CT = ('content-type', 'application/json')
+_encode = msgspec.json.Encoder().encode
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshot: everything compiled from one config, swapped as a whole.
+# ---------------------------------------------------------------------------------------------
+
+
+class Snapshot:
+    """The compiled config a worker serves from. Immutable once built."""
+
+    __slots__ = (
+        'cfg',
+        'key_header',
+        'max_body',
+        'methods',
+        'models_cache',
+        'path',
+        'paths',
+        'pools',
+        'prefixes',
+        'readiness',
+        'router',
+        'tenant_by_key',
+    )
+
+    def __init__(self, cfg: Config, router: Router, path: str | None = None) -> None:
+        self.cfg = cfg
+        self.router = router
+        self.path = path
+        self.pools: dict[str, Pool] = build_pools(cfg)
+        self.max_body = _size(cfg.server.max_body_bytes)
+        self.key_header = cfg.server.key_header.lower()
+        self.paths: dict[str, int] = {
+            '/v1/models': MODELS,
+            '/healthz': HEALTH,
+            '/readyz': READY,
+            EXPLAIN_PATH: EXPLAIN,
+        }
+        self.methods: dict[str, frozenset[str]] = {}
+        for p in STANDARD_PATHS:
+            self.paths[p] = PROXY
+            self.methods[p] = frozenset({'POST'})
+        prefixes = []
+        for route in cfg.routes:
+            exact, prefix, methods = _route_paths(route.match)
+            for p in exact:
+                if self.paths.get(p, PROXY) == PROXY:
+                    self.paths[p] = PROXY
+                    self.methods[p] = self.methods.get(p, frozenset()) | (methods or {'POST'})
+            prefixes.extend(prefix)
+        self.prefixes = tuple(prefixes)
+        self.tenant_by_key = _tenant_keys(cfg)
+        self.models_cache: dict[str | None, tuple[bytes, dict[str, bytes]]] = {}
+        self.readiness = Readiness(self.pools)
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            await pool.close()
+
+
+def _size(v: int | str) -> int:
+    if isinstance(v, int):
+        return v
+    try:
+        from fastroute.config import parse_size
+
+        return int(parse_size(v))
+    except ImportError:
+        s = v.strip().lower().replace(' ', '')
+        for suffix, mult in (('kib', 1 << 10), ('mib', 1 << 20), ('gib', 1 << 30), ('kb', 1000), ('mb', 10**6)):
+            if s.endswith(suffix):
+                return int(float(s[: -len(suffix)]) * mult)
+        return int(s.rstrip('b'))
+
+
+def _route_paths(m: Match | None) -> tuple[list[str], list[str], set[str] | None]:
+    """Exact paths, path prefixes and methods a route's match names (walking all/any, not `not`)."""
+    exact: list[str] = []
+    prefix: list[str] = []
+    methods: set[str] | None = None
+    if m is None:
+        return exact, prefix, methods
+    if isinstance(m.path, str):
+        exact.append(m.path)
+    elif m.path is not None:
+        if m.path.exact:
+            exact.append(m.path.exact)
+        if m.path.prefix:
+            prefix.append(m.path.prefix)
+    if m.method is not None:
+        methods = {m.method.upper()} if isinstance(m.method, str) else {x.upper() for x in m.method}
+    for sub in (m.all or []) + (m.any or []):
+        e, p, ms = _route_paths(sub)
+        exact += e
+        prefix += p
+        if ms:
+            methods = (methods or set()) | ms
+    return exact, prefix, methods
+
+
+def _tenant_keys(cfg: Config) -> dict[str, str]:
+    """sha256(key) hex -> tenant name, for the endpoints that need the caller but not a routing decision."""
+    out: dict[str, str] = {}
+    for name, t in cfg.tenants.items():
+        for h in t.keys_sha256:
+            out[h.lower()] = name
+        for env in t.keys_env:
+            v = os.environ.get(env)
+            if v:
+                out[hashlib.sha256(v.encode()).hexdigest()] = name
+        if t.keys_file:
+            try:
+                with open(t.keys_file, encoding='utf-8') as f:
+                    for line in f:
+                        line = line.split('#', 1)[0].strip()
+                        if line:
+                            out[hashlib.sha256(line.encode()).hexdigest()] = name
+            except OSError:
+                pass
+    return out
+
+
+def load_snapshot(path: str) -> Snapshot:
+    """Load, validate and compile a config file.
+
+    Raises:
+        ConfigError: naming the file and the path inside it.
+    """
+    from fastroute.config import compile_config, load_config
+
+    cfg = load_config(path)  # validated and resolved: key hashes, sizes, env keys
+    router = compile_config(cfg, file=path)
+    return Snapshot(cfg, router, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-request context and the phases.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Ctx:
+    """One request's state, passed through the phases."""
+
+    snap: Snapshot
+    scope: Any
+    proto: Any
+    t0: int  # perf_counter_ns at arrival
+    rid: str  # x-request-id: the client's, or generated
+    path: str
+    body: bytes = b''
+    ctype: str | None = None
+    decision: Decision | None = None
+    pool: Pool | None = None
+    endpoint: Endpoint | None = None
+    attempts: int = 0
+    upstream_ns: int = 0  # time spent waiting on the upstream
+    status: int = 0  # the status answered (0: nothing yet)
+    error: FastrouteError | None = None
+
+
+_rid_prefix = os.urandom(4).hex()
+_rid_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """Unique per worker and across workers (random prefix per process), cheap: no uuid."""
+    return f'fr-{_rid_prefix}-{next(_rid_counter)}'
+
+
+def _reseed_request_ids() -> None:
+    """A fresh prefix in each worker: forked workers would otherwise share the parent's."""
+    global _rid_prefix, _rid_counter
+    _rid_prefix = os.urandom(4).hex()
+    _rid_counter = itertools.count(1)
+
+
+def decision_headers(ctx: Ctx) -> list[tuple[str, str]]:
+    """The headers every answer carries: the decision (when one was made), request id, overhead."""
+    d = ctx.decision
+    us = str((perf_counter_ns() - ctx.t0 - ctx.upstream_ns) // 1000)
+    if d is None:
+        return [('x-request-id', ctx.rid), ('x-fastroute-overhead-us', us)]
+    return [
+        ('x-fastroute-route', d.route or ''),
+        ('x-fastroute-model', d.pool or ''),
+        ('x-fastroute-adapter', d.adapter or ''),
+        ('x-fastroute-variant', d.variant or ''),
+        ('x-request-id', ctx.rid),
+        ('x-fastroute-overhead-us', us),
+    ]
+
+
+def answer_error(ctx: Ctx, exc: FastrouteError, extra: list[tuple[str, str]] | None = None) -> None:
+    """Answer with an OpenAI-shaped error. Cold path."""
+    headers = decision_headers(ctx)
+    headers.append(JSON_CT)
+    retry_after = getattr(exc, 'retry_after', None)
+    if retry_after is not None:
+        headers.append(('retry-after', str(max(0, int(retry_after + 0.999)))))
+    if extra:
+        headers.extend(extra)
+    ctx.status = exc.status
+    ctx.error = exc.with_traceback(None)  # keep no frames alive (they hold ctx: a cycle)
+    ctx.proto.response_bytes(exc.status, headers, error_body(exc))
+
+
+def answer_json(ctx: Ctx, status: int, obj: object) -> None:
+    headers = decision_headers(ctx)
+    headers.append(JSON_CT)
+    ctx.status = status
+    ctx.proto.response_bytes(status, headers, obj if isinstance(obj, bytes) else _encode(obj))
+
+
+async def read_body(ctx: Ctx) -> bytes | None:
+    """Phase 1: check the content-type, read the body within `server.max_body_bytes` (413 beyond)."""
+    headers = ctx.scope.headers
+    ctype = headers.get('content-type')
+    if ctype is not None:
+        ctx.ctype = ctype
+        if ctype != 'application/json' and not _is_json(ctype):
+            answer_error(
+                ctx, RequestError(f'Content-Type must be application/json, not {ctype!r}', code='invalid_content_type')
+            )
+            return None
+    limit = ctx.snap.max_body
+    cl = headers.get('content-length')
+    if cl is not None:
+        try:
+            n = int(cl)
+        except ValueError:
+            answer_error(ctx, RequestError('invalid Content-Length', code='invalid_request'))
+            return None
+        if n > limit:
+            answer_error(ctx, _too_large(limit))
+            return None
+        body = await ctx.proto()
+    else:
+        # No length given (chunked): read piecewise so a huge body is refused without holding it.
+        buf = bytearray()
+        async for chunk in ctx.proto:
+            buf += chunk
+            if len(buf) > limit:
+                answer_error(ctx, _too_large(limit))
+                return None
+        body = bytes(buf)
+    if len(body) > limit:
+        answer_error(ctx, _too_large(limit))
+        return None
+    if not body:
+        answer_error(ctx, RequestError('the request body is empty; expected a JSON object', code='invalid_json'))
+        return None
+    ctx.body = body
+    return body
+
+
+def _is_json(ctype: str) -> bool:
+    mt = ctype.split(';', 1)[0].strip().lower()
+    return mt == 'application/json' or (mt.startswith('application/') and mt.endswith('+json'))
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(
+        f'the request body is larger than the limit of {limit} bytes', status=413, code='request_too_large'
+    )
+
+
+_STATUS_ERRORS: dict[int, type[FastrouteError]] = {401: AuthError, 403: PermissionError_, 404: NoRouteError}
+
+
+def decide(ctx: Ctx, method: str) -> Decision | None:
+    """Phase 2: the one routing decision (Rust). Refusals (401/403/404) are answered here."""
+    try:
+        d = ctx.snap.router.decide(method, ctx.path, ctx.scope.headers, ctx.body)
+    except RequestError as exc:
+        answer_error(ctx, exc)
+        return None
+    except ValueError as exc:  # e.g. a body that is not UTF-8, raised before the core's own checks
+        answer_error(ctx, RequestError(f'malformed request: {exc}', code='invalid_json'))
+        return None
+    ctx.decision = d
+    if d.status != 200 or d.pool is None:
+        cls = _STATUS_ERRORS.get(d.status, NoRouteError)
+        answer_error(ctx, cls(d.error or 'no route for this request'))
+        return None
+    return d
+
+
+def pick_endpoint(ctx: Ctx) -> Endpoint | None:
+    """Phase 3: an endpoint of the decided pool (least outstanding, round-robin on ties)."""
+    pool = ctx.pool
+    if pool is None:
+        pool = ctx.pool = ctx.snap.pools.get(ctx.decision.pool)  # type: ignore[union-attr]
+        if pool is None or not pool.endpoints:
+            answer_error(ctx, NoRouteError(f'model {ctx.decision.pool!r} has no endpoints'))  # type: ignore[union-attr]
+            return None
+    ep = ctx.endpoint = pool.pick()
+    return ep
+
+
+def upstream_headers(ctx: Ctx) -> list[tuple[str, str]]:
+    """The model's own key, content-type, the request id and the allowlisted client headers."""
+    get = ctx.scope.headers.get
+    out = [*ctx.pool.auth_headers, ('content-type', ctx.ctype or 'application/json'), ('x-request-id', ctx.rid)]  # type: ignore[union-attr]
+    for name in FORWARD_HEADERS:
+        v = get(name)
+        if v is not None:
+            out.append((name, v))
+    return out
+
+
+def on_upstream_error(ctx: Ctx, err: UpstreamError) -> Endpoint | None:
+    """Phase 4b: an upstream failed before anything reached the client. Next endpoint, or None to fail.
+
+    The resilience layer (fallback chains, bounded retries, circuit breakers) plugs in here; for
+    now every failure is final.
+    """
+    ep = ctx.endpoint
+    if ep is not None:
+        ep.failures += 1
+    return None
+
+
+async def proxy(ctx: Ctx, method: str) -> None:
+    """The proxied request: read_body -> decide -> pick_endpoint -> send / stream_back."""
+    body = await read_body(ctx)
+    if body is None:
+        return
+    d = decide(ctx, method)
+    if d is None:
+        return
+    ep = pick_endpoint(ctx)
+    if ep is None:
+        return
+    qs = ctx.scope.query_string
+    upath = d.upstream_path or ctx.path
+    if qs:
+        upath = f'{upath}?{qs}'
+    send_body = d.body or body
+    headers = upstream_headers(ctx)
+    if d.stream:
+        await stream_back(ctx, method, upath, headers, send_body)
+    else:
+        await send(ctx, method, upath, headers, send_body)
+
+
+async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]], body: bytes) -> None:
+    """Phase 4 (non-streaming): send, read the whole answer, relay status, headers and body."""
+    ep = ctx.endpoint
+    while True:
+        ctx.attempts += 1
+        ep.outstanding += 1  # type: ignore[union-attr]
+        t = perf_counter_ns()
+        try:
+            resp = await ep.send(method, upath, headers, body)  # type: ignore[union-attr]
+        except UpstreamError as err:
+            ctx.upstream_ns += perf_counter_ns() - t
+            ep.outstanding -= 1  # type: ignore[union-attr]
+            ep = on_upstream_error(ctx, err)
+            if ep is None:
+                answer_error(ctx, err)
+                return
+            ctx.endpoint = ep
+            continue
+        ctx.upstream_ns += perf_counter_ns() - t
+        ep.outstanding -= 1  # type: ignore[union-attr]
+        break
+    ep.failures = 0  # type: ignore[union-attr]
+    out = resp.headers
+    out += decision_headers(ctx)
+    ctx.status = resp.status
+    ctx.proto.response_bytes(resp.status, out, resp.body)
+
+
+async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]], body: bytes) -> None:
+    """Phase 5 (streaming): relay bytes as they arrive, unchanged; stop the upstream at once if the client leaves."""
+    ep = ctx.endpoint
+    while True:
+        ctx.attempts += 1
+        ep.outstanding += 1  # type: ignore[union-attr]
+        # Overhead of a stream: everything up to the moment the upstream request goes out.
+        ctx.upstream_ns = 0
+        overhead_at = perf_counter_ns()
+        try:
+            up = await ep.open_stream(method, upath, headers, body)  # type: ignore[union-attr]
+        except UpstreamError as err:
+            ep.outstanding -= 1  # type: ignore[union-attr]
+            ep = on_upstream_error(ctx, err)
+            if ep is None:
+                ctx.upstream_ns = perf_counter_ns() - overhead_at
+                answer_error(ctx, err)
+                return
+            ctx.endpoint = ep
+            continue
+        break
+    ctx.upstream_ns = perf_counter_ns() - overhead_at
+    task = asyncio.current_task()
+    watch = asyncio.ensure_future(ctx.proto.client_disconnect())
+
+    def on_disconnect(_f: object) -> None:
+        task.cancel()  # type: ignore[union-attr]
+
+    watch.add_done_callback(on_disconnect)
+    transport = None
+    try:
+        out = up.headers
+        out += decision_headers(ctx)
+        ctx.status = up.status
+        transport = ctx.proto.response_stream(up.status, out)
+        ep.failures = 0  # type: ignore[union-attr]
+        try:
+            while True:
+                chunk = await up.read_chunk()
+                if chunk is None:
+                    break
+                await transport.send_bytes(chunk)
+        except UpstreamError as err:
+            # Bytes already went out: the status cannot change. Say so in the stream and end it
+            # without [DONE], so the client knows the answer is incomplete.
+            ctx.error = err.with_traceback(None)  # no frame -> ctx -> error cycle
+            on_upstream_error(ctx, err)
+            await transport.send_bytes(b'data: ' + error_body(err) + b'\n\n')
+    except asyncio.CancelledError:
+        if not (watch.done() and not watch.cancelled()):
+            raise
+        task.uncancel()  # type: ignore[union-attr]
+        ctx.error = RequestError('client disconnected', status=499, code='client_disconnected')
+    except Exception as exc:  # the client went away while we wrote (granian's ProtocolClosed)
+        if type(exc).__name__ not in ('RSGIProtocolClosed', 'RSGIProtocolError'):
+            raise
+        ctx.error = RequestError('client disconnected', status=499, code='client_disconnected')
+    finally:
+        watch.remove_done_callback(on_disconnect)
+        if not watch.done():
+            watch.cancel()
+        ep.outstanding -= 1  # type: ignore[union-attr]
+        # granian ends the response when the transport is released: never let a traceback keep it.
+        transport = None
+        await up.aclose()
+
+
+def record(ctx: Ctx) -> None:
+    """Phase 6: after the answer. Metrics, cost and experiment outcomes hook in here."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The small non-proxied endpoints (off the hot path).
+# ---------------------------------------------------------------------------------------------
+
+
+def caller_tenant(snap: Snapshot, headers: Any) -> tuple[bool, str | None]:
+    """(known, tenant) for the caller's key: (False, None) for a missing/unknown key that must be refused."""
+    raw = headers.get(snap.key_header)
+    if raw is not None and snap.key_header == 'authorization':
+        scheme, _, token = raw.strip().partition(' ')
+        raw = token.strip() if scheme.lower() == 'bearer' else None
+    if not raw:
+        return snap.cfg.server.allow_anonymous, None
+    tenant = snap.tenant_by_key.get(hashlib.sha256(raw.encode()).hexdigest())
+    return tenant is not None, tenant
+
+
+def models_for(snap: Snapshot, tenant: str | None) -> tuple[bytes, dict[str, bytes]]:
+    """`GET /v1/models`: the logical models this caller may use and their adapters (OpenAI list shape),
+    and each entry alone for `GET /v1/models/{id}`. Built once per tenant and snapshot."""
+    cached = snap.models_cache.get(tenant)
+    if cached is not None:
+        return cached
+    cfg = snap.cfg
+    t = cfg.tenants.get(tenant) if tenant else None
+    owned = {o.adapter: name for name, o in cfg.tenants.items() if o.adapter}
+    allowed = set(t.allowed_models) if t is not None and t.allowed_models is not None else None
+    data: list[dict[str, object]] = []
+    for name, model in cfg.models.items():
+        if allowed is not None and name not in allowed:
+            continue
+        data.append({'id': name, 'object': 'model', 'created': 0, 'owned_by': 'fastroute'})
+        adapters = [a for a in model.adapters if owned.get(a, tenant) == tenant]
+        if t is not None and t.adapter and t.base == name and t.adapter not in adapters:
+            adapters.append(t.adapter)
+        for a in adapters:
+            data.append({'id': a, 'object': 'model', 'created': 0, 'owned_by': tenant or 'fastroute', 'parent': name})
+    out = (_encode({'object': 'list', 'data': data}), {str(m['id']): _encode(m) for m in data})
+    snap.models_cache[tenant] = out
+    return out
+
+
+async def models(ctx: Ctx) -> None:
+    """`GET /v1/models` and `GET /v1/models/{id}`, for the caller's tenant (from its key)."""
+    known, tenant = caller_tenant(ctx.snap, ctx.scope.headers)
+    if not known:
+        answer_error(ctx, AuthError('invalid or missing API key'))
+        return
+    listing, by_id = models_for(ctx.snap, tenant)
+    if ctx.path == '/v1/models':
+        answer_json(ctx, 200, listing)
+        return
+    one = by_id.get(ctx.path[len('/v1/models/') :])
+    if one is None:
+        answer_error(ctx, NoRouteError(f'the model {ctx.path[len("/v1/models/") :]!r} does not exist'))
+    else:
+        answer_json(ctx, 200, one)
+
+
+async def explain(ctx: Ctx) -> None:
+    """`POST /v1/route/explain`: the decision for this request, and the endpoint that would serve it; forwards nothing."""
+    body = await read_body(ctx)
+    if body is None:
+        return
+    qs = ctx.scope.query_string
+    path = parse_qs(qs).get('path', [DEFAULT_EXPLAIN_PATH])[0] if qs else DEFAULT_EXPLAIN_PATH
+    ctx.path = path
+    try:
+        d = ctx.snap.router.decide('POST', path, ctx.scope.headers, body)
+    except RequestError as exc:
+        answer_error(ctx, exc)
+        return
+    ctx.decision = d
+    if d.status == 401:
+        answer_error(ctx, AuthError(d.error or 'invalid API key'))
+        return
+    out = d.to_dict()
+    out['path'] = path
+    pool = ctx.snap.pools.get(d.pool) if d.pool else None
+    out['endpoint'] = pool.pick().base if pool is not None and pool.endpoints else None
+    answer_json(ctx, 200, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The app.
+# ---------------------------------------------------------------------------------------------
+
+
+class App:
+    """The RSGI application. Loads its config (path from `FASTROUTE_CONFIG`) in each worker."""
+
+    def __init__(self, config_path: str | None = None, snapshot: Snapshot | None = None) -> None:
+        self.config_path = config_path
+        self.snapshot: Snapshot | None = snapshot
+
+    def load(self) -> Snapshot:
+        path = self.config_path or os.environ.get(CONFIG_ENV)
+        if not path:
+            raise ConfigError(f'no config: set {CONFIG_ENV} or pass config_path')
+        self.snapshot = load_snapshot(path)
+        return self.snapshot
+
+    def swap(self, snapshot: Snapshot) -> Snapshot | None:
+        """Serve from `snapshot` from now on; in-flight requests finish on the old one. Returns the old one."""
+        old, self.snapshot = self.snapshot, snapshot
+        return old
+
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        _setup_logging(os.environ.get(LOG_LEVEL_ENV, 'info'))
+        _reseed_request_ids()
+        if self.snapshot is None:
+            try:
+                self.load()
+            except ConfigError as exc:
+                log.error('fastroute: %s', exc)
+                raise SystemExit(1) from None
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        snap = self.snapshot
+        if snap is not None:
+            try:
+                loop.run_until_complete(snap.close())
+            except Exception:  # shutting down; nothing left to answer
+                pass
+
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        t0 = perf_counter_ns()
+        if scope.proto != 'http':
+            proto.close(1003)
+            return
+        snap = self.snapshot or self.load()
+        path = scope.path
+        kind = snap.paths.get(path)
+        if kind is None:
+            if snap.prefixes and path.startswith(snap.prefixes):
+                kind = PROXY
+            elif path.startswith('/v1/models/'):
+                kind = MODELS
+        method = scope.method
+        ctx = Ctx(snap, scope, proto, t0, scope.headers.get('x-request-id') or new_request_id(), path)
+        try:
+            if kind == PROXY:
+                allowed = snap.methods.get(path, _POST)
+                if method in allowed:
+                    await proxy(ctx, method)
+                else:
+                    _method_not_allowed(ctx, method, allowed)
+            elif kind is None:
+                answer_error(ctx, NoRouteError(f'no route for {method} {path}', code='unknown_url'))
+            elif kind == EXPLAIN:
+                if method == 'POST':
+                    await explain(ctx)
+                else:
+                    _method_not_allowed(ctx, method, _POST)
+            elif method not in _GET:
+                _method_not_allowed(ctx, method, _GET)
+            elif kind == HEALTH:
+                answer_json(ctx, 200, b'{"status":"ok"}')
+            elif kind == READY:
+                await ready(ctx)
+            else:
+                await models(ctx)
+        except Exception as exc:  # last line: every request gets one answer
+            if ctx.status == 0:
+                log.exception('unhandled error on %s %s', method, path)
+                err = FastrouteError(f'internal error: {type(exc).__name__}')
+                try:
+                    answer_error(ctx, err)
+                except Exception:  # the client is gone
+                    pass
+            else:
+                log.debug('error after answering %s %s: %r', method, path, exc)
+        finally:
+            record(ctx)
+
+
+_POST = frozenset({'POST'})
+_GET = frozenset({'GET', 'HEAD'})
+
+
+def _method_not_allowed(ctx: Ctx, method: str, allowed: frozenset[str]) -> None:
+    exc = RequestError(f'method {method} is not allowed on {ctx.path}', status=405, code='method_not_allowed')
+    answer_error(ctx, exc, [('allow', ', '.join(sorted(allowed)))])
+
+
+async def ready(ctx: Ctx) -> None:
+    result = await ctx.snap.readiness.check()
+    ok = all(result.values())
+    answer_json(ctx, 200 if ok else 503, {'status': 'ready' if ok else 'not ready', 'models': result})
+
+
+def create_app(config_path: str | None = None) -> App:
+    """An app for a given config file (granian `--factory` target, or programmatic use)."""
+    return App(config_path)
+
+
+# The granian target: `fastroute.gateway:app`, config from FASTROUTE_CONFIG, loaded in each worker.
+app = App()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: serve, explain.
+# ---------------------------------------------------------------------------------------------
+
+
+def cli_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('-c', '--config', required=True, help='config file (YAML or TOML)')
+    p.add_argument('--listen', help='HOST:PORT (default: server.listen from the config)')
+    p.add_argument('--workers', type=int, help='worker processes (default: server.workers from the config)')
+    p.add_argument('--log-level', default='info', choices=['debug', 'info', 'warning', 'error', 'critical'])
+    p.add_argument('--access-log', action='store_true', help='log every request (off by default: it costs)')
+    p.add_argument('--backlog', type=int, default=2048, help='listen backlog')
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(':')
+    if not host or not port.isdigit():
+        raise ValueError(f'--listen must be HOST:PORT, not {listen!r}')
+    return host.strip('[]'), int(port)
+
+
+def _setup_logging(level: str) -> None:
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter('[%(levelname)s] %(message)s'))
+        log.addHandler(h)
+        log.propagate = False
+    log.setLevel(level.upper())
+
+
+def cli_serve(args: argparse.Namespace) -> int:
+    """`fastroute serve`: validate the config, say what will be served, run granian."""
+    _setup_logging(args.log_level)
+    path = os.path.abspath(args.config)
+    try:
+        snap = load_snapshot(path)
+    except ConfigError as exc:
+        print(f'fastroute: config error: {exc}', file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f'fastroute: cannot read config {path}: {exc.strerror or exc}', file=sys.stderr)
+        return 1
+    cfg = snap.cfg
+    try:
+        host, port = _split_listen(args.listen or cfg.server.listen)
+    except ValueError as exc:
+        print(f'fastroute: {exc}', file=sys.stderr)
+        return 1
+    workers = args.workers or cfg.server.workers
+
+    from granian.constants import Interfaces, Loops
+    from granian.server import Server
+
+    log.info('fastroute: config %s', path)
+    log.info('fastroute: listening on http://%s:%d with %d worker(s)', host, port, workers)
+    for name, pool in snap.pools.items():
+        um = f' (upstream model {pool.upstream_model})' if pool.upstream_model else ''
+        log.info('fastroute: model %s%s -> %s', name, um, ', '.join(ep.base for ep in pool.endpoints))
+    log.info(
+        'fastroute: %d route(s) compiled, %d tenant(s), %d tenant key(s)',
+        snap.router.route_count,
+        len(cfg.tenants),
+        snap.router.tenant_key_count,
+    )
+    os.environ[CONFIG_ENV] = path
+    os.environ[LOG_LEVEL_ENV] = args.log_level
+    server = Server(
+        'fastroute.gateway:app',
+        address=host,
+        port=port,
+        interface=Interfaces.RSGI,
+        workers=workers,
+        loop=Loops.uvloop,
+        websockets=False,
+        backlog=args.backlog,
+        log_level=args.log_level,
+        log_access=args.access_log,
+    )
+    server.serve()
+    return 0
+
+
+def cli_explain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('-c', '--config', required=True, help='config file (YAML or TOML)')
+    p.add_argument(
+        '-H', '--header', action='append', default=[], metavar="'NAME: VALUE'", help='a request header (repeatable)'
+    )
+    p.add_argument('--path', default=DEFAULT_EXPLAIN_PATH, help='request path (default: %(default)s)')
+    p.add_argument('--method', default='POST')
+
+
+def cli_explain(args: argparse.Namespace) -> int:
+    """`fastroute explain`: the decision trace for a request JSON read on stdin. Forwards nothing."""
+    try:
+        snap = load_snapshot(os.path.abspath(args.config))
+    except ConfigError as exc:
+        print(f'fastroute: config error: {exc}', file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f'fastroute: cannot read config {args.config}: {exc.strerror or exc}', file=sys.stderr)
+        return 1
+    headers: dict[str, str] = {}
+    for h in args.header:
+        name, sep, value = h.partition(':')
+        if not sep:
+            print(f'fastroute: bad header {h!r}: expected "name: value"', file=sys.stderr)
+            return 2
+        headers[name.strip().lower()] = value.strip()
+    body = sys.stdin.buffer.read()
+    try:
+        d = snap.router.decide(args.method.upper(), args.path, headers, body)
+    except RequestError as exc:
+        print(f'fastroute: bad request: {exc.message}', file=sys.stderr)
+        return 1
+    out = d.to_dict()
+    out['path'] = args.path
+    pool = snap.pools.get(d.pool) if d.pool else None
+    out['endpoint'] = pool.pick().base if pool is not None and pool.endpoints else None
+    sys.stdout.write(msgspec.json.format(_encode(out), indent=2).decode() + '\n')
+    return 0
