@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import random
@@ -191,7 +192,10 @@ async def drive(
                         **body, stream_options={'include_usage': True}
                     )
                     headers = raw.headers
-                    async for chunk in await raw.parse():
+                    stream = raw.parse()
+                    if inspect.isawaitable(stream):
+                        stream = await stream
+                    async for chunk in stream:
                         if chunk.usage is not None:
                             usage = chunk.usage.model_dump()
                 else:

@@ -369,7 +369,9 @@ def pick_endpoint(ctx: Ctx) -> Endpoint | None:
 def upstream_headers(ctx: Ctx) -> list[tuple[str, str]]:
     """The model's own key, content-type, the request id and the allowlisted client headers."""
     get = ctx.scope.headers.get
-    out = [*ctx.pool.auth_headers, ('content-type', ctx.ctype or 'application/json'), ('x-request-id', ctx.rid)]  # type: ignore[union-attr]
+    out = list(ctx.pool.auth_headers)  # type: ignore[union-attr]
+    out.append(('content-type', ctx.ctype or 'application/json'))
+    out.append(('x-request-id', ctx.rid))
     for name in FORWARD_HEADERS:
         v = get(name)
         if v is not None:
@@ -441,7 +443,7 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
 
 
 async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]], body: bytes) -> None:
-    """Phase 5 (streaming): relay bytes as they arrive, unchanged; stop the upstream at once if the client leaves."""
+    """Phase 5 (streaming): relay bytes as they arrive, unchanged; stop the upstream at once if the client goes."""
     ep = ctx.endpoint
     while True:
         ctx.attempts += 1
@@ -546,8 +548,9 @@ def models_for(snap: Snapshot, tenant: str | None) -> tuple[bytes, dict[str, byt
         adapters = [a for a in model.adapters if owned.get(a, tenant) == tenant]
         if t is not None and t.adapter and t.base == name and t.adapter not in adapters:
             adapters.append(t.adapter)
+        owner = tenant or 'fastroute'
         for a in adapters:
-            data.append({'id': a, 'object': 'model', 'created': 0, 'owned_by': tenant or 'fastroute', 'parent': name})
+            data.append({'id': a, 'object': 'model', 'created': 0, 'owned_by': owner, 'parent': name})
     out = (_encode({'object': 'list', 'data': data}), {str(m['id']): _encode(m) for m in data})
     snap.models_cache[tenant] = out
     return out
@@ -571,7 +574,7 @@ async def models(ctx: Ctx) -> None:
 
 
 async def explain(ctx: Ctx) -> None:
-    """`POST /v1/route/explain`: the decision for this request, and the endpoint that would serve it; forwards nothing."""
+    """`POST /v1/route/explain`: this request's decision and the endpoint that would serve it. Forwards nothing."""
     body = await read_body(ctx)
     if body is None:
         return

@@ -90,7 +90,9 @@ class UpstreamResponse:
 
     def __init__(self, status: int, headers: list[tuple[str, str]], content_type: str | None, body: object) -> None:
         self.status = status
-        self.headers = headers  # end-to-end headers to relay (content-type included)
+        # Headers to relay: a success's content-type (and content-encoding); an error's every
+        # end-to-end header (retry-after, rate-limit state, ...).
+        self.headers = headers
         self.content_type = content_type
         self.body = body  # a bytes-like buffer (zero-copy from the client)
 
