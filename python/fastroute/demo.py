@@ -201,21 +201,25 @@ async def drive(
                 else:
                     raw = await client.chat.completions.with_raw_response.create(**body)
                     headers = raw.headers
-                    completion = await raw.parse()
+                    completion = raw.parse()
+                    if inspect.isawaitable(completion):
+                        completion = await completion
                     usage = completion.usage.model_dump() if completion.usage else None
                 model = headers.get('x-fastroute-model', '?')
                 route = headers.get('x-fastroute-route', '?')
                 cost = price_of(models[model], usage) if model in models else 0.0
                 outcomes.append(Outcome(kind, route, model, time.perf_counter() - t0, cost, True, usage=usage))
-            except openai.APIError as exc:
+            except (openai.APIError, ValueError, TypeError) as exc:
                 outcomes.append(Outcome(kind, '-', '-', time.perf_counter() - t0, 0.0, False, str(exc)[:200]))
             done += 1
             if sys.stderr.isatty() or done % 50 == 0 or done == len(mix):
                 rate = done / max(1e-9, time.monotonic() - started)
-                print(f'\r  sent {done}/{len(mix)} requests ({rate:.0f} req/s)', end='', file=sys.stderr, flush=True)
+                end = '' if sys.stderr.isatty() else '\n'
+                print(f'\r  sent {done}/{len(mix)} requests ({rate:.0f} req/s)', end=end, file=sys.stderr, flush=True)
 
     await asyncio.gather(*(one(*item) for item in mix))
-    print(file=sys.stderr)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     await client.close()
     return outcomes, time.monotonic() - started
 
@@ -256,7 +260,7 @@ def report(outcomes: list[Outcome], models: dict[str, object], elapsed: float) -
     for m in model_names:
         group = [o for o in ok if o.model == m]
         share = len(group) / max(1, len(ok))
-        lines.append(f'{m:<10}{share:>8.0%}{len(group):>10}{sum(o.cost for o in group):>12.4f}')
+        lines.append(f'{m:<10}{share:>8.0%}{len(group):>10}{"$" + format(sum(o.cost for o in group), ".4f"):>12}')
     routes = Counter(o.route for o in ok)
     lines.append('')
     lines.append('routes: ' + ', '.join(f'{r} {n}' for r, n in routes.most_common()))
