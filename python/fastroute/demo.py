@@ -292,6 +292,12 @@ def cli_demo_args(p: argparse.ArgumentParser) -> None:
 def cli_demo(args: argparse.Namespace) -> int:
     from fastroute.config import load_config
 
+    try:
+        import openai  # noqa: F401  (the demo's client; not a dependency of the router itself)
+    except ImportError:
+        print('fastroute demo drives traffic with the official openai client: pip install openai', file=sys.stderr)
+        return 2
+
     exe = [sys.executable, '-m', 'fastroute.cli']
     ports = {'FASTROUTE_DEMO_PORT': free_port(), 'FASTROUTE_DEMO_SMALL_PORT': free_port()}
     ports['FASTROUTE_DEMO_LARGE_PORT'] = free_port()
