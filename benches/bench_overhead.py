@@ -1,6 +1,7 @@
 """End-to-end proxy overhead: direct vs nginx vs a minimal Python proxy vs fastroute, in one run.
 
 Run: .venv/bin/python benches/bench_overhead.py [--quick] [--no-pin] [--rounds N] [--skip-fastroute]
+     [--clients loop,pyreqwest]
      (`make bench-overhead`)
 
 Same load generators against the same upstream for every target:
@@ -9,7 +10,7 @@ Same load generators against the same upstream for every target:
   (a) direct       the load generator straight to the upstream
   (b) nginx        nginx as a plain reverse proxy, keep-alive upstream pool (benches/nginx/proxy.conf.template)
   (c) minimal      benches/minimal_proxy.py, aiohttp server + client, no logic (the floor of a naive Python proxy)
-  (d) fastroute    `fastroute serve --workers 1` with a generated config: 50 routes (the matching ones last),
+  (d) fastroute    `fastroute serve --workers 1` (one per --clients entry: (d), (e), ...) with a generated config: 50 routes (the matching ones last),
                    100 tenants with 10,000 keys (keys_sha256), the model rewritten to upstream_model
 Measured per target, each `--rounds` times (default 3, targets interleaved), medians reported:
   max req/s       wrk -t1 -c32 (POST with a Lua script), JSON and SSE answers
@@ -24,18 +25,19 @@ CPU sharing (default): the proxy under test on CPU 0; wrk/oha and the upstream n
 `--no-pin` leaves everything to the scheduler. Output: a markdown table, printed and written to
 bench-results/overhead-<timestamp>.md.
 
-Latest figures (2026-11-26, full run, pinned; load average ~6 on 2 CPUs from other work, so absolute figures
-are inflated about 3x and only the same-run ratios mean much; bench-results/overhead-20261126-025953.md):
+Latest figures (2026-11-26 03:37, full run, pinned, --clients loop,pyreqwest; load average 1.5-3.6 on 2 CPUs from
+other work, so only the same-run ratios mean much; bench-results/overhead-20261126-033748.md):
 
   target                 max req/s JSON  CPU us/req JSON  max req/s SSE  CPU us/req SSE  p50 @1  p50/p99 @1k (ms)
-  (a) direct                     29,563               12         28,062              12   0.036  0.133 / 3.41
-  (b) nginx proxy                 7,179               45          7,767              38   0.177  0.245 / 4.55
-  (c) minimal aiohttp               779              667            807             634   0.785  9.15 / 268
-  (d) fastroute                   2,069              290          1,096             583   0.649  2.17 / 12.8
-  added over direct: nginx 0.14 ms p50 @1, 0.11 / 1.14 ms p50/p99 @1k; fastroute 0.61 ms, 2.04 / 9.37 ms
-  (4.4x / 18x / 8.2x nginx's); fastroute / minimal max req/s: JSON 2.7x, SSE 1.4x (CPU per request: 2.3x, 1.1x).
-  Streaming (first event at 100 ms, then every 20 ms): first event 101.6 ms direct, 102.6 ms through fastroute,
-  median gap 20.2 ms: no buffering in any proxy.
+  (a) direct                     35,706               14         40,685              13   0.050  0.132 / 2.77
+  (b) nginx proxy                20,542               37         14,936              40   0.126  0.237 / 3.85
+  (c) minimal aiohttp             1,814              443          1,615             540   0.640  0.860 / 22.8
+  (d) fastroute, loop             5,676              171          4,192             225   0.392  0.626 / 6.42
+  (e) fastroute, pyreqwest        3,201              274          1,320             749   0.553  1.059 / 8.44
+  added over direct: nginx 0.08 ms p50 @1, 0.11 / 1.08 ms p50/p99 @1k; fastroute (loop) 0.34 ms, 0.50 / 3.65 ms
+  (4.5x / 4.7x / 3.4x nginx's), (pyreqwest) 0.50 ms, 0.93 / 5.67 ms (6.6x / 8.8x / 5.3x); fastroute / minimal max
+  req/s: loop JSON 3.1x, SSE 2.6x; pyreqwest 1.8x, 0.8x. Streaming: first event 101.8 ms direct, 102.3 ms through
+  fastroute (loop), median gap 19.8 ms: no buffering in any proxy.
 """
 
 from __future__ import annotations
@@ -116,11 +118,13 @@ def proc_is_group(proc: subprocess.Popen) -> bool:
     return getattr(proc, '_own_group', False)
 
 
-def spawn(procs: Procs, cmd: list[str], cpus: str | None, log: Path, group: bool = False) -> subprocess.Popen:
+def spawn(
+    procs: Procs, cmd: list[str], cpus: str | None, log: Path, group: bool = False, env: dict | None = None
+) -> subprocess.Popen:
     if cpus:
         cmd = ['taskset', '-c', cpus, *cmd]
     with open(log, 'wb') as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=group)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=group, env=env)
     proc._own_group = group  # type: ignore[attr-defined]
     return procs.add(proc)
 
@@ -365,12 +369,13 @@ def check_answer(port: int, body: bytes, expect: bytes) -> str | None:
     return None if got == expect else f'unexpected answer ({len(got)} bytes): {got[:200]!r}'
 
 
-def start_fastroute(procs: Procs, tmp: Path, cpus: str | None, cfg_text: str, port: int, label: str):
+def start_fastroute(procs: Procs, tmp: Path, cpus: str | None, cfg_text: str, port: int, label: str, client: str):
     cfg = tmp / f'fastroute-{label}.yaml'
     cfg.write_text(cfg_text)
     cmd = [FASTROUTE, 'serve', '-c', str(cfg), '--listen', f'127.0.0.1:{port}', '--workers', '1']
     cmd += ['--log-level', 'warning']
-    proc = spawn(procs, cmd, cpus, tmp / f'fastroute-{label}.log', group=True)
+    env = {**os.environ, 'FASTROUTE_UPSTREAM_CLIENT': client}
+    proc = spawn(procs, cmd, cpus, tmp / f'fastroute-{label}.log', group=True, env=env)
     nginxctl.wait_port(port, timeout=30, proc=proc)
     return proc, port
 
@@ -400,6 +405,11 @@ def main() -> int:
     ap.add_argument('--rounds', type=int, default=None)
     ap.add_argument('--no-pin', action='store_true', help='do not pin (default: proxy CPU 0, load + upstream CPU 1)')
     ap.add_argument('--skip-fastroute', action='store_true')
+    ap.add_argument(
+        '--clients',
+        default=os.environ.get('FASTROUTE_UPSTREAM_CLIENT', 'loop'),
+        help='upstream client(s) of fastroute, comma-separated: loop, pyreqwest; one target each (d), (e), ...',
+    )
     ap.add_argument('--no-mock', action='store_true', help='use the built-in slow SSE upstream, not fastroute mock')
     ap.add_argument('--rate', type=int, default=1000, help='fixed rate for the latency runs (req/s)')
     ap.add_argument('--out', default=str(ROOT / 'bench-results'))
@@ -465,19 +475,21 @@ def main() -> int:
         elif not FASTROUTE:
             notes.append('(d) fastroute skipped: no `fastroute` console script in the venv (pip install -e .).')
         else:
-            fr_port = nginxctl.free_port()
-            cfg = fastroute_config(fr_port, up_port, up_sse, slow_port, slow_model)
-            try:
-                fr_proc, fr_port = start_fastroute(procs, tmp, cpu_proxy, cfg, fr_port, 'bench')
-                problem = check_answer(fr_port, nginxctl.REQUEST_BODY, nginxctl.CHAT_BODY)
-                if problem:
-                    raise RuntimeError(problem)
-                targets.append(Target('d', 'fastroute (50 routes, 10k keys, rewrite)', fr_port, fr_port, fr_port))
-                targets[-1].pids = {fr_port: fr_proc.pid}
-            except (RuntimeError, TimeoutError, OSError) as e:
-                log = (tmp / 'fastroute-bench.log').read_text(errors='replace')[-1500:]
-                notes.append(f'(d) fastroute skipped: `fastroute serve` did not work yet ({e}).')
-                print(f'# fastroute serve failed: {e}\n{log}', file=sys.stderr)
+            for key, client in zip('defgh', args.clients.split(','), strict=False):
+                fr_port = nginxctl.free_port()
+                cfg = fastroute_config(fr_port, up_port, up_sse, slow_port, slow_model)
+                label = f'fastroute ({client} client; 50 routes, 10k keys, rewrite)'
+                try:
+                    fr_proc, fr_port = start_fastroute(procs, tmp, cpu_proxy, cfg, fr_port, client, client)
+                    problem = check_answer(fr_port, nginxctl.REQUEST_BODY, nginxctl.CHAT_BODY)
+                    if problem:
+                        raise RuntimeError(problem)
+                    targets.append(Target(key, label, fr_port, fr_port, fr_port))
+                    targets[-1].pids = {fr_port: fr_proc.pid}
+                except (RuntimeError, TimeoutError, OSError) as e:
+                    log = (tmp / f'fastroute-{client}.log').read_text(errors='replace')[-1500:]
+                    notes.append(f'({key}) fastroute skipped: `fastroute serve` did not work yet ({e}).')
+                    print(f'# fastroute serve failed: {e}\n{log}', file=sys.stderr)
 
         for t in targets:
             for port, body, expect in ((t.port, nginxctl.REQUEST_BODY, nginxctl.CHAT_BODY),):
@@ -600,7 +612,7 @@ def render(targets: list[Target], args, rounds: int, pin: bool, slow_kind: str, 
     if nginx:
         ratios = []
         for t in targets:
-            if t.key in ('c', 'd'):
+            if t.key not in ('a', 'b'):
                 parts = []
                 for k, name in (
                     ('p50_1', 'p50 @1'),
@@ -610,12 +622,15 @@ def render(targets: list[Target], args, rounds: int, pin: bool, slow_kind: str, 
                     ng = m(nginx, k) - m(direct, k)
                     parts.append(f'{name} {(m(t, k) - m(direct, k)) / ng:.1f}×' if ng > 0 else f'{name} n/a')
                 ratios.append(f"- ({t.key}) added latency / nginx's added: " + ', '.join(parts))
-        if 'c' in by_key and 'd' in by_key:
-            d, c = by_key['d'], by_key['c']
+        c = by_key.get('c')
+        for d in targets:
+            if c is None or d.key in ('a', 'b', 'c'):
+                continue
+            k = d.key
             ratios.append(
-                f'- (d) / (c) max req/s: JSON {m(d, "rps") / m(c, "rps"):.1f}×, '
+                f'- ({k}) / (c) max req/s: JSON {m(d, "rps") / m(c, "rps"):.1f}×, '
                 f'SSE {m(d, "sse_rps") / m(c, "sse_rps"):.1f}×;'
-                f' (c) / (d) CPU per request (the same ratio without the noise of what else ran): '
+                f' (c) / ({k}) CPU per request (the same ratio without the noise of what else ran): '
                 f'JSON {m(c, "cpu_us") / m(d, "cpu_us"):.1f}×, SSE {m(c, "sse_cpu_us") / m(d, "sse_cpu_us"):.1f}×'
             )
         lines += ratios + ['']
