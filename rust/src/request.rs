@@ -84,6 +84,43 @@ impl<'a> JStr<'a> {
     }
 }
 
+/// An object key from the body: its raw bytes between the quotes (validated) and whether it holds an escape.
+/// Keys are only compared, so they are never turned into `&str`.
+#[derive(Debug, Clone, Copy)]
+struct Key<'a> {
+    raw: &'a [u8],
+    escaped: bool,
+}
+
+impl Key<'_> {
+    /// Whether the decoded key equals `name`.
+    #[inline]
+    fn is(&self, name: &str) -> bool {
+        if self.escaped {
+            escaped_key_is(self.raw, name)
+        } else {
+            self.raw == name.as_bytes()
+        }
+    }
+}
+
+#[cold]
+fn escaped_key_is(raw: &[u8], name: &str) -> bool {
+    std::str::from_utf8(raw).is_ok_and(|s| unescape(s) == name)
+}
+
+/// The high bit of each byte of `x` (little-endian) that is a quote, a backslash, a control character or not
+/// ASCII; the lowest flagged byte is exact (bytes above it may be flagged falsely).
+#[inline]
+fn special_bytes(x: u64) -> u64 {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    let quote = x ^ (ONES * u64::from(b'"'));
+    let backslash = x ^ (ONES * u64::from(b'\\'));
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v;
+    (zero(quote) | zero(backslash) | (x.wrapping_sub(ONES * 0x20) & !x) | x) & HIGHS
+}
+
 #[cold]
 fn not_utf8() -> DecideError {
     DecideError::other("the request body holds a string that is not valid UTF-8")
@@ -281,28 +318,34 @@ pub fn scan<'a>(body: &'a [u8], opts: &ScanOptions<'_>) -> Result<Body<'a>, Deci
     Ok(out)
 }
 
-fn classify_key(key: JStr<'_>) -> (u16, &'static str) {
-    const KEYS: [(&str, u16); 10] = [
-        ("model", SEEN_MODEL),
-        ("messages", SEEN_MESSAGES),
-        ("prompt", SEEN_PROMPT),
-        ("input", SEEN_INPUT),
-        ("stream", SEEN_STREAM),
-        ("max_tokens", SEEN_MAX_TOKENS),
-        ("max_completion_tokens", SEEN_MAX_COMPLETION),
-        ("user", SEEN_USER),
-        ("metadata", SEEN_METADATA),
-        ("adapter_id", SEEN_ADAPTER_ID),
-    ];
-    if key.raw.len() > 21 && !key.escaped {
-        return (0, "");
+fn classify_key(key: Key<'_>) -> (u16, &'static str) {
+    if key.escaped {
+        return classify_escaped_key(key.raw);
     }
-    for (name, bit) in KEYS {
-        if key.eq_str(name) {
-            return (bit, name);
-        }
+    match key.raw {
+        b"model" => (SEEN_MODEL, "model"),
+        b"messages" => (SEEN_MESSAGES, "messages"),
+        b"prompt" => (SEEN_PROMPT, "prompt"),
+        b"input" => (SEEN_INPUT, "input"),
+        b"stream" => (SEEN_STREAM, "stream"),
+        b"max_tokens" => (SEEN_MAX_TOKENS, "max_tokens"),
+        b"max_completion_tokens" => (SEEN_MAX_COMPLETION, "max_completion_tokens"),
+        b"user" => (SEEN_USER, "user"),
+        b"metadata" => (SEEN_METADATA, "metadata"),
+        b"adapter_id" => (SEEN_ADAPTER_ID, "adapter_id"),
+        _ => (0, ""),
     }
-    (0, "")
+}
+
+#[cold]
+fn classify_escaped_key(raw: &[u8]) -> (u16, &'static str) {
+    match std::str::from_utf8(raw) {
+        Ok(s) if s.len() <= 6 * 21 => classify_key(Key {
+            raw: unescape(s).as_bytes(),
+            escaped: false,
+        }),
+        _ => (0, ""),
+    }
 }
 
 struct Scanner<'a, 'o, 'r> {
@@ -357,11 +400,12 @@ impl<'a> Scanner<'a, '_, '_> {
     }
 
     /// Read `"key" :` and leave the cursor on the value.
-    fn object_key(&mut self) -> Result<JStr<'a>, DecideError> {
+    fn object_key(&mut self) -> Result<Key<'a>, DecideError> {
         if self.peek() != Some(b'"') {
             return Err(self.unexpected());
         }
-        let key = self.string()?;
+        let (raw, escaped) = self.raw_string()?;
+        let key = Key { raw, escaped };
         self.ws();
         self.expect(b':')?;
         self.ws();
@@ -425,7 +469,26 @@ impl<'a> Scanner<'a, '_, '_> {
     /// escapes. For strings only counted or skipped: an ASCII string is never run through a UTF-8 validator.
     fn raw_string(&mut self) -> Result<(&'a [u8], bool), DecideError> {
         let start = self.pos + 1;
+        // NOTE: keys and short values end within a few plain bytes; testing the first 16 bytes a word at a time is
+        // cheaper than the memchr2 call (with keys compared as bytes, ~200 fewer instructions per key, callgrind).
+        // Bytes passed here are plain printable ASCII, so the general path below starts after them.
         let mut i = start;
+        for _ in 0..2 {
+            let Some(w) = self.buf.get(i..).and_then(<[u8]>::first_chunk::<8>) else {
+                break;
+            };
+            let special = special_bytes(u64::from_le_bytes(*w));
+            if special != 0 {
+                i += (special.trailing_zeros() / 8) as usize;
+                if self.buf[i] == b'"' {
+                    self.pos = i + 1;
+                    return Ok((&self.buf[start..i], false));
+                }
+                break;
+            }
+            i += 8;
+        }
+        let plain = i;
         let mut escaped = false;
         let end = loop {
             let Some(off) = memchr2(b'"', b'\\', &self.buf[i..]) else {
@@ -439,13 +502,14 @@ impl<'a> Scanner<'a, '_, '_> {
             i = self.escape(j)?;
         };
         let raw = &self.buf[start..end];
+        let rest = &self.buf[plain..end];
         // NOTE: one branch-free min/max fold (it vectorizes; an early-exit `any` does not) replaces a `min` pass
         // plus `str::from_utf8` over every string: ~2.5k fewer instructions per 2 KB chat body (callgrind).
-        let (lo, hi) = raw.iter().fold((u8::MAX, 0u8), |(lo, hi), &b| (lo.min(b), hi.max(b)));
+        let (lo, hi) = rest.iter().fold((u8::MAX, 0u8), |(lo, hi), &b| (lo.min(b), hi.max(b)));
         if lo < 0x20 {
             return Err(DecideError::syntax("control character in string", start));
         }
-        if hi >= 0x80 && std::str::from_utf8(raw).is_err() {
+        if hi >= 0x80 && std::str::from_utf8(rest).is_err() {
             return Err(not_utf8());
         }
         self.pos = end + 1;
@@ -616,7 +680,7 @@ impl<'a> Scanner<'a, '_, '_> {
                 if self.object_open()? {
                     loop {
                         let key = self.object_key()?;
-                        if key.eq_str("text") || key.eq_str("content") {
+                        if key.is("text") || key.is("content") {
                             self.text_value(depth)?;
                         } else {
                             self.skip_value(depth)?;
@@ -655,7 +719,7 @@ impl<'a> Scanner<'a, '_, '_> {
             if self.object_open()? {
                 loop {
                     let key = self.object_key()?;
-                    if key.eq_str("content") {
+                    if key.is("content") {
                         match self.peek() {
                             Some(b'"' | b'[' | b'n') => self.text_value(3)?,
                             _ => {
@@ -737,7 +801,7 @@ impl<'a> Scanner<'a, '_, '_> {
         }
         loop {
             let key = self.object_key()?;
-            let slot = self.opts.metadata_keys.iter().position(|k| key.eq_str(k));
+            let slot = self.opts.metadata_keys.iter().position(|k| key.is(k));
             match (slot, self.peek()) {
                 (Some(i), Some(b'"')) if i < MAX_METADATA_KEYS => slots[i] = Some(self.string()?),
                 _ => self.skip_value(2)?,
@@ -884,6 +948,44 @@ mod tests {
         #[test]
         fn never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
             let _ = scan(&body, &OPTS);
+        }
+
+        #[test]
+        fn strings_agree_with_serde(
+            raw in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::num::u8::ANY,
+                    proptest::strategy::Just(b'"'),
+                    proptest::strategy::Just(b'\\'),
+                    proptest::strategy::Just(b'u'),
+                    proptest::strategy::Just(b'd'),
+                    proptest::strategy::Just(b'8'),
+                    proptest::strategy::Just(b'a'),
+                ],
+                0..40,
+            ),
+            as_text in proptest::bool::ANY,
+        ) {
+            let (head, tail): (&[u8], &[u8]) = if as_text {
+                (br#"{"messages":[{"content":""#, br#""}]}"#)
+            } else {
+                (br#"{"model":""#, br#""}"#)
+            };
+            let body = [head, &raw, tail].concat();
+            let ours = scan(&body, &OPTS);
+            let theirs = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body);
+            // Only bodies that still hold the one string field (a quote in `raw` may have closed it early).
+            proptest::prop_assume!(theirs.as_ref().map_or(true, |m| {
+                let field = if as_text { &m["messages"][0] } else { &serde_json::Value::Object(m.clone()) };
+                m.len() == 1 && field.as_object().is_some_and(|o| o.len() == 1 && o.values().all(serde_json::Value::is_string))
+            }));
+            proptest::prop_assert_eq!(ours.is_ok(), theirs.is_ok(), "{}", String::from_utf8_lossy(&body));
+            if let (Ok(o), Ok(t), false) = (&ours, &theirs, as_text) {
+                proptest::prop_assert_eq!(
+                    o.model.map(|m| m.decode().into_owned()),
+                    t.get("model").and_then(|v| v.as_str()).map(str::to_owned)
+                );
+            }
         }
 
         #[test]

@@ -8,8 +8,9 @@
 //! punctuation, UTF-8 continuation, and UTF-8 lead bytes by script block: Latin, other alphabets, symbols, kana,
 //! Han, Hangul, other 3-byte, 4-byte/emoji). A token weight is attached to every (previous class, class) pair, so
 //! runs — a word start, a digit run, a punctuation run, a camelCase hump, a run of non-ASCII text — cost one table
-//! add, with no state machine on the critical path. The hot loop takes two bytes per lookup in a 4096-entry table
-//! of summed pair weights. JSON escapes are decoded in place (`memchr` finds the backslashes) into the class of the
+//! add, with no state machine on the critical path. Between escapes the hot loop reads each pair of adjacent bytes
+//! as one `u16` and looks its weight up in a 64Ki-entry table of pair weights by byte (no class lookups). JSON
+//! escapes (found a word at a time, or skipped when the scanner saw none) are decoded in place into the class of the
 //! character they stand for, so `\u4e2d` and `中` cost the same. The pair weights are [`FEATURES`] indicator
 //! features dotted with weights fitted by `tests/fixtures/tokens/calibrate.py` (weighted least squares on relative
 //! error against exact o200k_base counts of the corpus in `tests/fixtures/tokens/`).
@@ -21,7 +22,7 @@ use tiktoken_rs::CoreBPE;
 /// How a compiled router counts input tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Estimator {
-    /// Byte-class heuristic calibrated against o200k_base; no allocation, about 1 GB/s (see the throughput probe).
+    /// Byte-class heuristic calibrated against o200k_base; no allocation, ~1-3 GB/s (see the throughput probe).
     Fast,
     /// A real BPE (o200k_base): exact, allocates, several hundred times slower than `Fast` (~2-3 MB/s).
     ExactO200k,
@@ -60,48 +61,79 @@ pub fn estimate_fast(text: &[u8]) -> u32 {
 }
 
 /// [`estimate_fast`] for a string whose escapes are already known: with `may_escape` false (the scanner saw no
-/// backslash) the whole string is one run and the search for backslashes is skipped.
+/// backslash) the whole string is one run and no byte is searched for a backslash.
 #[must_use]
 pub fn estimate_raw(text: &[u8], may_escape: bool) -> u32 {
     if text.is_empty() {
         return 0;
     }
     let mut acc = 0i64;
+    // The class of the character before `rest` (a decoded escape counts as the character it stands for).
     let mut prev = BREAK;
     let mut rest = text;
-    loop {
-        // A run of bytes without a backslash, then (if any) the escape that ends it.
-        let run_len = if may_escape {
-            memchr::memchr(b'\\', rest).unwrap_or(rest.len())
-        } else {
-            rest.len()
-        };
-        let (run, tail) = rest.split_at(run_len);
-        if let (Some(&first), Some(&last)) = (run.first(), run.last()) {
-            acc += i64::from(PAIR_WEIGHT[pair_index(usize::from(prev), CLASS[usize::from(first)])]) + run_weight(run);
-            prev = CLASS[usize::from(last)];
+    while let Some(&first) = rest.first() {
+        if first == b'\\' {
+            let (class, len) = escape_class(rest);
+            acc += i64::from(PAIR_WEIGHT[pair_index(usize::from(prev), class)]);
+            prev = class;
+            rest = rest.get(len..).unwrap_or_default();
+            continue;
         }
-        if tail.is_empty() {
-            break;
-        }
-        let (class, len) = escape_class(tail);
-        acc += i64::from(PAIR_WEIGHT[pair_index(usize::from(prev), class)]);
-        prev = class;
-        rest = tail.get(len..).unwrap_or_default();
+        // A run of plain bytes up to the next backslash: its first byte pairs with `prev` by class, the rest by
+        // byte.
+        acc += i64::from(PAIR_WEIGHT[pair_index(usize::from(prev), CLASS[usize::from(first)])]);
+        let len = if may_escape { find_backslash(rest) } else { rest.len() };
+        acc += run_weight(&rest[..len]);
+        prev = CLASS[usize::from(rest[len - 1])];
+        rest = &rest[len..];
     }
     let tokens = (acc + (1 << (SCALE_BITS - 1))) >> SCALE_BITS;
     u32::try_from(tokens.max(1)).unwrap_or(u32::MAX)
 }
 
 /// Sum of the pair weights inside `run` (no backslashes): one table load per byte, indexed by the byte and the
-/// one before it, so no class is looked up and nothing is carried between iterations but the sum.
+/// one before it read together as a `u16`, so no class is looked up and only the sum is carried between iterations.
 #[inline]
 fn run_weight(run: &[u8]) -> i64 {
+    // NOTE: the pairs starting at even offsets, then those at odd ones, each a plain `u16` load: one load, one
+    // table load and one add per byte (2x the class-table loop on prose, 1.2x on the escape-heavy mixed corpus).
+    // One overlapping window instead carries the previous byte in a register or gets vectorized into shuffles and
+    // extracts, 5-10 instructions per byte.
+    let Some(odd) = run.get(1..) else { return 0 };
+    halves(run) + halves(odd)
+}
+
+/// The pair weights of `run`'s non-overlapping pairs (bytes 0 and 1, 2 and 3, ...).
+#[inline]
+fn halves(run: &[u8]) -> i64 {
     let mut acc = 0i64;
-    for w in run.windows(2) {
-        acc += i64::from(BYTE_PAIR_WEIGHT[usize::from(w[0]) | usize::from(w[1]) << 8]);
+    for p in run.chunks_exact(2) {
+        if let Some(&p) = p.first_chunk::<2>() {
+            acc += i64::from(BYTE_PAIR_WEIGHT[usize::from(u16::from_le_bytes(p))]);
+        }
     }
     acc
+}
+
+/// Offset of the first backslash in `text`, or its length.
+#[inline]
+fn find_backslash(text: &[u8]) -> usize {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    const BACKSLASHES: u64 = u64::from_le_bytes([b'\\'; 8]);
+    // NOTE: escapes come every few dozen bytes in code and escaped text; a word-at-a-time look at the next 32
+    // bytes finds most of them cheaper than a memchr call per escape (mixed corpus ~12% faster).
+    for i in (0..32).step_by(8) {
+        let Some(w) = text.get(i..).and_then(<[u8]>::first_chunk::<8>) else {
+            return i + memchr::memchr(b'\\', &text[i..]).unwrap_or(text.len() - i);
+        };
+        let x = u64::from_le_bytes(*w) ^ BACKSLASHES;
+        let found = x.wrapping_sub(ONES) & !x & HIGHS;
+        if found != 0 {
+            return i + (found.trailing_zeros() / 8) as usize;
+        }
+    }
+    32 + memchr::memchr(b'\\', &text[32..]).unwrap_or(text.len() - 32)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -296,7 +328,10 @@ static BYTE_PAIR_WEIGHT: [i16; 1 << 16] = {
     let mut i = 0;
     while i < 1 << 16 {
         let w = PAIR_WEIGHT[pair_index(CLASS[i & 0xff] as usize, CLASS[i >> 8])];
-        assert!(w >= i16::MIN as i32 && w <= i16::MAX as i32, "a pair weight does not fit in i16");
+        assert!(
+            w >= i16::MIN as i32 && w <= i16::MAX as i32,
+            "a pair weight does not fit in i16"
+        );
         t[i] = w as i16;
         i += 1;
     }
