@@ -1,7 +1,7 @@
 """End-to-end proxy overhead: direct vs nginx vs a minimal Python proxy vs fastroute, in one run.
 
 Run: .venv/bin/python benches/bench_overhead.py [--quick] [--no-pin] [--rounds N] [--skip-fastroute]
-     [--clients loop,pyreqwest]
+     [--clients loop,pyreqwest] [--servers native,granian]
      (`make bench-overhead`)
 
 Same load generators against the same upstream for every target:
@@ -10,7 +10,8 @@ Same load generators against the same upstream for every target:
   (a) direct       the load generator straight to the upstream
   (b) nginx        nginx as a plain reverse proxy, keep-alive upstream pool (benches/nginx/proxy.conf.template)
   (c) minimal      benches/minimal_proxy.py, aiohttp server + client, no logic (the floor of a naive Python proxy)
-  (d) fastroute    `fastroute serve --workers 1` (one per --clients entry: (d), (e), ...) with a generated config: 50 routes (the matching ones last),
+  (d) fastroute    `fastroute serve --workers 1` (one per --servers x --clients pair: (d), (e), ...) with a
+                   generated config: 50 routes (the matching ones last),
                    100 tenants with 10,000 keys (keys_sha256), the model rewritten to upstream_model
 Measured per target, each `--rounds` times (default 3, targets interleaved), medians reported:
   max req/s       wrk -t1 -c32 (POST with a Lua script), JSON and SSE answers
@@ -25,19 +26,19 @@ CPU sharing (default): the proxy under test on CPU 0; wrk/oha and the upstream n
 `--no-pin` leaves everything to the scheduler. Output: a markdown table, printed and written to
 bench-results/overhead-<timestamp>.md.
 
-Latest figures (2026-11-26 03:37, full run, pinned, --clients loop,pyreqwest; load average 1.5-3.6 on 2 CPUs from
-other work, so only the same-run ratios mean much; bench-results/overhead-20261126-033748.md):
+Latest figures (2026-11-26 03:51, full run, pinned, --servers native,granian, loop client; load average 2.0-3.2 on
+2 CPUs from other work, so only the same-run ratios mean much; bench-results/overhead-20261126-035157.md):
 
   target                 max req/s JSON  CPU us/req JSON  max req/s SSE  CPU us/req SSE  p50 @1  p50/p99 @1k (ms)
-  (a) direct                     35,706               14         40,685              13   0.050  0.132 / 2.77
-  (b) nginx proxy                20,542               37         14,936              40   0.126  0.237 / 3.85
-  (c) minimal aiohttp             1,814              443          1,615             540   0.640  0.860 / 22.8
-  (d) fastroute, loop             5,676              171          4,192             225   0.392  0.626 / 6.42
-  (e) fastroute, pyreqwest        3,201              274          1,320             749   0.553  1.059 / 8.44
-  added over direct: nginx 0.08 ms p50 @1, 0.11 / 1.08 ms p50/p99 @1k; fastroute (loop) 0.34 ms, 0.50 / 3.65 ms
-  (4.5x / 4.7x / 3.4x nginx's), (pyreqwest) 0.50 ms, 0.93 / 5.67 ms (6.6x / 8.8x / 5.3x); fastroute / minimal max
-  req/s: loop JSON 3.1x, SSE 2.6x; pyreqwest 1.8x, 0.8x. Streaming: first event 101.8 ms direct, 102.3 ms through
-  fastroute (loop), median gap 19.8 ms: no buffering in any proxy.
+  (a) direct                     42,502               12         39,758              13   0.052  0.124 / 2.94
+  (b) nginx proxy                12,991               38         12,791              38   0.162  0.246 / 3.77
+  (c) minimal aiohttp             1,567              499          1,426             534   0.750  3.455 / 47.7
+  (d) fastroute, native           4,897              152          3,926             183   0.285  0.457 / 5.13
+  (e) fastroute, granian          4,521              176          2,951             263   0.416  0.794 / 6.66
+  added over direct: nginx 0.11 ms p50 @1, 0.12 / 0.83 ms p50/p99 @1k; fastroute native 0.23 ms, 0.33 / 2.19 ms
+  (2.1x / 2.7x / 2.6x nginx's), granian 0.37 ms, 0.67 / 3.73 ms (3.3x / 5.5x / 4.5x). fastroute / minimal max
+  req/s: native JSON 3.1x, SSE 2.8x; granian 2.9x, 2.1x. Streaming: first event 101.8 ms direct, 102.1 ms through
+  fastroute (native), median gap 20.2 ms: no buffering in any proxy.
 """
 
 from __future__ import annotations
@@ -369,12 +370,14 @@ def check_answer(port: int, body: bytes, expect: bytes) -> str | None:
     return None if got == expect else f'unexpected answer ({len(got)} bytes): {got[:200]!r}'
 
 
-def start_fastroute(procs: Procs, tmp: Path, cpus: str | None, cfg_text: str, port: int, label: str, client: str):
+def start_fastroute(
+    procs: Procs, tmp: Path, cpus: str | None, cfg_text: str, port: int, label: str, client: str, server: str
+):
     cfg = tmp / f'fastroute-{label}.yaml'
     cfg.write_text(cfg_text)
     cmd = [FASTROUTE, 'serve', '-c', str(cfg), '--listen', f'127.0.0.1:{port}', '--workers', '1']
-    cmd += ['--log-level', 'warning']
-    env = {**os.environ, 'FASTROUTE_UPSTREAM_CLIENT': client}
+    cmd += ['--log-level', 'warning', '--server', server]
+    env = {**os.environ, 'FASTROUTE_UPSTREAM_CLIENT': client, 'FASTROUTE_SERVER': server}
     proc = spawn(procs, cmd, cpus, tmp / f'fastroute-{label}.log', group=True, env=env)
     nginxctl.wait_port(port, timeout=30, proc=proc)
     return proc, port
@@ -409,6 +412,11 @@ def main() -> int:
         '--clients',
         default=os.environ.get('FASTROUTE_UPSTREAM_CLIENT', 'loop'),
         help='upstream client(s) of fastroute, comma-separated: loop, pyreqwest; one target each (d), (e), ...',
+    )
+    ap.add_argument(
+        '--servers',
+        default=os.environ.get('FASTROUTE_SERVER', 'native'),
+        help='HTTP server(s) of fastroute, comma-separated: native, granian; one target per client and server',
     )
     ap.add_argument('--no-mock', action='store_true', help='use the built-in slow SSE upstream, not fastroute mock')
     ap.add_argument('--rate', type=int, default=1000, help='fixed rate for the latency runs (req/s)')
@@ -475,19 +483,21 @@ def main() -> int:
         elif not FASTROUTE:
             notes.append('(d) fastroute skipped: no `fastroute` console script in the venv (pip install -e .).')
         else:
-            for key, client in zip('defgh', args.clients.split(','), strict=False):
+            combos = [(c, s) for s in args.servers.split(',') for c in args.clients.split(',')]
+            for key, (client, server) in zip('defghij', combos, strict=False):
                 fr_port = nginxctl.free_port()
                 cfg = fastroute_config(fr_port, up_port, up_sse, slow_port, slow_model)
-                label = f'fastroute ({client} client; 50 routes, 10k keys, rewrite)'
+                label = f'fastroute ({server} server, {client} client; 50 routes, 10k keys, rewrite)'
+                name = f'{server}-{client}'
                 try:
-                    fr_proc, fr_port = start_fastroute(procs, tmp, cpu_proxy, cfg, fr_port, client, client)
+                    fr_proc, fr_port = start_fastroute(procs, tmp, cpu_proxy, cfg, fr_port, name, client, server)
                     problem = check_answer(fr_port, nginxctl.REQUEST_BODY, nginxctl.CHAT_BODY)
                     if problem:
                         raise RuntimeError(problem)
                     targets.append(Target(key, label, fr_port, fr_port, fr_port))
                     targets[-1].pids = {fr_port: fr_proc.pid}
                 except (RuntimeError, TimeoutError, OSError) as e:
-                    log = (tmp / f'fastroute-{client}.log').read_text(errors='replace')[-1500:]
+                    log = (tmp / f'fastroute-{name}.log').read_text(errors='replace')[-1500:]
                     notes.append(f'({key}) fastroute skipped: `fastroute serve` did not work yet ({e}).')
                     print(f'# fastroute serve failed: {e}\n{log}', file=sys.stderr)
 

@@ -10,7 +10,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     'check': ('fastroute.config', 'cli_check', 'validate a config and print a summary (exit 1 on errors)'),
     'schema': ('fastroute.config', 'cli_schema', 'print the JSON Schema of the config'),
-    'serve': ('fastroute.gateway', 'cli_serve', 'run the router (granian RSGI)'),
+    'serve': ('fastroute.gateway', 'cli_serve', 'run the router (native uvloop server, or granian)'),
     'explain': ('fastroute.gateway', 'cli_explain', 'print the decision trace for a request JSON read on stdin'),
     'mock': ('fastroute.mock', 'cli_mock', 'run an OpenAI-compatible upstream simulator'),
     'demo': ('fastroute.demo', 'cli_demo', 'start simulated upstreams and the router, send a traffic mix, report'),

@@ -49,6 +49,8 @@ __all__ = ['App', 'Ctx', 'Snapshot', 'app', 'cli_explain', 'cli_explain_args', '
 log = logging.getLogger('fastroute')
 
 CONFIG_ENV = 'FASTROUTE_CONFIG'
+SERVER_ENV = 'FASTROUTE_SERVER'
+SERVERS = ('native', 'granian')
 LOG_LEVEL_ENV = 'FASTROUTE_LOG_LEVEL'
 STANDARD_PATHS = ('/v1/chat/completions', '/v1/completions', '/v1/embeddings')
 EXPLAIN_PATH = '/v1/route/explain'
@@ -495,7 +497,7 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
             raise
         task.uncancel()  # type: ignore[union-attr]
         ctx.error = RequestError('client disconnected', status=499, code='client_disconnected')
-    except Exception as exc:  # the client went away while we wrote (granian's ProtocolClosed)
+    except Exception as exc:  # the client went away while we wrote (both servers' RSGIProtocolClosed)
         if type(exc).__name__ not in ('RSGIProtocolClosed', 'RSGIProtocolError'):
             raise
         ctx.error = RequestError('client disconnected', status=499, code='client_disconnected')
@@ -726,6 +728,12 @@ def cli_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--log-level', default='info', choices=['debug', 'info', 'warning', 'error', 'critical'])
     p.add_argument('--access-log', action='store_true', help='log every request (off by default: it costs)')
     p.add_argument('--backlog', type=int, default=2048, help='listen backlog')
+    p.add_argument(
+        '--server',
+        choices=SERVERS,
+        default=os.environ.get(SERVER_ENV) or 'native',
+        help=f'HTTP server: native (uvloop + httptools, fastroute.server) or granian (default: ${SERVER_ENV} or native)',
+    )
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -745,7 +753,7 @@ def _setup_logging(level: str) -> None:
 
 
 def cli_serve(args: argparse.Namespace) -> int:
-    """`fastroute serve`: validate the config, say what will be served, run granian."""
+    """`fastroute serve`: validate the config, say what will be served, run the server (native or granian)."""
     _setup_logging(args.log_level)
     path = os.path.abspath(args.config)
     try:
@@ -763,12 +771,13 @@ def cli_serve(args: argparse.Namespace) -> int:
         print(f'fastroute: {exc}', file=sys.stderr)
         return 1
     workers = args.workers or cfg.server.workers
-
-    from granian.constants import Interfaces, Loops
-    from granian.server import Server
+    server_kind = getattr(args, 'server', None) or os.environ.get(SERVER_ENV) or 'native'
+    if server_kind not in SERVERS:
+        print(f'fastroute: ${SERVER_ENV} must be one of {", ".join(SERVERS)}, not {server_kind!r}', file=sys.stderr)
+        return 2
 
     log.info('fastroute: config %s', path)
-    log.info('fastroute: listening on http://%s:%d with %d worker(s)', host, port, workers)
+    log.info('fastroute: listening on http://%s:%d with %d worker(s) (%s server)', host, port, workers, server_kind)
     for name, pool in snap.pools.items():
         um = f' (upstream model {pool.upstream_model})' if pool.upstream_model else ''
         log.info('fastroute: model %s%s -> %s', name, um, ', '.join(ep.base for ep in pool.endpoints))
@@ -780,6 +789,18 @@ def cli_serve(args: argparse.Namespace) -> int:
     )
     os.environ[CONFIG_ENV] = path
     os.environ[LOG_LEVEL_ENV] = args.log_level
+    if server_kind == 'native':
+        from fastroute.server import serve
+
+        try:
+            return serve('fastroute.gateway:app', host, port, workers, args.backlog, access_log=args.access_log)
+        except OSError as exc:
+            print(f'fastroute: cannot listen on {host}:{port}: {exc.strerror or exc}', file=sys.stderr)
+            return 1
+
+    from granian.constants import Interfaces, Loops
+    from granian.server import Server
+
     server = Server(
         'fastroute.gateway:app',
         address=host,
