@@ -76,6 +76,8 @@ bench: $(STAMP) ## micro-benchmarks of the decision core (release build)
 
 .PHONY: bench-overhead
 bench-overhead: build-dev ## end-to-end proxy overhead: direct vs nginx vs minimal Python proxy vs fastroute
+	bash scripts/bootstrap.sh
+	command -v oha >/dev/null || [ -x $(HOME)/.cargo/bin/oha ] || cargo install oha --locked
 	$(PY) benches/bench_overhead.py $(ARGS)
 
 .PHONY: loadtest

@@ -3,6 +3,8 @@
 //! strings created at compile time back by refcount, and maps core errors to
 //! `fastroute.errors`. No routing logic lives here, and no other file imports pyo3.
 
+use std::cell::RefCell;
+
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -116,6 +118,40 @@ impl Router {
     }
 }
 
+/// Largest rewritten body assembled in the per-thread scratch buffer (which keeps its capacity).
+const SCRATCH_MAX: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The rewritten body as a new `bytes`.
+// NOTE: `PyBytes::new_with` zeroes its buffer before the plan overwrites every byte: 2.1k of the ~28.9k
+// instructions per 2 KB decide (callgrind). Up to `SCRATCH_MAX`, the body is written into a reused per-thread
+// buffer (zeroed only when it grows) and copied once into the `bytes`: the zeroing goes, the second copy costs
+// ~0.2k. Larger bodies keep `new_with`, where the zeroing is small beside the scan.
+fn rewritten_body<'py>(py: Python<'py>, plan: &rewrite::Plan<'_>, raw: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    let n = plan.len();
+    if n <= SCRATCH_MAX {
+        let done = SCRATCH.with(|cell| {
+            let mut buf = cell.try_borrow_mut().ok()?;
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            let out = &mut buf[..n];
+            plan.write(raw, out);
+            Some(PyBytes::new(py, out))
+        });
+        if let Some(b) = done {
+            return Ok(b);
+        }
+    }
+    PyBytes::new_with(py, n, |buf| {
+        plan.write(raw, buf);
+        Ok(())
+    })
+}
+
 fn header_strs<'a>(objs: &'a HeaderObjs<'_>) -> PyResult<[Option<&'a str>; MAX_HEADERS]> {
     let mut values: [Option<&str>; MAX_HEADERS] = [None; MAX_HEADERS];
     for (v, o) in values.iter_mut().zip(objs) {
@@ -180,13 +216,7 @@ impl Router {
             None => None,
         };
         let new_body = match &d.rewrite {
-            Some(plan) => Some(
-                PyBytes::new_with(py, plan.len(), |buf| {
-                    plan.write(raw, buf);
-                    Ok(())
-                })?
-                .unbind(),
-            ),
+            Some(plan) => Some(rewritten_body(py, plan, raw)?.unbind()),
             None => None,
         };
         Ok(Decision {

@@ -217,6 +217,8 @@ pub struct CompiledRouter {
     models: Vec<ModelInfo>,
     tenants: Vec<TenantInfo>,
     routes: Vec<RouteInfo>,
+    /// The route index by request path; None when no route requires an exact path.
+    path_index: Option<PathIndex>,
     route_names: Vec<Box<str>>,
     route_paths: Vec<Option<Box<str>>>,
     splits: Vec<SplitInfo>,
@@ -235,6 +237,48 @@ pub struct CompiledRouter {
     metadata_keys: Vec<Box<str>>,
     tenant_names: Vec<Box<str>>,
     estimator: Estimator,
+}
+
+/// Which routes can match a request path, in route order: for each exact path some route requires,
+/// the routes requiring it plus every route that does not require an exact path; for any other
+/// path, only the latter. Evaluating just these candidates in order picks the same first match as
+/// evaluating every route.
+#[derive(Debug)]
+struct PathIndex {
+    by_path: HashMap<Box<str>, Box<[u32]>, ahash::RandomState>,
+    other: Box<[u32]>,
+}
+
+impl PathIndex {
+    fn build(routes: &[RouteInfo]) -> Option<Self> {
+        let sets: Vec<Option<Vec<&str>>> = routes.iter().map(|r| r.cond.exact_paths()).collect();
+        if sets.iter().all(Option::is_none) {
+            return None;
+        }
+        let candidates = |path: Option<&str>| -> Box<[u32]> {
+            sets.iter()
+                .enumerate()
+                .filter(|(_, set)| set.as_ref().is_none_or(|ps| path.is_some_and(|p| ps.contains(&p))))
+                .map(|(i, _)| idx(i))
+                .collect()
+        };
+        let mut by_path: HashMap<Box<str>, Box<[u32]>, ahash::RandomState> = HashMap::default();
+        for &p in sets.iter().flatten().flatten() {
+            if !by_path.contains_key(p) {
+                by_path.insert(p.into(), candidates(Some(p)));
+            }
+        }
+        Some(Self {
+            by_path,
+            other: candidates(None),
+        })
+    }
+
+    /// The candidate route indices for `path`, in route order.
+    #[inline]
+    fn candidates(&self, path: &str) -> &[u32] {
+        self.by_path.get(path).unwrap_or(&self.other)
+    }
 }
 
 fn idx(i: usize) -> u32 {
@@ -580,6 +624,7 @@ impl CompiledRouter {
         Ok(Self {
             models,
             tenants,
+            path_index: PathIndex::build(&routes),
             routes,
             route_names,
             route_paths,
@@ -739,9 +784,10 @@ impl CompiledRouter {
             tenant: d.tenant,
             tenant_names: &self.tenant_names,
         };
-        let mut matched = None;
-        for (i, r) in self.routes.iter().enumerate() {
-            if trace.is_some() {
+        let matched = if trace.is_some() {
+            // The trace explains every route in order, those the path index would skip included.
+            let mut matched = None;
+            for (i, r) in self.routes.iter().enumerate() {
                 match r.cond.explain(&facts) {
                     None => {
                         trace!(trace, "route {} matched", self.route_names[i]);
@@ -750,11 +796,11 @@ impl CompiledRouter {
                     }
                     Some(why) => trace!(trace, "route {} skipped: {why}", self.route_names[i]),
                 }
-            } else if r.cond.eval(&facts) {
-                matched = Some(i);
-                break;
             }
-        }
+            matched
+        } else {
+            self.first_match(&facts)
+        };
 
         // Phase 4: the target.
         let mut adapter = None;
@@ -888,6 +934,25 @@ impl CompiledRouter {
             }
         }
         Ok(d)
+    }
+
+    /// The first route whose condition holds, evaluating only the path index's candidates.
+    #[inline]
+    fn first_match(&self, facts: &Facts<'_, '_>) -> Option<usize> {
+        match &self.path_index {
+            Some(index) => index
+                .candidates(facts.req.path)
+                .iter()
+                .map(|&i| i as usize)
+                .find(|&i| self.routes[i].cond.eval(facts)),
+            None => self.routes.iter().position(|r| r.cond.eval(facts)),
+        }
+    }
+
+    /// The first route whose condition holds, evaluating every route: what `first_match` must equal.
+    #[cfg(test)]
+    fn first_match_linear(&self, facts: &Facts<'_, '_>) -> Option<usize> {
+        self.routes.iter().position(|r| r.cond.eval(facts))
     }
 
     fn adapter_owner_of(&self, name: JStr<'_>) -> Option<u32> {

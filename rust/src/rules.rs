@@ -246,6 +246,34 @@ impl Cond {
         }
     }
 
+    /// The exact paths this condition can hold for, when it holds for no other path; None when
+    /// any path may match (no path condition, a prefix, or a `not`). Compile time, for the
+    /// router's path index: a route outside a request path's set is never evaluated for it.
+    #[must_use]
+    pub fn exact_paths(&self) -> Option<Vec<&str>> {
+        match self {
+            Self::PathExact(p) => Some(vec![&**p]),
+            // Holds only where every constrained conjunct holds: the intersection of their sets.
+            Self::All(cs) => cs.iter().filter_map(Self::exact_paths).reduce(|mut acc, set| {
+                acc.retain(|p| set.contains(p));
+                acc
+            }),
+            // Holds only where some disjunct holds: the union, when every disjunct is constrained.
+            Self::Any(cs) => {
+                let mut all = Vec::new();
+                for c in cs.iter() {
+                    for p in c.exact_paths()? {
+                        if !all.contains(&p) {
+                            all.push(p);
+                        }
+                    }
+                }
+                Some(all)
+            }
+            _ => None,
+        }
+    }
+
     /// Why the condition does not hold (None when it holds). Trace rendering only; allocates.
     #[must_use]
     pub fn explain(&self, f: &Facts<'_, '_>) -> Option<String> {

@@ -405,3 +405,92 @@ fn core_timing() {
         );
     }
 }
+
+/// Routes mixing exact paths (alone, in `any`, under `all`, under `not`), prefixes and path-free conditions, several
+/// sharing a path, so the path index has candidate lists of every shape.
+fn mixed_path_spec() -> Value {
+    let matches = [
+        serde_json::json!({"path": "/a"}),
+        serde_json::json!({"headers": {"x-t": "1"}}),
+        serde_json::json!({"path": "/b", "headers": {"x-t": "2"}}),
+        serde_json::json!({"any": [{"path": "/a"}, {"path": "/c"}], "model": "m1"}),
+        serde_json::json!({"path": {"prefix": "/b"}, "headers": {"x-t": "3"}}),
+        serde_json::json!({"not": {"path": "/a"}, "headers": {"x-t": "4"}}),
+        serde_json::json!({"all": [{"path": "/c"}, {"any": [{"path": "/c"}, {"path": "/d"}]}], "stream": true}),
+        serde_json::json!({"any": [{"path": "/d"}, {"headers": {"x-t": "5"}}]}),
+        serde_json::json!({"all": [{"path": "/a"}, {"path": "/b"}]}),
+        serde_json::json!({"path": "/b"}),
+        serde_json::json!({"model": "m2*"}),
+        serde_json::json!({"path": "/c", "not": {"model": "m1"}}),
+        serde_json::json!({"path": {"exact": "/d"}, "headers": {"x-t": {"present": false}}}),
+    ];
+    let routes: Vec<Value> = matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| serde_json::json!({"name": format!("r{i}"), "match": m, "to": "m"}))
+        .collect();
+    serde_json::json!({
+        "server": {"allow_anonymous": true},
+        "models": {"m": {"endpoints": ["http://127.0.0.1:1"]}},
+        "routes": routes,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    #[test]
+    fn the_path_index_picks_the_route_a_linear_walk_picks(
+        path in prop_oneof![Just("/a"), Just("/b"), Just("/bb"), Just("/c"), Just("/d"), Just("/e"), Just(""), Just("/a/")],
+        tier in proptest::option::of(prop_oneof![Just("1"), Just("2"), Just("3"), Just("4"), Just("5"), Just("9")]),
+        model in proptest::option::of(prop_oneof![Just("m1"), Just("m2x"), Just("zz")]),
+        stream in any::<bool>(),
+    ) {
+        let r = compile(&mixed_path_spec());
+        prop_assert!(r.path_index.is_some());
+        let headers: Vec<(String, String)> = tier.map(|t| ("x-t".to_owned(), t.to_owned())).into_iter().collect();
+        let values = header_values(&r, &headers);
+        let mut obj = serde_json::json!({"stream": stream, "messages": []});
+        if let Some(m) = model {
+            obj["model"] = Value::String(m.to_owned());
+        }
+        let body = serde_json::to_vec(&obj).unwrap();
+        let req = Request { method: "POST", path, headers: &values, body: &body };
+        let opts = ScanOptions { estimator: r.estimator, features: false, metadata_keys: &r.metadata_keys };
+        let scanned = scan(&body, &opts).unwrap();
+        let facts = Facts { req: &req, body: &scanned, tenant: None, tenant_names: &r.tenant_names };
+        let linear = r.first_match_linear(&facts);
+        prop_assert_eq!(r.first_match(&facts), linear);
+        let fast = r.decide(&req, None).unwrap().route;
+        let mut trace = Vec::new();
+        let traced = r.decide(&req, Some(&mut trace)).unwrap().route;
+        prop_assert_eq!(fast, linear.map(idx));
+        prop_assert_eq!(traced, linear.map(idx));
+        // The trace explains every route before the match, those the index skips included.
+        let explained = trace.iter().filter(|l| l.starts_with("route ")).count();
+        prop_assert_eq!(explained, linear.map_or(r.routes.len(), |i| i + 1));
+    }
+}
+
+#[test]
+fn the_path_index_lists_candidates_in_route_order() {
+    let r = compile(&mixed_path_spec());
+    let index = r.path_index.as_ref().unwrap();
+    // Path-free (or prefix / `not`) routes: 1, 4, 5, 7 (`any` with a path-free branch), 10.
+    assert_eq!(&*index.other, &[1, 4, 5, 7, 10]);
+    assert_eq!(index.candidates("/zzz"), &[1, 4, 5, 7, 10]);
+    assert_eq!(index.candidates("/a"), &[0, 1, 3, 4, 5, 7, 10]);
+    assert_eq!(index.candidates("/b"), &[1, 2, 4, 5, 7, 9, 10]);
+    assert_eq!(index.candidates("/c"), &[1, 3, 4, 5, 6, 7, 10, 11]);
+    assert_eq!(index.candidates("/d"), &[1, 4, 5, 7, 10, 12]);
+    // Route 8 needs two different exact paths at once and so is a candidate for none.
+    assert!(index.by_path.values().all(|c| !c.contains(&8)));
+    // No route requiring an exact path: no index.
+    let mut spec = mixed_path_spec();
+    spec["routes"] = serde_json::json!([
+        {"name": "p", "match": {"path": {"prefix": "/"}}, "to": "m"},
+        {"name": "n", "match": {"not": {"path": "/a"}}, "to": "m"},
+        {"name": "h", "match": {"any": [{"path": "/a"}, {"headers": {"x-t": "1"}}]}, "to": "m"},
+    ]);
+    assert!(compile(&spec).path_index.is_none());
+}
