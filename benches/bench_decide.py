@@ -11,42 +11,53 @@ Baselines in the same run: `_core.noop()` (the bare crossing) and `msgspec.json.
 Targets (issue 2): 2 KB / 50 routes / 10k keys median < 2 µs including the crossing;
 100 KB < 100 µs.
 
-Last results (issue 2 performance pass; 2 shared cores under load from other jobs, load average 1-7, so
-wall-clock medians swing 1.5-2x between runs; the instruction counts are the stable comparison).
+Last results (route index and body-copy pass, after the issue 2 performance pass; 2 shared cores under load
+from other jobs, load average 1.7-2.6, so wall-clock medians swing 1.5-2x between runs; the instruction counts
+are the stable comparison).
 
-Instructions per decide, callgrind (`python` calling `decide` in a loop, N=1000 minus N=0, release build;
-includes the crossing and the loop; SHA-256 runs the soft path under valgrind, SHA-NI natively):
+Instructions per decide, callgrind (`python` calling `decide` in a loop, N=2000 minus N=0, release build;
+includes the crossing and the loop; SHA-256 runs the soft path under valgrind, SHA-NI natively). "issue 2" is
+the previous pass's result, "before"/"after" this pass, both measured now:
 
-    body     routes   before    after
-    200 B       5     17.6k     14.2k
-    200 B      50     21.5k     18.3k
-    200 B     500     58.4k     54.8k
-    2 KB        5     39.2k     25.7k
-    2 KB       50     42.8k     28.8k    (-33 %)
-    2 KB      500     79.8k     65.9k
-    100 KB     50   1323k      701k     (-47 %)
-    msgspec.json.decode 2 KB: 17.7k; _core.noop() loop: 0.9k
+    body     routes   issue 2   before    after
+    200 B       5     14.2k     14.5k     14.6k   (+0.6 %: one path lookup to skip one route)
+    200 B      50     18.3k     18.1k     17.8k
+    200 B     500     54.8k     54.5k     52.0k
+    2 KB        5     25.7k     25.3k     23.5k
+    2 KB       50     28.8k     28.9k     26.9k   (-7 %)
+    2 KB      500     65.9k     65.4k     60.9k   (-7 %)
+    100 KB     50    701k      699k      699k
+    msgspec.json.decode 2 KB: 17.7k; _core.noop() loop: 0.9k (issue 2 pass)
 
-`make bench` (quietest run, load average 1.1, medians / mins):
+What changed: (1) a path index built at compile time — for each exact path a route requires, the ordered
+candidate routes (those requiring it plus those requiring no exact path); decide looks the request path up once
+(ahash) and evaluates only the candidates, in route order (the trace still explains every route). Here 1 route in
+5 requires an exact path the request does not have, so route evaluation drops ~0.35k at 50 routes and ~4k at 500.
+(2) The rewritten body (up to 64 KiB) is written into a reused per-thread buffer and copied once into the
+`bytes`, instead of `PyBytes::new_with`, which zeroes the buffer first: -2.1k (`rep stosb`, counted per byte by
+valgrind; natively it is a few tens of ns) +0.23k for the copy. 100 KB bodies keep `new_with`.
+
+`make bench` after this pass (load average 1.7-2.2; medians / mins):
 
     baseline  _core.noop()                    0.064 µs
     body      msgspec.json.decode    decide 5 / 50 / 500 routes (median)     decide 50 routes (min)
-    200 B     1.18 µs                2.96 / 3.70 / 5.57 µs                   1.85 µs
-    2 KB      1.89 µs                4.21 / 4.84 / 6.24 µs                   2.68 µs
-    100 KB    45.5 µs                70.4 / 45.8 / 76.5 µs                   42.2 µs
+    200 B     2.15 µs                3.32 / 3.59 / 4.80 µs                   1.83 µs
+    2 KB      1.81 µs                4.48 / 2.72 / 5.58 µs                   2.59 µs
+    100 KB    67.9 µs                76.4 / 81.9 / 47.2 µs                   43.4 µs
 
-Before/after in the same window (release builds of both, run alternately, 2 KB / 50 routes, medians with the
-msgspec median of the same run): before 6.77 / 7.07 µs = 1.91x / 2.11x msgspec; after 4.96 / 4.48 µs = 1.35x /
-1.21x. 100 KB / 50 routes: before 90 / 143 µs, after 72 / 75 µs.
+Previous `make bench` (issue 2 pass, quietest run, load average 1.1): noop 0.064 µs; 2 KB msgspec 1.89 µs,
+decide 4.21 / 4.84 / 6.24 µs (min 2.68 µs); 200 B msgspec 1.18 µs, decide 2.96 / 3.70 / 5.57 µs; 100 KB msgspec
+45.5 µs, decide 70.4 / 45.8 / 76.5 µs. The cases run one after another, so load shifts between them (the 5-route
+medians above are above the 50-route ones only for that reason; their instruction counts are lower).
 
-Conclusions: 100 KB meets its target (~45-75 µs < 100 µs, about one msgspec parse). 2 KB / 50 routes / 10k keys
-does not yet meet < 2 µs: the best rounds are 2.7 µs and the median is ~1.2-1.35x a bare msgspec parse (it was
-~2x). Where the 2 KB decide goes now (callgrind, per decide): token estimate 7.3k (3.7 instructions per text
-byte), route evaluation 3.5k (~70 per route), SHA-256 of the key 3.5k under valgrind (SHA-NI natively), string
-scan and validation 2.8k, zeroing the new body inside `PyBytes::new_with` 2.1k (`rep stosb`, counted per byte by
-valgrind, cheap natively), key/field matching 1.6k, the rest crossing, header lookups and `Decision` building.
-Next steps: an index of routes by path/tenant so most are never evaluated, and a SIMD pass (runtime-detected
-SSSE3/AVX2) if the estimator must go below ~1 cycle per byte.
+Conclusions: 100 KB meets its target (~45-80 µs < 100 µs, about one msgspec parse). 2 KB / 50 routes / 10k keys
+does not yet meet < 2 µs: median 2.72 µs = 1.50x the msgspec median of the same run (min 2.59 µs). Where the
+2 KB / 50-route decide goes now (callgrind, per decide, 26.9k): token estimate 7.3k (3.7 instructions per text
+byte), SHA-256 of the key 3.5k under valgrind (SHA-NI natively), string scan and validation 2.9k (raw_string,
+memchr, from_utf8), route evaluation 3.2k (40 candidate routes of 50), scan loop and keys 2.0k, decide 1.5k, the rest
+crossing, header lookups and `Decision` building. Next steps: a SIMD pass (runtime-detected SSSE3/AVX2) for the
+estimator and string validation, which together are ~40 % of the instructions; an index on header values or
+`model` would cut route evaluation further only for specs whose routes mostly test those.
 """
 
 from __future__ import annotations
