@@ -168,8 +168,12 @@ def price_of(model_cfg: object, usage: dict[str, int] | None) -> float:
 async def drive(
     base_url: str, mix: list[tuple[str, str, dict[str, object]]], models: dict[str, object], concurrency: int
 ):
-    import httpx
     import openai
+
+    try:  # the Response class of the HTTP library the openai client is built on
+        import httpx2 as http
+    except ImportError:
+        import httpx as http
 
     client = openai.AsyncOpenAI(base_url=f'{base_url}/v1', api_key=DEMO_KEY, max_retries=0, timeout=30)
     outcomes: list[Outcome] = []
@@ -184,7 +188,7 @@ async def drive(
             try:
                 usage: dict[str, int] | None = None
                 if path != '/v1/chat/completions':
-                    resp = await client.post(path.removeprefix('/v1'), cast_to=httpx.Response, body=body)
+                    resp = await client.post(path.removeprefix('/v1'), cast_to=http.Response, body=body)
                     headers = resp.headers
                     usage = resp.json().get('usage')
                 elif body.get('stream'):
