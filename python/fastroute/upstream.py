@@ -16,8 +16,11 @@ Timeouts (seconds, `server.timeouts`, overridden per model):
 - first_byte: request sent until the response head arrives;
 - idle: the longest silence between two pieces of the body (not counted while the reader is behind);
 - total: the whole exchange, body included.
-One timer per exchange (`loop.call_at`) covers all three after connect: when it fires it checks
+One timer per connection (`loop.call_at`) covers all three after connect: when it fires it checks
 which deadline applies now and re-arms itself for the next one; receiving data only stores a time.
+An exchange that ends leaves the timer armed, and the next exchange on the connection re-arms it only
+when its own first deadline is earlier, so a busy keep-alive connection sets a timer about once per
+`first_byte` period instead of once per request.
 
 Connections: the most recently used idle one is reused first; one closed by the server while idle is
 dropped before anything is written to it, and the request goes to the next idle or a fresh one. A
@@ -173,6 +176,7 @@ class _Conn(asyncio.Protocol):
         'enc',
         'ep',
         'framed',
+        'head_at',
         'head_only',
         'keep_alive',
         'lost',
@@ -184,6 +188,7 @@ class _Conn(asyncio.Protocol):
         'state',
         'status',
         'timer',
+        'timer_at',
         'total_at',
         'transport',
         'waiter',
@@ -197,6 +202,7 @@ class _Conn(asyncio.Protocol):
         self.lost = False
         self.paused = False
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0  # when `timer` fires
         self.waiter: asyncio.Future | None = None  # the head (stream) or the whole answer (send)
         self.sink: UpstreamStream | None = None  # the stream reading this answer's body
         self.status = 0
@@ -210,6 +216,7 @@ class _Conn(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self.at = 0.0  # exchange start, or when the connection became idle
         self.rx_at = 0.0  # last data received
+        self.head_at = 0.0  # the answer's head is due (first_byte, within total)
         self.total_at = 0.0
 
     # -- asyncio callbacks
@@ -244,6 +251,10 @@ class _Conn(asyncio.Protocol):
         if self.lost:
             return
         self.lost = True
+        timer = self.timer
+        if timer is not None:
+            timer.cancel()
+            self.timer = None
         ep = self.ep
         ep.open -= 1
         ep.conns.discard(self)
@@ -320,14 +331,24 @@ class _Conn(asyncio.Protocol):
         self.framed = self.close_delimited = False
         self.chunks = []
         t = ep.timeouts
-        self.total_at = now + t.total
-        self.timer = ep.loop.call_at(min(now + t.first_byte, self.total_at), self.on_timer)
+        total_at = self.total_at = now + t.total
+        fb = now + t.first_byte
+        due = self.head_at = fb if fb < total_at else total_at
+        # NOTE: the timer of the previous exchange stays armed (finish() leaves it); it fires early at
+        # worst and re-arms itself. Measured with callgrind on a worker, 1 request in flight: 211k -> 202.5k
+        # instructions per proxied JSON request against a call_at + cancel pair per exchange.
+        timer = self.timer
+        if timer is None or self.timer_at > due:
+            if timer is not None:
+                timer.cancel()
+            self.timer_at = due
+            self.timer = ep.loop.call_at(due, self.on_timer)
         self.transport.write(data)  # type: ignore[union-attr]
 
     def on_timer(self) -> None:
         self.timer = None
         state = self.state
-        if state != _HEAD and state != _BODY:
+        if state != _HEAD and state != _BODY:  # idle between exchanges: the next one re-arms
             return
         loop = self.ep.loop
         now = loop.time()
@@ -335,22 +356,24 @@ class _Conn(asyncio.Protocol):
             self.fail('total')
             return
         if state == _HEAD:
-            self.fail('first_byte')
-            return
-        if self.paused:  # the reader is behind, not the upstream
-            self.rx_at = now
-        due = min(self.rx_at + self.ep.timeouts.idle, self.total_at)
-        if now >= due:
-            self.fail('idle')
-            return
+            due = self.head_at
+            if now >= due:
+                self.fail('first_byte')
+                return
+        else:
+            if self.paused:  # the reader is behind, not the upstream
+                self.rx_at = now
+            due = min(self.rx_at + self.ep.timeouts.idle, self.total_at)
+            if now >= due:
+                self.fail('idle')
+                return
+        self.timer_at = due
         self.timer = loop.call_at(due, self.on_timer)
 
     def finish(self) -> None:
-        """The answer is complete: deliver it and return the connection to the pool (or close it)."""
-        timer = self.timer
-        if timer is not None:
-            timer.cancel()
-            self.timer = None
+        """The answer is complete: deliver it and return the connection to the pool (or close it).
+
+        The timer stays armed (see `start`); `abort` cancels it when the connection is not kept."""
         waiter, self.waiter = self.waiter, None
         sink, self.sink = self.sink, None
         if sink is not None:
@@ -397,11 +420,11 @@ class _Conn(asyncio.Protocol):
         if transport is not None and not self.lost:
             transport.abort()
 
-    def alive(self) -> bool:
+    def alive(self, now: float) -> bool:
         """Still usable: not closed by the server, even if the loop has not seen the close yet."""
         if self.lost or self.transport.is_closing():  # type: ignore[union-attr]
             return False
-        if self.ep.loop.time() - self.at < PROBE_AFTER_S:
+        if now - self.at < PROBE_AFTER_S:
             return True
         sock = self.transport.get_extra_info('socket')  # type: ignore[union-attr]
         if sock is None:
@@ -580,10 +603,11 @@ class Endpoint:
 
     def _take_idle(self) -> _Conn | None:
         idle = self.idle
+        now = self.loop.time()
         while idle:
             conn = idle.pop()
-            if conn.alive():
-                if self.loop.time() - conn.at < IDLE_KEEPALIVE_S:
+            if conn.alive(now):
+                if now - conn.at < IDLE_KEEPALIVE_S:
                     return conn
             conn.abort()  # closed by the server (nothing written yet) or kept too long: try the next
         return None
