@@ -3,7 +3,7 @@
 The fast estimate must stay within 10 % relative error of the exact o200k_base count at the 90th percentile over
 the whole corpus, and within a looser bound per category (see `CATEGORY_P90`); exact mode must reproduce the
 reference counts, which were computed once with the Python `tiktoken` package. The same checks run in Rust
-(`cargo test tokens`), so they hold with or without the binding. Run with `-s` to see the error table.
+(`cargo test tokens`) as well. Run with `-s` to see the error table.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
-_core = pytest.importorskip('fastroute._core')
-if not hasattr(_core, 'estimate_tokens'):
-    pytest.skip('fastroute._core.estimate_tokens is not built yet', allow_module_level=True)
+from fastroute import _core
 
 FIXTURES = Path(__file__).parent / 'fixtures' / 'tokens'
 
