@@ -1,7 +1,7 @@
 """End-to-end proxy overhead: direct vs nginx vs a minimal Python proxy vs fastroute, in one run.
 
 Run: .venv/bin/python benches/bench_overhead.py [--quick] [--no-pin] [--rounds N] [--skip-fastroute]
-     [--clients loop,pyreqwest] [--servers native,granian]
+     [--servers native,granian]
      (`make bench-overhead`)
 
 Same load generators against the same upstream for every target:
@@ -10,7 +10,7 @@ Same load generators against the same upstream for every target:
   (a) direct       the load generator straight to the upstream
   (b) nginx        nginx as a plain reverse proxy, keep-alive upstream pool (benches/nginx/proxy.conf.template)
   (c) minimal      benches/minimal_proxy.py, aiohttp server + client, no logic (the floor of a naive Python proxy)
-  (d) fastroute    `fastroute serve --workers 1` (one per --servers x --clients pair: (d), (e), ...) with a
+  (d) fastroute    `fastroute serve --workers 1` (one per --servers entry: (d), (e), ...) with a
                    generated config: 50 routes (the matching ones last),
                    100 tenants with 10,000 keys (keys_sha256), the model rewritten to upstream_model
 Measured per target, each `--rounds` times (default 3, targets interleaved), medians reported:
@@ -370,14 +370,12 @@ def check_answer(port: int, body: bytes, expect: bytes) -> str | None:
     return None if got == expect else f'unexpected answer ({len(got)} bytes): {got[:200]!r}'
 
 
-def start_fastroute(
-    procs: Procs, tmp: Path, cpus: str | None, cfg_text: str, port: int, label: str, client: str, server: str
-):
+def start_fastroute(procs: Procs, tmp: Path, cpus: str | None, cfg_text: str, port: int, label: str, server: str):
     cfg = tmp / f'fastroute-{label}.yaml'
     cfg.write_text(cfg_text)
     cmd = [FASTROUTE, 'serve', '-c', str(cfg), '--listen', f'127.0.0.1:{port}', '--workers', '1']
     cmd += ['--log-level', 'warning', '--server', server]
-    env = {**os.environ, 'FASTROUTE_UPSTREAM_CLIENT': client, 'FASTROUTE_SERVER': server}
+    env = {**os.environ, 'FASTROUTE_SERVER': server}
     proc = spawn(procs, cmd, cpus, tmp / f'fastroute-{label}.log', group=True, env=env)
     nginxctl.wait_port(port, timeout=30, proc=proc)
     return proc, port
@@ -409,14 +407,9 @@ def main() -> int:
     ap.add_argument('--no-pin', action='store_true', help='do not pin (default: proxy CPU 0, load + upstream CPU 1)')
     ap.add_argument('--skip-fastroute', action='store_true')
     ap.add_argument(
-        '--clients',
-        default=os.environ.get('FASTROUTE_UPSTREAM_CLIENT', 'loop'),
-        help='upstream client(s) of fastroute, comma-separated: loop, pyreqwest; one target each (d), (e), ...',
-    )
-    ap.add_argument(
         '--servers',
         default=os.environ.get('FASTROUTE_SERVER', 'native'),
-        help='HTTP server(s) of fastroute, comma-separated: native, granian; one target per client and server',
+        help='HTTP server(s) of fastroute, comma-separated: native, granian; one target each (d), (e), ...',
     )
     ap.add_argument('--no-mock', action='store_true', help='use the built-in slow SSE upstream, not fastroute mock')
     ap.add_argument('--rate', type=int, default=1000, help='fixed rate for the latency runs (req/s)')
@@ -483,14 +476,13 @@ def main() -> int:
         elif not FASTROUTE:
             notes.append('(d) fastroute skipped: no `fastroute` console script in the venv (pip install -e .).')
         else:
-            combos = [(c, s) for s in args.servers.split(',') for c in args.clients.split(',')]
-            for key, (client, server) in zip('defghij', combos, strict=False):
+            for key, server in zip('defghij', args.servers.split(','), strict=False):
                 fr_port = nginxctl.free_port()
                 cfg = fastroute_config(fr_port, up_port, up_sse, slow_port, slow_model)
-                label = f'fastroute ({server} server, {client} client; 50 routes, 10k keys, rewrite)'
-                name = f'{server}-{client}'
+                label = f'fastroute ({server} server; 50 routes, 10k keys, rewrite)'
+                name = server
                 try:
-                    fr_proc, fr_port = start_fastroute(procs, tmp, cpu_proxy, cfg, fr_port, name, client, server)
+                    fr_proc, fr_port = start_fastroute(procs, tmp, cpu_proxy, cfg, fr_port, name, server)
                     problem = check_answer(fr_port, nginxctl.REQUEST_BODY, nginxctl.CHAT_BODY)
                     if problem:
                         raise RuntimeError(problem)

@@ -8,8 +8,9 @@ C parser for the answer. Nothing crosses a thread between the request coming in 
 The HTTP code sits behind `Endpoint.send` / `Endpoint.open_stream` and `UpstreamResponse` /
 `UpstreamStream`; nothing else in fastroute touches it.
 
-`FASTROUTE_UPSTREAM_CLIENT=pyreqwest` selects the previous client (pyreqwest, Rust/hyper on its own
-Tokio thread) behind the same interface, for comparison; it is imported only then.
+NOTE: chosen over pyreqwest (Rust/hyper on its own Tokio thread) by bench_overhead.py, same run, medians
+of 3 (benches/README.md): added latency over direct 0.34 vs 0.50 ms at 1 in flight, 0.50 vs 0.93 ms p50
+at 1k req/s; max req/s 5,676 vs 3,201 (JSON); CPU 171 vs 274 us/req. The thread hop is the difference.
 
 Timeouts (seconds, `server.timeouts`, overridden per model):
 - connect: TCP (and TLS) connect, or waiting for a free connection when the pool is full;
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
     from fastroute.config import Config, Model
 
 __all__ = [
-    'CLIENT',
     'Endpoint',
     'Pool',
     'Timeouts',
@@ -62,11 +62,6 @@ __all__ = [
     'check_reachable',
 ]
 
-# NOTE: "loop" (default) or "pyreqwest" (pip install pyreqwest; a dev extra). bench_overhead.py
-# --clients loop,pyreqwest, same run, medians of 3 (bench-results/overhead-20261126-033748.md): added
-# latency over direct 0.34 vs 0.50 ms at 1 in flight, 0.50 vs 0.93 ms p50 and 3.6 vs 5.7 ms p99 at
-# 1k req/s; max req/s 5,676 vs 3,201 (JSON) and 4,192 vs 1,320 (SSE); CPU 171 vs 274 us/req.
-CLIENT = os.environ.get('FASTROUTE_UPSTREAM_CLIENT', 'loop')
 
 # NOTE: per-endpoint limits. Not (yet) config keys: 1024 requests in flight per endpoint is far
 # above what one LLM server takes, and 256 idle keep-alive connections cover a 10k req/s burst.
@@ -542,6 +537,19 @@ class UpstreamStream:
         self._buf.clear()
 
 
+# How each kind of client failure is reported: (stage, status, code, message template).
+_FAILURES: dict[str, tuple[str, int, str, str]] = {
+    'pool': ('connect', 503, 'upstream_overloaded', 'no free connection (pool of {pool} busy)'),
+    'connect_timeout': ('connect', 504, 'upstream_timeout', 'connect timed out after {connect:g}s'),
+    'connect': ('connect', 502, 'upstream_connect_error', 'connection failed'),
+    'first_byte': ('timeout', 504, 'upstream_timeout', 'no answer within {first_byte:g}s'),
+    'idle': ('timeout', 504, 'upstream_timeout', 'no data for {idle:g}s'),
+    'total': ('timeout', 504, 'upstream_timeout', 'no complete answer within {total:g}s'),
+    'reset': ('read', 502, 'upstream_reset', 'connection broken'),
+    'protocol': ('protocol', 502, 'upstream_bad_response', 'bad response'),
+}
+
+
 class Endpoint:
     """One upstream base URL inside a pool, with its own bounded pool of keep-alive connections."""
 
@@ -746,67 +754,18 @@ class Endpoint:
         return err
 
     def _error(self, kind: str, started: bool) -> UpstreamError:
-        where = f'{self.model} at {self.base}'
-        retryable = not started
+        stage, status, code, what = _FAILURES.get(kind, _FAILURES['protocol'])
         t = self.timeouts
-        if kind == 'pool':
-            return UpstreamError(
-                f'upstream {where}: no free connection (pool of {MAX_IN_FLIGHT} busy)',
-                endpoint=self.base,
-                stage='connect',
-                retryable=retryable,
-                status=503,
-                code='upstream_overloaded',
-            )
-        if kind == 'connect_timeout':
-            return UpstreamError(
-                f'upstream {where}: connect timed out after {t.connect:g}s',
-                endpoint=self.base,
-                stage='connect',
-                retryable=retryable,
-                status=504,
-                code='upstream_timeout',
-            )
-        if kind == 'connect':
-            return UpstreamError(
-                f'upstream {where}: connection failed',
-                endpoint=self.base,
-                stage='connect',
-                retryable=retryable,
-                status=502,
-                code='upstream_connect_error',
-            )
-        if kind in ('first_byte', 'idle', 'total'):
-            if kind == 'idle':
-                what = f'no data for {t.idle:g}s'
-            elif kind == 'total':
-                what = f'no complete answer within {t.total:g}s'
-            else:
-                what = f'no answer within {min(t.first_byte, t.total):g}s'
-            return UpstreamError(
-                f'upstream {where}: {what}',
-                endpoint=self.base,
-                stage='timeout',
-                retryable=retryable,
-                status=504,
-                code='upstream_timeout',
-            )
-        if kind == 'reset':
-            return UpstreamError(
-                f'upstream {where}: connection broken',
-                endpoint=self.base,
-                stage='read',
-                retryable=retryable,
-                status=502,
-                code='upstream_reset',
-            )
+        what = what.format(
+            pool=MAX_IN_FLIGHT, connect=t.connect, idle=t.idle, total=t.total, first_byte=min(t.first_byte, t.total)
+        )
         return UpstreamError(
-            f'upstream {where}: bad response',
+            f'upstream {self.model} at {self.base}: {what}',
             endpoint=self.base,
-            stage='protocol',
-            retryable=retryable,
-            status=502,
-            code='upstream_bad_response',
+            stage=stage,
+            retryable=not started,
+            status=status,
+            code=code,
         )
 
     async def close(self) -> None:
@@ -818,175 +777,6 @@ class Endpoint:
             if not w.done():
                 w.cancel()
         self.waiters.clear()
-
-
-# ---------------------------------------------------------------------------------------------
-# The previous client, for comparison (FASTROUTE_UPSTREAM_CLIENT=pyreqwest; a dev extra only).
-# ---------------------------------------------------------------------------------------------
-
-
-class _ReqwestStream(UpstreamStream):
-    __slots__ = ('_cm', '_idle', '_reader')
-
-    def __init__(self, cm: object, resp: object, endpoint: ReqwestEndpoint, idle: float | None) -> None:
-        super().__init__(endpoint)
-        self._cm = cm
-        self._idle = idle
-        self._reader = resp.body_reader  # type: ignore[attr-defined]
-        self.status = resp.status  # type: ignore[attr-defined]
-        self.headers, self.content_type = _relay_map(resp)
-
-    async def read_chunk(self) -> object | None:  # type: ignore[override]
-        try:
-            if self._idle is None:
-                return await self._reader.read_chunk()
-            async with asyncio.timeout(self._idle):
-                return await self._reader.read_chunk()
-        except Exception as exc:
-            raise self._endpoint.error_from(exc, started=True) from None
-
-    async def aclose(self) -> None:
-        cm, self._cm = self._cm, None
-        if cm is not None:
-            try:
-                await cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
-            except Exception:  # closing must never raise
-                pass
-
-
-def _relay_map(resp: object) -> tuple[list[tuple[str, str]], str | None]:
-    out = []
-    ctype = None
-    for k, v in resp.headers.items():  # type: ignore[attr-defined]
-        if k in RESPONSE_DROP:
-            continue
-        if k == 'content-type':
-            ctype = v
-        out.append((k, v))
-    return out, ctype
-
-
-class ReqwestEndpoint(Endpoint):
-    """`Endpoint` on pyreqwest: one client per endpoint, its own Tokio runtime thread."""
-
-    __slots__ = ('_client', '_fb', '_idle_s', '_rq')
-
-    def __init__(self, model: str, base: str, weight: float, timeouts: Timeouts) -> None:
-        super().__init__(model, base, weight, timeouts)
-        read = max(timeouts.first_byte, timeouts.idle)
-        # A Python timer only for the smaller of first_byte/idle when they differ.
-        self._fb = timeouts.first_byte if timeouts.first_byte < read else None
-        self._idle_s = timeouts.idle if timeouts.idle < read else None
-        self._client: object | None = None
-        self._rq: object | None = None
-
-    @property
-    def client(self) -> object:
-        client = self._client
-        if client is None:
-            from datetime import timedelta
-
-            from pyreqwest import exceptions
-            from pyreqwest.client import ClientBuilder
-
-            self._rq = exceptions
-            t = self.timeouts
-            client = self._client = (
-                ClientBuilder()
-                .max_connections(MAX_IN_FLIGHT)
-                .pool_max_idle_per_host(MAX_IDLE)
-                .pool_idle_timeout(timedelta(seconds=IDLE_KEEPALIVE_S))
-                .pool_timeout(timedelta(seconds=t.connect))
-                .connect_timeout(timedelta(seconds=t.connect))
-                .read_timeout(timedelta(seconds=max(t.first_byte, t.idle)))
-                .timeout(timedelta(seconds=t.total))
-                .follow_redirects(False)
-                .referer(False)
-                .gzip(False)
-                .brotli(False)
-                .zstd(False)
-                .deflate(False)
-                .no_proxy()
-                .user_agent('fastroute')
-                .build()
-            )
-        return client
-
-    async def send(self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes) -> UpstreamResponse:
-        req = self.client.request(method, self.base + path).headers(headers).body_bytes(body).build()  # type: ignore[attr-defined]
-        t0 = time.monotonic()
-        try:
-            if self._fb is None:
-                resp = await req.send()
-            else:
-                async with asyncio.timeout(self._fb):
-                    resp = await req.send()
-            data = await resp.bytes()
-        except Exception as exc:
-            raise self.error_from(exc, started=False, elapsed=time.monotonic() - t0) from None
-        status = resp.status
-        if status < 300:
-            ctype = resp.get_header('content-type')
-            hdrs = [('content-type', ctype)] if ctype is not None else []
-            enc = resp.get_header('content-encoding')
-            if enc is not None:
-                hdrs.append(('content-encoding', enc))
-        else:
-            hdrs, ctype = _relay_map(resp)
-        return UpstreamResponse(status, hdrs, ctype, data)
-
-    async def open_stream(
-        self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes
-    ) -> UpstreamStream:
-        # NOTE: a read-ahead buffer of 0: the client otherwise reads up to 64 KiB of body before it
-        # returns the headers, which holds back a whole SSE answer (measured: 2 s instead of 9 ms).
-        cm = (
-            self.client.request(method, self.base + path)  # type: ignore[attr-defined]
-            .headers(headers)
-            .body_bytes(body)
-            .streamed_read_buffer_limit(0)
-            .build_streamed()
-        )
-        t0 = time.monotonic()
-        try:
-            if self._fb is None:
-                resp = await cm.__aenter__()
-            else:
-                async with asyncio.timeout(self._fb):
-                    resp = await cm.__aenter__()
-        except Exception as exc:
-            raise self.error_from(exc, started=False, elapsed=time.monotonic() - t0) from None
-        return _ReqwestStream(cm, resp, self, self._idle_s)
-
-    def error_from(self, exc: BaseException, *, started: bool, elapsed: float = 0.0) -> UpstreamError:
-        rqe = self._rq
-        if isinstance(exc, _Fail):
-            kind = exc.kind
-        elif isinstance(exc, rqe.PoolTimeoutError):  # type: ignore[union-attr]
-            kind = 'pool'
-        elif isinstance(exc, rqe.ConnectTimeoutError):  # type: ignore[union-attr]
-            # The client reports any timeout before the response head as a connect timeout;
-            # past the connect budget it was the first byte that never came.
-            kind = 'first_byte' if elapsed > self.timeouts.connect * 1.5 else 'connect_timeout'
-        elif isinstance(exc, rqe.ConnectError):  # type: ignore[union-attr]
-            kind = 'connect'
-        elif isinstance(exc, TimeoutError):  # pyreqwest's timeouts subclass TimeoutError too
-            kind = 'idle' if started else 'first_byte'
-        elif isinstance(exc, rqe.TransportError):  # type: ignore[union-attr]
-            kind = 'reset'
-        else:
-            kind = 'protocol'
-        err = self._error(kind, started)
-        self.last_error = err
-        return err
-
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()  # type: ignore[attr-defined]
-
-
-ENDPOINT = ReqwestEndpoint if CLIENT == 'pyreqwest' else Endpoint
 
 
 class Pool:
@@ -1048,9 +838,9 @@ def build_pools(cfg: Config) -> dict[str, Pool]:
         eps = []
         for ep in model.endpoints:
             if isinstance(ep, str):
-                eps.append(ENDPOINT(name, ep, 1.0, timeouts))
+                eps.append(Endpoint(name, ep, 1.0, timeouts))
             else:
-                eps.append(ENDPOINT(name, ep.url, ep.weight, timeouts))
+                eps.append(Endpoint(name, ep.url, ep.weight, timeouts))
         pools[name] = Pool(name, eps, _api_key(model), model.upstream_model)
     return pools
 
