@@ -414,19 +414,7 @@ impl<'a> Scanner<'a, '_, '_> {
 
     /// After a member's value: true if another member follows.
     fn object_next(&mut self) -> Result<bool, DecideError> {
-        self.ws();
-        match self.peek() {
-            Some(b',') => {
-                self.pos += 1;
-                self.ws();
-                Ok(true)
-            }
-            Some(b'}') => {
-                self.pos += 1;
-                Ok(false)
-            }
-            _ => Err(self.unexpected()),
-        }
+        self.next_or_close(b'}')
     }
 
     fn array_open(&mut self) -> Result<bool, DecideError> {
@@ -440,7 +428,14 @@ impl<'a> Scanner<'a, '_, '_> {
         }
     }
 
+    /// After an element: true if another element follows.
     fn array_next(&mut self) -> Result<bool, DecideError> {
+        self.next_or_close(b']')
+    }
+
+    /// After a member or element: `,` (true, another follows) or the container's `close` (false).
+    #[inline]
+    fn next_or_close(&mut self, close: u8) -> Result<bool, DecideError> {
         self.ws();
         match self.peek() {
             Some(b',') => {
@@ -448,7 +443,7 @@ impl<'a> Scanner<'a, '_, '_> {
                 self.ws();
                 Ok(true)
             }
-            Some(b']') => {
+            Some(b) if b == close => {
                 self.pos += 1;
                 Ok(false)
             }
