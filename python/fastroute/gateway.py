@@ -752,17 +752,23 @@ def _setup_logging(level: str) -> None:
     log.setLevel(level.upper())
 
 
+def _load_or_report(path: str) -> Snapshot | None:
+    """Load and compile the config for a CLI command; on failure say why on stderr and return None."""
+    try:
+        return load_snapshot(path)
+    except ConfigError as exc:
+        print(f'fastroute: config error: {exc}', file=sys.stderr)
+    except OSError as exc:
+        print(f'fastroute: cannot read config {path}: {exc.strerror or exc}', file=sys.stderr)
+    return None
+
+
 def cli_serve(args: argparse.Namespace) -> int:
     """`fastroute serve`: validate the config, say what will be served, run the server (native or granian)."""
     _setup_logging(args.log_level)
     path = os.path.abspath(args.config)
-    try:
-        snap = load_snapshot(path)
-    except ConfigError as exc:
-        print(f'fastroute: config error: {exc}', file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f'fastroute: cannot read config {path}: {exc.strerror or exc}', file=sys.stderr)
+    snap = _load_or_report(path)
+    if snap is None:
         return 1
     cfg = snap.cfg
     try:
@@ -828,13 +834,8 @@ def cli_explain_args(p: argparse.ArgumentParser) -> None:
 
 def cli_explain(args: argparse.Namespace) -> int:
     """`fastroute explain`: the decision trace for a request JSON read on stdin. Forwards nothing."""
-    try:
-        snap = load_snapshot(os.path.abspath(args.config))
-    except ConfigError as exc:
-        print(f'fastroute: config error: {exc}', file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f'fastroute: cannot read config {args.config}: {exc.strerror or exc}', file=sys.stderr)
+    snap = _load_or_report(os.path.abspath(args.config))
+    if snap is None:
         return 1
     headers: dict[str, str] = {}
     for h in args.header:
