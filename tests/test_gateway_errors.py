@@ -201,14 +201,18 @@ def test_streaming_request_to_dead_upstream_is_502_before_any_byte(env):
 
 def test_garbage_on_the_wire_does_not_kill_the_worker(env):
     host, port = env['fr'].url.removeprefix('http://').split(':')
+    replies = []
     for junk in (b'NOT HTTP AT ALL\r\n\r\n', b'POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 99\r\n\r\n{'):
         with socket.create_connection((host, int(port)), timeout=2) as s:
             s.sendall(junk)
             s.shutdown(socket.SHUT_WR)
             try:
-                s.recv(4096)
+                replies.append(s.recv(4096))
             except OSError:
-                pass
+                replies.append(b'')
+    # Not HTTP: a plain 400, never a hang. A truncated body: no answer can be right, only a close.
+    assert replies[0].startswith(b'HTTP/1.1 400'), replies[0][:80]
+    assert not replies[1].startswith(b'HTTP/1.1 2'), replies[1][:80]
     r = env['fr'].openai('acme').chat.completions.create(model='small', messages=MSGS)
     assert r.choices[0].message.content
     assert_alive(env)
