@@ -14,6 +14,7 @@ Fixtures:
 - `procs` / `module_procs`: a ProcessManager for the test / the module; everything it started is killed after.
 - `start_mock(**options)` / `module_start_mock(**options)`: start a `fastroute mock` (options are the CLI's
   long options, underscores for dashes, e.g. `adapters='a,b', ttft_ms=0`) and return a MockServer.
+- `redis_server` / `module_redis_server`: a real `redis-server` on a fresh loopback port (`RedisServer`).
 
 When a test fails, the tail of the log of every server still running is attached to its report.
 """
@@ -201,6 +202,52 @@ class ProcessManager:
         self.started.clear()
 
 
+class RedisServer:
+    """A real `redis-server` on a loopback port, no persistence. `stop()` / `start()` again on the same port
+    (to test what happens while Redis is down); `url` for configs, `client()` for a blocking redis-py client."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f'redis://{HOST}:{self.port}/0'
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = _LOG_DIR / f'redis-{self.port}.log'
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        exe = shutil.which('redis-server')
+        assert exe, 'redis-server is not installed: run `make test` (scripts/bootstrap.sh installs it with apt-get)'
+        argv = [exe, '--port', str(self.port), '--bind', HOST, '--save', '', '--appendonly', 'no']
+        argv += ['--logfile', str(self.log), '--protected-mode', 'no']
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f'redis-server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}')
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5) as s:
+                    s.sendall(b'PING\r\n')
+                    if s.recv(64).startswith(b'+PONG'):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f'redis-server on port {self.port} did not answer PING within {timeout}s')
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=2)
+
+
 class MockServer:
     """A running `fastroute mock` and helpers for its admin API."""
 
@@ -290,6 +337,25 @@ def module_procs() -> Iterator[ProcessManager]:
         yield manager
     finally:
         manager.stop_all()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh real Redis for the test (its own port, empty), stopped afterwards."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope='module')
+def module_redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

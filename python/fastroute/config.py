@@ -51,6 +51,7 @@ import yaml
 from fastroute.errors import ConfigError
 
 __all__ = [
+    'Admin',
     'ClassifyTargets',
     'Config',
     'ConfigErrors',
@@ -62,6 +63,7 @@ __all__ = [
     'PathMatch',
     'Price',
     'Range',
+    'Redis',
     'Route',
     'Server',
     'Split',
@@ -221,6 +223,23 @@ class Split(_Base):
     variants: list[Variant] = []
 
 
+class Admin(_Base):
+    """The admin listener: JSON admin API, metrics, dashboard. Separate from the data port."""
+
+    listen: str = '127.0.0.1:9090'
+    # The env var holding the bearer token every admin request must present. Required: an admin
+    # listener without a token is refused at load.
+    token_env: str = 'FASTROUTE_ADMIN_TOKEN'
+
+
+class Redis(_Base):
+    """Shared state across workers and replicas (experiments, limits). Optional: without it, state is per process."""
+
+    url: str = 'redis://127.0.0.1:6379/0'
+    key_prefix: str = 'fastroute:'
+    timeout: float = 0.25  # seconds per Redis call; past it the call counts as failed and traffic goes on
+
+
 class Config(_Base):
     models: dict[str, Model]
     server: Server = Server()
@@ -228,6 +247,8 @@ class Config(_Base):
     routes: list[Route] = []
     default: str | None = None
     splits: dict[str, Split] = {}
+    admin: Admin | None = None
+    redis: Redis | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,7 +604,8 @@ def _kind_of(value: Any) -> str:
     )
 
 
-_SECTIONS: dict[str, type] = {'models': Model, 'tenants': Tenant, 'splits': Split}
+_SECTIONS: dict[str, type] = {'models': Model, 'tenants': Tenant, 'splits': Split}  # name -> item
+_SINGLE_SECTIONS: dict[str, type] = {'server': Server, 'admin': Admin, 'redis': Redis}  # one struct each
 
 
 def _convert(raw: Any, problems: _Problems) -> Config | None:
@@ -626,9 +648,10 @@ def _convert(raw: Any, problems: _Problems) -> Config | None:
         else:
             parts['routes'] = [_convert_part(r, Route, _join('routes', i), problems) for i, r in enumerate(routes)]
             failed |= any(r is None for r in parts['routes'])
-    if raw.get('server') is not None:
-        parts['server'] = _convert_part(raw['server'], Server, 'server', problems)
-        failed |= parts['server'] is None
+    for section, kind in _SINGLE_SECTIONS.items():
+        if raw.get(section) is not None:
+            parts[section] = _convert_part(raw[section], kind, section, problems)
+            failed |= parts[section] is None
     if raw.get('default') is not None:
         if not isinstance(raw['default'], str):
             problems.add('default', f'expected a model name, got {_kind_of(raw["default"])}')
@@ -948,6 +971,28 @@ class _Checker:
         if not _TOKEN.match(s.key_header):
             self.add('server.key_header', f'{s.key_header!r} is not a header name; e.g. authorization or x-api-key')
         self.timeouts('server.timeouts', s.timeouts)
+        self.admin()
+        self.redis()
+
+    def admin(self) -> None:
+        a = self.cfg.admin
+        if a is None:
+            return
+        m = _LISTEN.match(a.listen)
+        if m is None or int(m.group(2)) > 65535:
+            self.add('admin.listen', f"{a.listen!r} is not host:port; e.g. '127.0.0.1:9090'")
+        elif a.listen == self.cfg.server.listen:
+            self.add('admin.listen', f'{a.listen!r} is also server.listen; the admin listener needs its own port')
+        if not a.token_env:
+            self.add('admin.token_env', 'must name an environment variable holding the admin bearer token')
+
+    def redis(self) -> None:
+        r = self.cfg.redis
+        if r is None:
+            return
+        if not r.url.startswith(('redis://', 'rediss://', 'unix://')):
+            self.add('redis.url', f"{r.url!r} is not a Redis URL; e.g. 'redis://127.0.0.1:6379/0'")
+        self.positive('redis.timeout', r.timeout, 'a timeout (seconds)', '0.25')
 
     def all_models(self) -> None:
         if not self.cfg.models:

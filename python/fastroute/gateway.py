@@ -54,6 +54,7 @@ SERVERS = ('native', 'granian')
 LOG_LEVEL_ENV = 'FASTROUTE_LOG_LEVEL'
 STANDARD_PATHS = ('/v1/chat/completions', '/v1/completions', '/v1/embeddings')
 EXPLAIN_PATH = '/v1/route/explain'
+RELOAD_CLOSE_AFTER = 60.0  # seconds the replaced config's upstream pools stay open for in-flight requests
 DEFAULT_EXPLAIN_PATH = '/v1/chat/completions'
 
 # What a path leads to.
@@ -610,6 +611,7 @@ class App:
     def __init__(self, config_path: str | None = None, snapshot: Snapshot | None = None) -> None:
         self.config_path = config_path
         self.snapshot: Snapshot | None = snapshot
+        self._admin: asyncio.Task | None = None
 
     def load(self) -> Snapshot:
         path = self.config_path or os.environ.get(CONFIG_ENV)
@@ -623,6 +625,27 @@ class App:
         old, self.snapshot = self.snapshot, snapshot
         return old
 
+    async def reload(self) -> tuple[bool, str]:
+        """Load, validate and compile the config file again; swap it in only if all of that succeeded.
+        Returns (reloaded, message). A bad config is logged and the current one keeps serving."""
+        path = (self.snapshot.path if self.snapshot else None) or self.config_path or os.environ.get(CONFIG_ENV)
+        if not path:
+            return False, f'no config file to reload: set {CONFIG_ENV}'
+        try:
+            snap = load_snapshot(path)
+        except ConfigError as exc:
+            log.error('fastroute: reload rejected, still serving the previous config: %s', exc)
+            return False, f'config rejected, previous config still serving: {exc}'
+        except OSError as exc:
+            log.error('fastroute: reload failed, cannot read %s: %s', path, exc.strerror or exc)
+            return False, f'cannot read {path}: {exc.strerror or exc}'
+        old = self.swap(snap)
+        if old is not None:
+            # in-flight requests hold `old`; its pools close once they have had time to finish
+            asyncio.get_running_loop().call_later(RELOAD_CLOSE_AFTER, lambda: asyncio.ensure_future(old.close()))
+        log.info('fastroute: config %s reloaded', path)
+        return True, f'config {path} reloaded'
+
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         _setup_logging(os.environ.get(LOG_LEVEL_ENV, 'info'))
         _reseed_request_ids()
@@ -632,6 +655,17 @@ class App:
             except ConfigError as exc:
                 log.error('fastroute: %s', exc)
                 raise SystemExit(1) from None
+        if self.snapshot is not None and self.snapshot.cfg.admin is not None:
+            self._admin = loop.create_task(self._start_admin(loop))
+
+    async def _start_admin(self, loop: asyncio.AbstractEventLoop) -> Any:
+        from fastroute.admin import start_admin
+
+        try:
+            return await start_admin(self, loop)
+        except (OSError, ValueError) as exc:
+            log.error('fastroute: admin listener not started: %s', exc)
+            return None
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         snap = self.snapshot
@@ -777,6 +811,13 @@ def cli_serve(args: argparse.Namespace) -> int:
         print(f'fastroute: {exc}', file=sys.stderr)
         return 1
     workers = args.workers or cfg.server.workers
+    if cfg.admin is not None and not os.environ.get(cfg.admin.token_env):
+        print(
+            f'fastroute: config {path}: admin.token_env: the environment variable {cfg.admin.token_env} is not set; '
+            'set it to the bearer token for the admin API (or remove the admin: section)',
+            file=sys.stderr,
+        )
+        return 1
     server_kind = getattr(args, 'server', None) or os.environ.get(SERVER_ENV) or 'native'
     if server_kind not in SERVERS:
         print(f'fastroute: ${SERVER_ENV} must be one of {", ".join(SERVERS)}, not {server_kind!r}', file=sys.stderr)
@@ -784,6 +825,8 @@ def cli_serve(args: argparse.Namespace) -> int:
 
     log.info('fastroute: config %s', path)
     log.info('fastroute: listening on http://%s:%d with %d worker(s) (%s server)', host, port, workers, server_kind)
+    if cfg.admin is not None:
+        log.info('fastroute: admin API on http://%s (bearer token from $%s)', cfg.admin.listen, cfg.admin.token_env)
     for name, pool in snap.pools.items():
         um = f' (upstream model {pool.upstream_model})' if pool.upstream_model else ''
         log.info('fastroute: model %s%s -> %s', name, um, ', '.join(ep.base for ep in pool.endpoints))
