@@ -107,7 +107,8 @@ class Retry(_Base):
     byte has reached the client."""
 
     max_attempts: int = 3  # tries per request, the first included, across endpoints and fallback models
-    on_status: list[int] = [429, 500, 502, 503, 504]  # upstream statuses that move on (400/413/422 never do)
+    # upstream statuses that move on (400/413/422 never do)
+    on_status: list[int] = msgspec.field(default_factory=lambda: [429, 500, 502, 503, 504])
     retry_after_max: float = 1.0  # an upstream's Retry-After up to this (s) is waited for; longer: move on
     backoff: float = 0.02  # base of the jittered exponential backoff between tries (s)
     backoff_max: float = 0.5

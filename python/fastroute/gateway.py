@@ -412,7 +412,11 @@ async def no_endpoint(ctx: Ctx) -> Endpoint | None:
             return ep
     walk = ctx.walk = Walk(ctx.snap, pool)
     walk.skipped.extend(pool.unavailable())
-    ep = walk.next_endpoint(ctx) or pool.pick_other(set(), soft=True)
+    ep = walk.next_endpoint(ctx)
+    if ep is None:
+        ep = pool.pick_other(set(), soft=True)  # only cooling down after a 429: ask it anyway
+        if ep is not None:
+            walk.skipped.clear()
     if ep is None:
         answer_error(ctx, walk.shed(pool))
         return None
