@@ -12,9 +12,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ProcessManager, http_request
-from test_gateway import KEYS, _sha, start_fastroute
-
 from fastroute.health import parse_vllm_metrics
+from test_gateway import KEYS, _sha, start_fastroute
 
 
 def _config(m: dict[str, str]) -> str:
@@ -24,21 +23,27 @@ server:
   watch_config: false
 models:
   rr:
+    upstream_model: m
     endpoints: ["{m['e1']}", "{m['e2']}", "{m['e3']}"]
     balance: round_robin
   wrr:
+    upstream_model: m
     endpoints: [{{url: "{m['e1']}", weight: 1}}, {{url: "{m['e2']}", weight: 2}}, {{url: "{m['e3']}", weight: 3}}]
     balance: weighted
   p2c:
+    upstream_model: m
     endpoints: ["{m['e1']}", "{m['e2']}", "{m['slow']}"]
   capped:
+    upstream_model: m
     endpoints: ["{m['slow']}"]
     limits: {{max_in_flight: 2, queue: 2, queue_timeout: 3.0}}
   lora:
+    upstream_model: m
     endpoints: ["{m['e1']}", "{m['e2']}", "{m['ad']}"]
     adapters: [x-lora]
     adapter_affinity: {{source: models, interval: 0.2}}
   checked:
+    upstream_model: m
     endpoints: ["{m['e1']}", "{m['e2']}"]
     health: {{path: /health, interval: 0.2, timeout: 0.3, unhealthy_after: 2, healthy_after: 1}}
 tenants:
@@ -70,11 +75,12 @@ def _reset(env):
     yield
 
 
+_client = httpx.Client(timeout=10)
+
+
 def _post(env: dict[str, Any], model: str, key: str = KEYS['acme']) -> httpx.Response:
     body = {'model': model, 'messages': [{'role': 'user', 'content': 'hi'}]}
-    return httpx.post(
-        env['fr'].url + '/v1/chat/completions', json=body, headers={'authorization': f'Bearer {key}'}, timeout=10
-    )
+    return _client.post(env['fr'].url + '/v1/chat/completions', json=body, headers={'authorization': f'Bearer {key}'})
 
 
 def _counts(env: dict[str, Any], *names: str) -> list[int]:
@@ -129,7 +135,7 @@ def test_past_the_limit_and_the_queue_requests_are_shed_with_503(env):
 
 def test_adapter_affinity_prefers_the_endpoint_with_the_adapter_loaded(env):
     time.sleep(0.5)  # a poll or two of /v1/models
-    state = httpx.get(env['fr'].url + '/readyz').json()['endpoints']['lora']
+    state = _client.get(env['fr'].url + '/readyz').json()['endpoints']['lora']
     loaded = {ep['url']: ep.get('adapters') for ep in state}
     assert loaded[env['ad'].url] == ['x-lora'] and loaded[env['e1'].url] == []
     for _ in range(20):
@@ -160,7 +166,7 @@ def test_health_checks_take_an_endpoint_out_and_bring_it_back(env):
     try:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            eps = httpx.get(env['fr'].url + '/readyz').json()['endpoints']['checked']
+            eps = _client.get(env['fr'].url + '/readyz').json()['endpoints']['checked']
             if not eps[1]['healthy']:
                 break
             time.sleep(0.1)
@@ -172,7 +178,7 @@ def test_health_checks_take_an_endpoint_out_and_bring_it_back(env):
         os.killpg(pid, signal.SIGCONT)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if httpx.get(env['fr'].url + '/readyz').json()['endpoints']['checked'][1]['healthy']:
+        if _client.get(env['fr'].url + '/readyz').json()['endpoints']['checked'][1]['healthy']:
             break
         time.sleep(0.1)
     assert e2.stats()['requests'] == 0  # nothing was sent to it while it was out

@@ -124,13 +124,16 @@ def _check_answers(answers: list[Answer], *, all_ok: bool = True) -> Counter:
     return statuses
 
 
+_client = httpx.Client(timeout=10)
+
+
 def _fds(pid: int) -> int:
     return len(os.listdir(f'/proc/{pid}/fd'))
 
 
 def _other_fds(fr: Any) -> tuple[int, int]:
     """(descriptors that are not pooled upstream connections, pooled upstream connections)."""
-    eps = fr.get('/readyz', tenant=None).json()['endpoints']
+    eps = _client.get(fr.url + '/readyz').json()['endpoints']
     pooled = sum(ep['connections'] for group in eps.values() for ep in group)
     return _fds(fr.proc.popen.pid) - pooled, pooled
 
@@ -141,7 +144,7 @@ def _settle(env: dict[str, Any]) -> None:
     fr = env['fr']
     deadline = time.monotonic() + 5
     while True:
-        eps = fr.get('/readyz', tenant=None).json()['endpoints']
+        eps = _client.get(fr.url + '/readyz').json()['endpoints']
         outstanding = sum(ep['outstanding'] for group in eps.values() for ep in group)
         busy = sum(m.stats()['in_flight'] for k, m in env.items() if k[0] in 'mb' and m.proc.alive)
         other, pooled = _other_fds(fr)

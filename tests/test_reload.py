@@ -24,8 +24,10 @@ server:
 models:
   one:
     endpoints: ["{one}"]
+    upstream_model: one-up
   two:
     endpoints: ["{two}"]
+    upstream_model: two-up
 {extra}
 tenants:
   acme: {{keys_sha256: ["{_sha(KEYS['acme'])}"]}}
@@ -34,10 +36,13 @@ routes:
 """
 
 
+_client = httpx.Client(timeout=10)
+
+
 def _post(url: str, model: str, stream: bool = False) -> httpx.Response:
     body = {'model': model, 'messages': [{'role': 'user', 'content': 'hi'}], 'stream': stream}
     # a new connection each time, so that with several workers each may answer
-    return httpx.post(
+    return _client.post(
         url + '/v1/chat/completions',
         json=body,
         headers={'authorization': f'Bearer {KEYS["acme"]}', 'connection': 'close'},
@@ -55,7 +60,7 @@ def _wait(pred: Any, timeout: float = 5.0) -> bool:
 
 
 def _endpoint(url: str, model: str) -> dict[str, Any]:
-    return httpx.get(url + '/readyz').json()['endpoints'][model][0]
+    return _client.get(url + '/readyz').json()['endpoints'][model][0]
 
 
 @pytest.fixture
@@ -67,7 +72,9 @@ def test_a_changed_file_is_reloaded_and_a_bad_one_rejected(procs: ProcessManager
     one, two = mocks
     fr = start_fastroute(procs, _config(one.url, two.url), tmp_path)
     assert _post(fr.url, 'three').status_code == 404
-    fr.config_path.write_text(_config(one.url, two.url, extra=f'  three:\n    endpoints: ["{one.url}"]\n'))
+    fr.config_path.write_text(
+        _config(one.url, two.url, extra=f'  three:\n    endpoints: ["{one.url}"]\n    upstream_model: one-up\n')
+    )
     assert _wait(lambda: _post(fr.url, 'three').status_code == 200), 'the new model was not picked up'
     # an invalid config: logged with its error, the old one keeps serving
     fr.config_path.write_text(_config(one.url, two.url, extra='  four:\n    endpoints: []\n'))
@@ -85,7 +92,15 @@ def test_sighup_reloads_every_worker(procs: ProcessManager, tmp_path: Path, mock
     argv = fastroute_cmd('serve', '-c', str(path), '--listen', '{host}:{port}', '--log-level', 'info')
     proc = procs.start(argv, name='fastroute', ready_path='/healthz', ready_status=200)
     assert _post(proc.url, 'three').status_code == 404
-    path.write_text(_config(one.url, two.url, watch=False, workers=2, extra=f'  three:\n    endpoints: ["{one.url}"]\n'))
+    path.write_text(
+        _config(
+            one.url,
+            two.url,
+            watch=False,
+            workers=2,
+            extra=f'  three:\n    endpoints: ["{one.url}"]\n    upstream_model: one-up\n',
+        )
+    )
     time.sleep(1.2)  # no file watch: nothing changes until the signal
     assert _post(proc.url, 'three').status_code == 404
     os.kill(proc.popen.pid, signal.SIGHUP)
@@ -99,7 +114,7 @@ def test_unchanged_models_keep_their_pools_and_in_flight_requests_finish(
 ):
     one, two = mocks
     other = start_mock(model='two-up', name='other')
-    fr = start_fastroute(procs, _config(one.url, two.url, watch=False), tmp_path)
+    fr = start_fastroute(procs, _config(one.url, two.url, watch=False), tmp_path, '--log-level', 'info')
     for _ in range(5):
         assert _post(fr.url, 'one').status_code == 200
     before = _endpoint(fr.url, 'one')

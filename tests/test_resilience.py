@@ -216,9 +216,13 @@ def _clean(env):
             m.reset()
 
 
+_client = httpx.Client(timeout=15)
+
+
 def _post(env: dict[str, Any], model: str, stream: bool = False, **kw: Any) -> httpx.Response:
     body = {'model': model, 'messages': [{'role': 'user', 'content': 'hello'}], 'stream': stream}
-    return env['fr'].post('/v1/chat/completions', body, **kw)
+    headers = {'authorization': f'Bearer {KEYS["acme"]}'}
+    return _client.post(env['fr'].url + '/v1/chat/completions', json=body, headers=headers, **kw)
 
 
 def _served(r: httpx.Response) -> str:
@@ -367,5 +371,5 @@ def test_a_stream_cut_mid_answer_is_an_error_event_and_counted(env):
 
 
 def _endpoint_state(env: dict[str, Any], model: str) -> dict[str, Any]:
-    r = env['fr'].get('/readyz', tenant=None)
+    r = _client.get(env['fr'].url + '/readyz')
     return r.json()['endpoints'][model][0]
