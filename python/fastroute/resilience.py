@@ -379,6 +379,7 @@ class Walk:
         ep = ctx.endpoint
         pool = ctx.pool
         assert ep is not None and pool is not None
+        err = err.with_traceback(None)  # kept in the walk and on the endpoint: no frames (they hold ctx)
         ra = err.retry_after
         if err.stage == 'status' and err.status == 429:
             ep.last_error = err

@@ -1089,10 +1089,16 @@ class Pool:
                 best, low = ep, score
         return best
 
+    def saturated(self) -> bool:
+        """At a concurrency limit (rather than out of endpoints that work): worth queueing for."""
+        if self.max_in_flight and self.in_flight() >= self.max_in_flight:
+            return True
+        return any(ep.cap and ep.outstanding >= ep.cap and not ep.down for ep in self.endpoints)
+
     async def wait_slot(self, adapter: str | None) -> Endpoint | None:
         """Queue for an endpoint within `limits.queue` and `limits.queue_timeout`; None: shed the request."""
         waiters = self.waiters
-        if waiters is None or len(waiters) >= self.limits.queue:
+        if waiters is None or len(waiters) >= self.limits.queue or not self.saturated():
             return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.queue_timeout
