@@ -51,19 +51,24 @@ import yaml
 from fastroute.errors import ConfigError
 
 __all__ = [
+    'AdapterPoll',
     'Admin',
+    'Breaker',
     'ClassifyTargets',
     'Config',
     'ConfigErrors',
     'ConfigIssue',
     'Endpoint',
     'HeaderMatch',
+    'HealthCheck',
+    'Limits',
     'Match',
     'Model',
     'PathMatch',
     'Price',
     'Range',
     'Redis',
+    'Retry',
     'Route',
     'Server',
     'Split',
@@ -95,6 +100,61 @@ class Timeouts(_Base):
     total: float = 600.0
 
 
+class Retry(_Base):
+    """Fallback and retries: which failures move a request to the next candidate, and how often that may happen.
+
+    Candidates: the model's other endpoints, then its `fallback` models in order. A try moves on only while no
+    byte has reached the client."""
+
+    max_attempts: int = 3  # tries per request, the first included, across endpoints and fallback models
+    # upstream statuses that move on (400/413/422 never do)
+    on_status: list[int] = msgspec.field(default_factory=lambda: [429, 500, 502, 503, 504])
+    retry_after_max: float = 1.0  # an upstream's Retry-After up to this (s) is waited for; longer: move on
+    backoff: float = 0.02  # base of the jittered exponential backoff between tries (s)
+    backoff_max: float = 0.5
+    budget_ratio: float = 0.2  # retries stay within this share of the model's requests (sliding 10 s window) ...
+    budget_min_per_s: float = 1.0  # ... plus this many per second, so quiet traffic can still retry
+
+
+class Breaker(_Base):
+    """Per-endpoint circuit breaker: open on consecutive failures or an error rate; half-open after `cooldown`."""
+
+    consecutive_failures: int = 5
+    error_rate: float = 0.5  # open when this share of a window's requests failed ...
+    min_requests: int = 20  # ... and the window holds at least this many
+    window: float = 10.0  # seconds
+    cooldown: float = 5.0  # seconds open before probe requests are let through
+    half_open_probes: int = 1  # requests let through at once while half-open
+
+
+class HealthCheck(_Base):
+    """Active health checks of a model's endpoints (GET `path`; 2xx is healthy)."""
+
+    path: str = '/health'
+    interval: float = 5.0
+    timeout: float = 1.0
+    unhealthy_after: int = 2  # consecutive failed checks that take an endpoint out
+    healthy_after: int = 1  # consecutive good checks that bring it back
+
+
+class Limits(_Base):
+    """Concurrency limits of one worker; past them and the queue, requests are shed with 503 + Retry-After."""
+
+    max_in_flight: int = 0  # requests in flight to this model (0: no limit)
+    max_in_flight_per_endpoint: int = 0  # per endpoint (0: no limit)
+    queue: int = 0  # requests that may wait for a slot
+    queue_timeout: float = 1.0  # longest wait for a slot (s)
+
+
+class AdapterPoll(_Base):
+    """LoRA adapter affinity: poll each endpoint for loaded adapters and load (vLLM `/metrics` or `/v1/models`)."""
+
+    source: Literal['metrics', 'models'] = 'metrics'
+    interval: float = 2.0
+    timeout: float = 1.0
+    max_waiting: int = 8  # an endpoint with more requests waiting than this is not preferred
+
+
 class Server(_Base):
     listen: str = '127.0.0.1:8080'
     workers: int = 1
@@ -109,6 +169,10 @@ class Server(_Base):
     token_estimator: Literal['fast', 'exact'] = 'fast'
     encoding: Literal['o200k_base', 'cl100k_base'] = 'o200k_base'
     timeouts: Timeouts = Timeouts()
+    retry: Retry = Retry()  # default for every model
+    breaker: Breaker = Breaker()  # default for every model
+    grace_period: float = 30.0  # on SIGTERM: how long in-flight requests (streams too) may take to finish
+    watch_config: bool = True  # reload when the config file changes (checked once a second)
 
 
 class Price(_Base):
@@ -140,6 +204,13 @@ class Model(_Base):
     price: Price = Price()
     fallback: list[str] = []  # other models to try, in order (used by the resilience layer)
     timeouts: Timeouts | None = None  # overrides server.timeouts for this pool
+    retry: Retry | None = None  # overrides server.retry for this model
+    breaker: Breaker | None = None  # overrides server.breaker for this model
+    first_token_timeout: float | None = None  # a stream with no body byte within this (s) fails over
+    balance: Literal['p2c', 'round_robin', 'weighted', 'least_outstanding'] = 'p2c'
+    limits: Limits = Limits()
+    health: HealthCheck | None = None  # active checks (off when absent)
+    adapter_affinity: AdapterPoll | None = None  # prefer endpoints with the request's adapter loaded
 
 
 class Tenant(_Base):
@@ -974,6 +1045,8 @@ class _Checker:
         if not _TOKEN.match(s.key_header):
             self.add('server.key_header', f'{s.key_header!r} is not a header name; e.g. authorization or x-api-key')
         self.timeouts('server.timeouts', s.timeouts)
+        self.resilience('server', s.retry, s.breaker)
+        self.positive('server.grace_period', s.grace_period, 'a grace period (seconds)', '30')
         self.admin()
         self.redis()
 
@@ -1044,6 +1117,61 @@ class _Checker:
                 self.model_ref(where, target)
         if model.timeouts is not None:
             self.timeouts(f'{path}.timeouts', model.timeouts)
+        self.resilience(path, model.retry, model.breaker)
+        self.model_upkeep(path, model)
+
+    def resilience(self, path: str, retry: Retry | None, breaker: Breaker | None) -> None:
+        """Retry and breaker settings (fastroute.resilience reads them)."""
+        if retry is not None:
+            p = f'{path}.retry'
+            if retry.max_attempts < 1:
+                self.add(f'{p}.max_attempts', f'must be at least 1 (1: no retries), got {retry.max_attempts}')
+            for i, st in enumerate(retry.on_status):
+                if st in (400, 401, 403, 404, 413, 422) or not 400 <= st <= 599:
+                    self.add(
+                        f'{p}.on_status[{i}]',
+                        f'{st} cannot be retried: list 408, 429 or 5xx statuses (a request the upstream refused as '
+                        'malformed would fail again)',
+                    )
+            for field in ('retry_after_max', 'backoff', 'backoff_max', 'budget_ratio', 'budget_min_per_s'):
+                v = getattr(retry, field)
+                if not (math.isfinite(v) and v >= 0):
+                    self.add(f'{p}.{field}', f'must be zero or a positive number, got {v!r}')
+        if breaker is not None:
+            p = f'{path}.breaker'
+            if breaker.consecutive_failures < 1:
+                self.add(f'{p}.consecutive_failures', f'must be at least 1, got {breaker.consecutive_failures}')
+            if not 0 < breaker.error_rate <= 1:
+                self.add(f'{p}.error_rate', f'must be a share in (0, 1], got {breaker.error_rate!r}; e.g. 0.5')
+            if breaker.min_requests < 1:
+                self.add(f'{p}.min_requests', f'must be at least 1, got {breaker.min_requests}')
+            if breaker.half_open_probes < 1:
+                self.add(f'{p}.half_open_probes', f'must be at least 1, got {breaker.half_open_probes}')
+            self.positive(f'{p}.window', breaker.window, 'a window (seconds)', '10')
+            self.positive(f'{p}.cooldown', breaker.cooldown, 'a cool-down (seconds)', '5')
+
+    def model_upkeep(self, path: str, model: Model) -> None:
+        """Streams' first-token deadline, limits, health checks and adapter polling of one model."""
+        if model.first_token_timeout is not None:
+            self.positive(f'{path}.first_token_timeout', model.first_token_timeout, 'a timeout (seconds)', '10')
+        lim = model.limits
+        for field in ('max_in_flight', 'max_in_flight_per_endpoint', 'queue'):
+            if getattr(lim, field) < 0:
+                self.add(f'{path}.limits.{field}', f'must be 0 (no limit) or more, got {getattr(lim, field)}')
+        self.positive(f'{path}.limits.queue_timeout', lim.queue_timeout, 'a timeout (seconds)', '1')
+        h = model.health
+        if h is not None:
+            if not h.path.startswith('/'):
+                self.add(f'{path}.health.path', f'{h.path!r} must start with /; e.g. /health')
+            self.positive(f'{path}.health.interval', h.interval, 'an interval (seconds)', '5')
+            self.positive(f'{path}.health.timeout', h.timeout, 'a timeout (seconds)', '1')
+            for field in ('unhealthy_after', 'healthy_after'):
+                if getattr(h, field) < 1:
+                    self.add(f'{path}.health.{field}', f'must be at least 1, got {getattr(h, field)}')
+        a = model.adapter_affinity
+        if a is not None:
+            self.positive(f'{path}.adapter_affinity.interval', a.interval, 'an interval (seconds)', '2')
+            self.positive(f'{path}.adapter_affinity.timeout', a.timeout, 'a timeout (seconds)', '1')
 
     def endpoint_url(self, path: str, url: str) -> None:
         try:

@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,8 @@ from fastroute.errors import (
     UpstreamError,
     error_body,
 )
-from fastroute.upstream import Endpoint, Pool, Readiness, build_pools
+from fastroute.resilience import Walk, status_error
+from fastroute.upstream import Endpoint, Pool, Readiness, UpstreamResponse, UpstreamStream, build_pools
 
 if TYPE_CHECKING:
     from fastroute._core import Decision, Router
@@ -54,7 +56,6 @@ SERVERS = ('native', 'granian')
 LOG_LEVEL_ENV = 'FASTROUTE_LOG_LEVEL'
 STANDARD_PATHS = ('/v1/chat/completions', '/v1/completions', '/v1/embeddings')
 EXPLAIN_PATH = '/v1/route/explain'
-RELOAD_CLOSE_AFTER = 60.0  # seconds the replaced config's upstream pools stay open for in-flight requests
 DEFAULT_EXPLAIN_PATH = '/v1/chat/completions'
 
 # What a path leads to.
@@ -94,11 +95,13 @@ class Snapshot:
         'tenant_by_key',
     )
 
-    def __init__(self, cfg: Config, router: Router, path: str | None = None) -> None:
+    def __init__(
+        self, cfg: Config, router: Router, path: str | None = None, keep: dict[str, Pool] | None = None
+    ) -> None:
         self.cfg = cfg
         self.router = router
         self.path = path
-        self.pools: dict[str, Pool] = build_pools(cfg)
+        self.pools: dict[str, Pool] = build_pools(cfg, keep)  # `keep`: a reload keeps unchanged models' pools
         self.max_body = _size(cfg.server.max_body_bytes)
         self.key_header = cfg.server.key_header.lower()
         self.paths: dict[str, int] = {
@@ -124,9 +127,12 @@ class Snapshot:
         self.models_cache: dict[str | None, tuple[bytes, dict[str, bytes]]] = {}
         self.readiness = Readiness(self.pools)
 
-    async def close(self) -> None:
+    async def close(self, keep: dict[str, Pool] | None = None) -> None:
+        """Close the pools, except those in `keep` (carried into the config that replaced this one)."""
+        kept = {id(p) for p in keep.values()} if keep else set()
         for pool in self.pools.values():
-            await pool.close()
+            if id(pool) not in kept:
+                await pool.close()
 
 
 def _size(v: int | str) -> int:
@@ -191,8 +197,8 @@ def _tenant_keys(cfg: Config) -> dict[str, str]:
     return out
 
 
-def load_snapshot(path: str) -> Snapshot:
-    """Load, validate and compile a config file.
+def load_snapshot(path: str, keep: dict[str, Pool] | None = None) -> Snapshot:
+    """Load, validate and compile a config file. `keep`: pools of the serving config that may be reused.
 
     Raises:
         ConfigError: naming the file and the path inside it.
@@ -201,7 +207,7 @@ def load_snapshot(path: str) -> Snapshot:
 
     cfg = load_config(path)  # validated and resolved: key hashes, sizes, env keys
     router = compile_config(cfg, file=path)
-    return Snapshot(cfg, router, path)
+    return Snapshot(cfg, router, path, keep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +234,10 @@ class Ctx:
     upstream_ns: int = 0  # time spent waiting on the upstream
     status: int = 0  # the status answered (0: nothing yet)
     error: FastrouteError | None = None
+    ttft_ns: int = 0  # perf_counter_ns when the first body byte went to the client
+    fallbacks: list | None = None  # one (model, endpoint_url, cause) per failed attempt
+    aborted: bool = False  # an upstream stream broke after bytes went out
+    walk: Walk | None = None  # the fallback walk, once a try failed (fastroute.resilience)
 
 
 _rid_prefix = os.urandom(4).hex()
@@ -252,11 +262,28 @@ def decision_headers(ctx: Ctx) -> list[tuple[str, str]]:
     us = str((perf_counter_ns() - ctx.t0 - ctx.upstream_ns) // 1000)
     if d is None:
         return [('x-request-id', ctx.rid), ('x-fastroute-overhead-us', us)]
+    if ctx.fallbacks:
+        return _fallback_headers(ctx, d, us)
     return [
         ('x-fastroute-route', d.route or ''),
         ('x-fastroute-model', d.pool or ''),
         ('x-fastroute-adapter', d.adapter or ''),
         ('x-fastroute-variant', d.variant or ''),
+        ('x-request-id', ctx.rid),
+        ('x-fastroute-overhead-us', us),
+    ]
+
+
+def _fallback_headers(ctx: Ctx, d: Decision, us: str) -> list[tuple[str, str]]:
+    """After failed tries: the model that answered, the one decided, and the number of tries. Cold path."""
+    served = ctx.pool.name if ctx.pool is not None else d.pool
+    return [
+        ('x-fastroute-route', d.route or ''),
+        ('x-fastroute-model', served or ''),
+        ('x-fastroute-adapter', (d.adapter or '') if served == d.pool else ''),
+        ('x-fastroute-variant', d.variant or ''),
+        ('x-fastroute-decided-model', d.pool or ''),
+        ('x-fastroute-attempts', str(ctx.attempts)),
         ('x-request-id', ctx.rid),
         ('x-fastroute-overhead-us', us),
     ]
@@ -358,14 +385,42 @@ def decide(ctx: Ctx, method: str) -> Decision | None:
 
 
 def pick_endpoint(ctx: Ctx) -> Endpoint | None:
-    """Phase 3: an endpoint of the decided pool (least outstanding, round-robin on ties)."""
+    """Phase 3: an endpoint of the decided pool (the pool's balancing; endpoints that are down skipped).
+
+    None: nothing usable right now; `proxy` then queues, falls back or sheds (`no_endpoint`)."""
     pool = ctx.pool
     if pool is None:
         pool = ctx.pool = ctx.snap.pools.get(ctx.decision.pool)  # type: ignore[union-attr]
         if pool is None or not pool.endpoints:
             answer_error(ctx, NoRouteError(f'model {ctx.decision.pool!r} has no endpoints'))  # type: ignore[union-attr]
             return None
-    ep = ctx.endpoint = pool.pick()
+    pool.budget.request()
+    ep = ctx.endpoint = pool.pick(ctx.decision.adapter)  # type: ignore[union-attr]
+    return ep
+
+
+async def no_endpoint(ctx: Ctx) -> Endpoint | None:
+    """Phase 3b (cold): no endpoint of the decided model can take the request now. Wait in the model's
+    bounded queue, else a fallback model, else an endpoint only cooling down after a 429; else shed with
+    503 + Retry-After."""
+    pool = ctx.pool
+    assert pool is not None
+    if pool.waiters is not None:
+        ep = await pool.wait_slot(ctx.decision.adapter)  # type: ignore[union-attr]
+        if ep is not None:
+            ctx.endpoint = ep
+            return ep
+    walk = ctx.walk = Walk(ctx.snap, pool)
+    walk.skipped.extend(pool.unavailable())
+    ep = walk.next_endpoint(ctx)
+    if ep is None:
+        ep = pool.pick_other(set(), soft=True)  # only cooling down after a 429: ask it anyway
+        if ep is not None:
+            walk.skipped.clear()
+    if ep is None:
+        answer_error(ctx, walk.shed(pool))
+        return None
+    ctx.endpoint = ep
     return ep
 
 
@@ -382,16 +437,31 @@ def upstream_headers(ctx: Ctx) -> list[tuple[str, str]]:
     return out
 
 
-def on_upstream_error(ctx: Ctx, err: UpstreamError) -> Endpoint | None:
-    """Phase 4b: an upstream failed before anything reached the client. Next endpoint, or None to fail.
-
-    The resilience layer (fallback chains, bounded retries, circuit breakers) plugs in here; for
-    now every failure is final.
-    """
-    ep = ctx.endpoint
+async def on_upstream_error(ctx: Ctx, err: UpstreamError, resp: UpstreamResponse | None = None) -> Endpoint | None:
+    """Phase 4b: a try failed before any byte reached the client. Returns the next candidate (`ctx.pool` and
+    `ctx.endpoint` set to it), or None once the request has been answered: the upstream's own answer when
+    only one try was made, else a 502/503/504 naming every candidate tried (fastroute.resilience.Walk)."""
+    walk = ctx.walk
+    if walk is None:
+        walk = ctx.walk = Walk(ctx.snap, ctx.pool)  # type: ignore[arg-type]
+    ep = await walk.next_after(ctx, err)
     if ep is not None:
-        ep.failures += 1
+        return ep
+    final = walk.final(err)
+    if final is err and resp is not None:
+        relay(ctx, resp)
+    else:
+        answer_error(ctx, final)
     return None
+
+
+def relay(ctx: Ctx, resp: UpstreamResponse) -> None:
+    """Answer with the upstream's whole answer: status, relayed headers, body."""
+    out = resp.headers
+    out += decision_headers(ctx)
+    ctx.status = resp.status
+    ctx.proto.response_bytes(resp.status, out, resp.body)
+    ctx.ttft_ns = perf_counter_ns()
 
 
 async def proxy(ctx: Ctx, method: str) -> None:
@@ -404,12 +474,15 @@ async def proxy(ctx: Ctx, method: str) -> None:
         return
     ep = pick_endpoint(ctx)
     if ep is None:
-        return
+        if ctx.status or await no_endpoint(ctx) is None:
+            return
     qs = ctx.scope.query_string
     upath = d.upstream_path or ctx.path
     if qs:
         upath = f'{upath}?{qs}'
     send_body = d.body or body
+    if ctx.walk is not None and ctx.pool.name != d.pool:  # type: ignore[union-attr]
+        send_body = ctx.walk.body_for(ctx.pool, send_body)  # type: ignore[arg-type]
     headers = upstream_headers(ctx)
     if d.stream:
         await stream_back(ctx, method, upath, headers, send_body)
@@ -418,8 +491,11 @@ async def proxy(ctx: Ctx, method: str) -> None:
 
 
 async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]], body: bytes) -> None:
-    """Phase 4 (non-streaming): send, read the whole answer, relay status, headers and body."""
+    """Phase 4 (non-streaming): send, read the whole answer, relay status, headers and body. A failure, or a
+    status in the model's `retry.on_status`, goes to `on_upstream_error` for the next candidate."""
     ep = ctx.endpoint
+    pool = ctx.pool
+    retry_on = pool.policy.retry_on  # type: ignore[union-attr]
     while True:
         ctx.attempts += 1
         ep.outstanding += 1  # type: ignore[union-attr]
@@ -428,42 +504,113 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
             resp = await ep.send(method, upath, headers, body)  # type: ignore[union-attr]
         except UpstreamError as err:
             ctx.upstream_ns += perf_counter_ns() - t
-            ep.outstanding -= 1  # type: ignore[union-attr]
-            ep = on_upstream_error(ctx, err)
+            ep.release()  # type: ignore[union-attr]
+            ep = await on_upstream_error(ctx, err)
             if ep is None:
-                answer_error(ctx, err)
                 return
-            ctx.endpoint = ep
+            if ctx.pool is not pool:
+                pool = ctx.pool
+                headers, body = upstream_headers(ctx), ctx.walk.body_for(pool, body)  # type: ignore[union-attr,arg-type]
             continue
         ctx.upstream_ns += perf_counter_ns() - t
-        ep.outstanding -= 1  # type: ignore[union-attr]
+        ep.release()  # type: ignore[union-attr]
+        status = resp.status
+        if status >= 400 and status in retry_on:
+            ep = await on_upstream_error(ctx, status_error(ep, resp), resp)  # type: ignore[arg-type]
+            if ep is None:
+                return
+            if ctx.pool is not pool:
+                pool = ctx.pool
+                headers, body = upstream_headers(ctx), ctx.walk.body_for(pool, body)  # type: ignore[union-attr,arg-type]
+            continue
         break
-    ep.failures = 0  # type: ignore[union-attr]
+    ep.ok()  # type: ignore[union-attr]
     out = resp.headers
     out += decision_headers(ctx)
-    ctx.status = resp.status
-    ctx.proto.response_bytes(resp.status, out, resp.body)
+    ctx.status = status
+    ctx.proto.response_bytes(status, out, resp.body)
+    ctx.ttft_ns = perf_counter_ns()
+
+
+class _ErrorAnswer(Exception):
+    """A streamed request answered with an error status (read whole): retry it or relay it."""
+
+    def __init__(self, resp: UpstreamResponse) -> None:
+        super().__init__(resp.status)
+        self.resp = resp
+
+
+async def _open_stream(
+    ep: Endpoint, method: str, upath: str, headers: list[tuple[str, str]], body: bytes, first_token: float | None
+) -> tuple[UpstreamStream, Any]:
+    """One streamed try up to its first body bytes, which are read before anything goes to the client, so a
+    failure until then can still move to another candidate.
+
+    Raises:
+        UpstreamError: connect, timeout, reset, or no first byte within `first_token` seconds.
+        _ErrorAnswer: the upstream answered with an error status (its whole body read)."""
+    up = await ep.open_stream(method, upath, headers, body)
+    try:
+        if up.status >= 400:
+            parts = []
+            while True:
+                c = await up.read_chunk()
+                if c is None:
+                    break
+                parts.append(bytes(c))
+            raise _ErrorAnswer(UpstreamResponse(up.status, up.headers, up.content_type, b''.join(parts)))
+        if first_token is None:
+            return up, await up.read_chunk()
+        try:
+            async with asyncio.timeout(first_token):
+                return up, await up.read_chunk()
+        except TimeoutError:
+            raise UpstreamError(
+                f'upstream {ep.model} at {ep.base}: no token within the first-token deadline of {first_token:g}s',
+                endpoint=ep.base,
+                stage='timeout',
+                status=504,
+                code='upstream_first_token_timeout',
+            ) from None
+    except BaseException:
+        await up.aclose()
+        raise
 
 
 async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]], body: bytes) -> None:
-    """Phase 5 (streaming): relay bytes as they arrive, unchanged; stop the upstream at once if the client goes."""
+    """Phase 5 (streaming): relay bytes as they arrive, unchanged; stop the upstream at once if the client goes.
+
+    Until the first body bytes are in, a failure goes to `on_upstream_error` like a non-streamed one. After
+    that, a break ends the stream with an OpenAI-shaped error event and no `[DONE]` (counted, `ctx.aborted`)."""
     ep = ctx.endpoint
+    pool = ctx.pool
+    policy = pool.policy  # type: ignore[union-attr]
+    # Overhead of a stream: everything up to the moment the upstream request goes out.
+    ctx.upstream_ns = 0
+    overhead_at = perf_counter_ns()
     while True:
         ctx.attempts += 1
         ep.outstanding += 1  # type: ignore[union-attr]
-        # Overhead of a stream: everything up to the moment the upstream request goes out.
-        ctx.upstream_ns = 0
-        overhead_at = perf_counter_ns()
         try:
-            up = await ep.open_stream(method, upath, headers, body)  # type: ignore[union-attr]
-        except UpstreamError as err:
-            ep.outstanding -= 1  # type: ignore[union-attr]
-            ep = on_upstream_error(ctx, err)
-            if ep is None:
+            up, first = await _open_stream(ep, method, upath, headers, body, policy.first_token_timeout)  # type: ignore[arg-type]
+        except (UpstreamError, _ErrorAnswer) as exc:
+            ep.release()  # type: ignore[union-attr]
+            if isinstance(exc, _ErrorAnswer):
+                resp = exc.resp
+                if resp.status not in policy.retry_on:
+                    ep.ok()  # type: ignore[union-attr]
+                    ctx.upstream_ns = perf_counter_ns() - overhead_at
+                    relay(ctx, resp)
+                    return
+                ep = await on_upstream_error(ctx, status_error(ep, resp), resp)  # type: ignore[arg-type]
+            else:
                 ctx.upstream_ns = perf_counter_ns() - overhead_at
-                answer_error(ctx, err)
+                ep = await on_upstream_error(ctx, exc)
+            if ep is None:
                 return
-            ctx.endpoint = ep
+            if ctx.pool is not pool:
+                pool = ctx.pool
+                headers, body = upstream_headers(ctx), ctx.walk.body_for(pool, body)  # type: ignore[union-attr,arg-type]
             continue
         break
     ctx.upstream_ns = perf_counter_ns() - overhead_at
@@ -480,18 +627,23 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
         out += decision_headers(ctx)
         ctx.status = up.status
         transport = ctx.proto.response_stream(up.status, out)
-        ep.failures = 0  # type: ignore[union-attr]
+        ep.ok()  # type: ignore[union-attr]
         try:
-            while True:
-                chunk = await up.read_chunk()
-                if chunk is None:
-                    break
-                await transport.send_bytes(chunk)
+            if first is not None:
+                await transport.send_bytes(first)
+                ctx.ttft_ns = perf_counter_ns()
+                while True:
+                    chunk = await up.read_chunk()
+                    if chunk is None:
+                        break
+                    await transport.send_bytes(chunk)
         except UpstreamError as err:
             # Bytes already went out: the status cannot change. Say so in the stream and end it
             # without [DONE], so the client knows the answer is incomplete.
             ctx.error = err.with_traceback(None)  # no frame -> ctx -> error cycle
-            on_upstream_error(ctx, err)
+            ctx.aborted = True
+            ep.aborted += 1  # type: ignore[union-attr]
+            ep.failed(ctx.error)  # type: ignore[union-attr,arg-type]
             await transport.send_bytes(b'data: ' + error_body(err) + b'\n\n')
     except asyncio.CancelledError:
         if not (watch.done() and not watch.cancelled()):
@@ -506,7 +658,7 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
         watch.remove_done_callback(on_disconnect)
         if not watch.done():
             watch.cancel()
-        ep.outstanding -= 1  # type: ignore[union-attr]
+        ep.release()  # type: ignore[union-attr]
         # granian ends the response when the transport is released: never let a traceback keep it.
         transport = None
         await up.aclose()
@@ -596,7 +748,8 @@ async def explain(ctx: Ctx) -> None:
     out = d.to_dict()
     out['path'] = path
     pool = ctx.snap.pools.get(d.pool) if d.pool else None
-    out['endpoint'] = pool.pick().base if pool is not None and pool.endpoints else None
+    ep = pool.pick() if pool is not None and pool.endpoints else None
+    out['endpoint'] = ep.base if ep is not None else None
     answer_json(ctx, 200, out)
 
 
@@ -606,17 +759,27 @@ async def explain(ctx: Ctx) -> None:
 
 
 class App:
-    """The RSGI application. Loads its config (path from `FASTROUTE_CONFIG`) in each worker."""
+    """The RSGI application. Loads its config (path from `FASTROUTE_CONFIG`) in each worker.
+
+    Reload (each worker reloads itself): `POST /admin/reload`, SIGHUP (the native server forwards it to its
+    workers), and a change of the config file (checked once a second unless `server.watch_config: false`).
+    A reload validates and compiles the new config, then swaps it in whole; in-flight requests finish on the
+    old one; models whose settings did not change keep their pools (connections, breakers, health); an
+    invalid config is logged and the old one keeps serving."""
 
     def __init__(self, config_path: str | None = None, snapshot: Snapshot | None = None) -> None:
         self.config_path = config_path
         self.snapshot: Snapshot | None = snapshot
         self._admin: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the config file last loaded or tried
+        self._reloading: asyncio.Lock | None = None
 
     def load(self) -> Snapshot:
         path = self.config_path or os.environ.get(CONFIG_ENV)
         if not path:
             raise ConfigError(f'no config: set {CONFIG_ENV} or pass config_path')
+        self._seen = _file_stamp(path)
         self.snapshot = load_snapshot(path)
         return self.snapshot
 
@@ -628,11 +791,19 @@ class App:
     async def reload(self) -> tuple[bool, str]:
         """Load, validate and compile the config file again; swap it in only if all of that succeeded.
         Returns (reloaded, message). A bad config is logged and the current one keeps serving."""
+        if self._reloading is None:
+            self._reloading = asyncio.Lock()
+        async with self._reloading:  # one at a time: a SIGHUP and a file change may come together
+            return self._reload()
+
+    def _reload(self) -> tuple[bool, str]:
         path = (self.snapshot.path if self.snapshot else None) or self.config_path or os.environ.get(CONFIG_ENV)
         if not path:
             return False, f'no config file to reload: set {CONFIG_ENV}'
+        self._seen = _file_stamp(path)
+        current = self.snapshot
         try:
-            snap = load_snapshot(path)
+            snap = load_snapshot(path, current.pools if current is not None else None)
         except ConfigError as exc:
             log.error('fastroute: reload rejected, still serving the previous config: %s', exc)
             return False, f'config rejected, previous config still serving: {exc}'
@@ -640,11 +811,41 @@ class App:
             log.error('fastroute: reload failed, cannot read %s: %s', path, exc.strerror or exc)
             return False, f'cannot read {path}: {exc.strerror or exc}'
         old = self.swap(snap)
+        loop = asyncio.get_running_loop()
+        from fastroute.health import start_upkeep
+
+        start_upkeep(snap, loop)
+        kept = [name for name, p in snap.pools.items() if old is not None and old.pools.get(name) is p]
         if old is not None:
-            # in-flight requests hold `old`; its pools close once they have had time to finish
-            asyncio.get_running_loop().call_later(RELOAD_CLOSE_AFTER, lambda: asyncio.ensure_future(old.close()))
-        log.info('fastroute: config %s reloaded', path)
+            # in-flight requests hold `old`; the pools it does not pass on close once they are idle
+            loop.create_task(_retire(old, snap.pools))
+        log.info('fastroute: config %s reloaded (pools kept: %s)', path, ', '.join(kept) or 'none')
         return True, f'config {path} reloaded'
+
+    def on_sighup(self) -> None:
+        """SIGHUP: reload the config file (the native server calls this in each worker)."""
+        log.info('fastroute: SIGHUP: reloading the config')
+        asyncio.ensure_future(self.reload())
+
+    def on_drain(self) -> None:
+        """SIGTERM: the server stops accepting; `/readyz` answers 503 from now on, the file watch stops."""
+        global _draining
+        _draining = True
+        if self._watch is not None:
+            self._watch.cancel()
+
+    async def _watch_config(self) -> None:
+        """Reload when the config file's mtime or size changes (checked once a second)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            snap = self.snapshot
+            path = snap.path if snap is not None else None
+            if not path:
+                continue
+            stamp = _file_stamp(path)
+            if stamp is not None and stamp != self._seen:
+                log.info('fastroute: config file %s changed: reloading', path)
+                await self.reload()
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         _setup_logging(os.environ.get(LOG_LEVEL_ENV, 'info'))
@@ -655,6 +856,15 @@ class App:
             except ConfigError as exc:
                 log.error('fastroute: %s', exc)
                 raise SystemExit(1) from None
+        snap = self.snapshot
+        if snap is not None:
+            from fastroute.health import start_upkeep
+
+            start_upkeep(snap, loop)
+            if snap.path and snap.cfg.server.watch_config:
+                if self._seen is None:
+                    self._seen = _file_stamp(snap.path)
+                self._watch = loop.create_task(self._watch_config())
         if self.snapshot is not None and self.snapshot.cfg.admin is not None:
             self._admin = loop.create_task(self._start_admin(loop))
 
@@ -668,6 +878,8 @@ class App:
             return None
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         snap = self.snapshot
         if snap is not None:
             try:
@@ -728,6 +940,34 @@ class App:
 
 _POST = frozenset({'POST'})
 _GET = frozenset({'GET', 'HEAD'})
+WATCH_INTERVAL = 1.0  # seconds between checks of the config file
+RETIRE_MAX = 600.0  # a replaced config's pools close once idle, or after this long at most
+_draining = False  # SIGTERM received: /readyz says 503
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+async def _retire(old: Snapshot, kept: dict[str, Pool]) -> None:
+    """Close the pools of a replaced config that the new one did not keep, once no request uses them."""
+    keep = {id(p) for p in kept.values()}
+    gone = [p for p in old.pools.values() if id(p) not in keep]
+    if not gone:
+        return
+    for p in gone:  # health checks of a replaced pool stop at once
+        for t in p.tasks:
+            t.cancel()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RETIRE_MAX
+    while loop.time() < deadline and any(ep.outstanding for p in gone for ep in p.endpoints):
+        await asyncio.sleep(1.0)
+    for p in gone:
+        await p.close()
 
 
 def _method_not_allowed(ctx: Ctx, method: str, allowed: frozenset[str]) -> None:
@@ -736,9 +976,18 @@ def _method_not_allowed(ctx: Ctx, method: str, allowed: frozenset[str]) -> None:
 
 
 async def ready(ctx: Ctx) -> None:
+    """`/readyz`: 200 when every model has an endpoint that is reachable and not out (breaker open, failing
+    health checks); each endpoint's state; 503 while draining."""
     result = await ctx.snap.readiness.check()
-    ok = all(result.values())
-    answer_json(ctx, 200 if ok else 503, {'status': 'ready' if ok else 'not ready', 'models': result})
+    now = time.monotonic()
+    models = {}
+    endpoints = {}
+    for name, pool in ctx.snap.pools.items():
+        models[name] = bool(result.get(name)) and any(ep.usable(now, soft=True) for ep in pool.endpoints)
+        endpoints[name] = [ep.state() for ep in pool.endpoints]
+    ok = all(models.values()) and not _draining
+    status = 'draining' if _draining else 'ready' if ok else 'not ready'
+    answer_json(ctx, 200 if ok else 503, {'status': status, 'models': models, 'endpoints': endpoints})
 
 
 def create_app(config_path: str | None = None) -> App:
@@ -842,7 +1091,15 @@ def cli_serve(args: argparse.Namespace) -> int:
         from fastroute.server import serve
 
         try:
-            return serve('fastroute.gateway:app', host, port, workers, args.backlog, access_log=args.access_log)
+            return serve(
+                'fastroute.gateway:app',
+                host,
+                port,
+                workers,
+                args.backlog,
+                access_log=args.access_log,
+                grace=cfg.server.grace_period,
+            )
         except OSError as exc:
             print(f'fastroute: cannot listen on {host}:{port}: {exc.strerror or exc}', file=sys.stderr)
             return 1
@@ -896,6 +1153,7 @@ def cli_explain(args: argparse.Namespace) -> int:
     out = d.to_dict()
     out['path'] = args.path
     pool = snap.pools.get(d.pool) if d.pool else None
-    out['endpoint'] = pool.pick().base if pool is not None and pool.endpoints else None
+    ep = pool.pick() if pool is not None and pool.endpoints else None
+    out['endpoint'] = ep.base if ep is not None else None
     sys.stdout.write(msgspec.json.format(_encode(out), indent=2).decode() + '\n')
     return 0

@@ -19,7 +19,8 @@ answered in order, one at a time (reading pauses while one waits); bodies by con
 `Content-Length` on byte answers, `Transfer-Encoding: chunked` on streams (each send is one chunk, written
 at once); write backpressure; malformed HTTP -> 400 and close; an app error -> 500 if nothing was sent,
 else the connection closes; idle keep-alive and header-read timeouts. On SIGTERM/SIGINT a worker stops
-accepting, lets in-flight requests finish within a grace period, then exits.
+accepting, lets in-flight requests finish within a grace period, then exits. SIGHUP calls the app's
+`on_sighup` (the gateway reloads its config) in every worker; the parent forwards it.
 """
 
 from __future__ import annotations
@@ -643,6 +644,9 @@ class Server:
         self.stopping = True
         if self.listener is not None:
             self.listener.close()
+        on_drain = getattr(self.app, 'on_drain', None)
+        if on_drain is not None:
+            on_drain()
         for c in list(self.conns):
             c.closing = True
             if c.idle() and not c.closed:
@@ -703,6 +707,12 @@ def run_worker(
     server = Server(app, loop, access_log=access_log)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
+    # SIGHUP: the app reloads its config (each worker itself); ignored by an app that cannot
+    on_hup = getattr(app, 'on_sighup', None)
+    if on_hup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    else:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     async def main() -> None:
         await server.start(sock, backlog)
@@ -779,12 +789,18 @@ def _supervise(target: Any, sock: socket.socket, backlog: int, workers: int, acc
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def forward_hup(signum: int, _frame: object) -> None:
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         for _ in range(workers):
             children[_spawn(target, sock, backlog, access_log, grace)] = time.monotonic()
-        for sig in old:
+        for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, forward)
+        signal.signal(signal.SIGHUP, forward_hup)  # each worker reloads its own config
         while children:
             try:
                 pid, status = os.wait()

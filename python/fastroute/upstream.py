@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import random
 import socket
 import ssl
 import time
@@ -47,10 +48,14 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from fastroute.config import Breaker as _BreakerCfg
 from fastroute.errors import UpstreamError
+from fastroute.resilience import CLOSED, HALF_OPEN, OPEN, Breaker, Policy, RetryBudget, policy_for
 
 if TYPE_CHECKING:
     from fastroute.config import Config, Model
+
+_DEFAULT_BREAKER = _BreakerCfg()
 
 __all__ = [
     'Endpoint',
@@ -559,16 +564,28 @@ class Endpoint:
         '_path',
         '_port',
         '_ssl',
+        'aborted',
+        'adapters',
         'base',
+        'breaker',
+        'cap',
         'closed',
+        'connects',
         'conns',
+        'cool_until',
+        'current',
+        'down',
         'failures',
+        'health_streak',
+        'healthy',
         'idle',
         'last_error',
+        'load',
         'loop',
         'model',
         'open',
         'outstanding',
+        'pool_waiters',
         'timeouts',
         'waiters',
         'weight',
@@ -592,11 +609,101 @@ class Endpoint:
         self.idle: list[_Conn] = []  # most recently used last
         self.conns: set[_Conn] = set()
         self.open = 0  # connections open or opening
+        self.connects = 0  # connections opened so far
         self.waiters: collections.deque[asyncio.Future] = collections.deque()
         self.closed = False
+        # -- health (fastroute.resilience, fastroute.health); `down` is the one flag the happy path reads
+        self.breaker = Breaker(_DEFAULT_BREAKER)
+        self.down = False  # breaker not closed, failing health checks, or cooling down after a 429
+        self.healthy = True  # active health checks (always true without them)
+        self.health_streak = 0  # consecutive health-check results against the current `healthy`
+        self.cool_until = 0.0  # a 429's Retry-After: not picked before this (time.monotonic)
+        self.cap = 0  # most requests in flight (0: no cap)
+        self.pool_waiters: collections.deque[asyncio.Future] | None = None  # the pool's queue, when limited
+        self.current = 0.0  # smooth weighted round-robin
+        self.aborted = 0  # streams that broke after bytes went to the client
+        self.adapters: frozenset[str] | None = None  # loaded LoRA adapters (None: not polled)
+        self.load = (0, 0)  # (running, waiting) requests at the upstream, when polled
 
     def __repr__(self) -> str:
         return f'Endpoint({self.model}: {self.base}, outstanding={self.outstanding})'
+
+    # -- health
+
+    def usable(self, now: float, soft: bool = False) -> bool:
+        """May a request go here now (health, breaker, 429 cool-down, concurrency cap)? `soft`: a 429's
+        cool-down does not count (nobody else is left to ask)."""
+        if self.cap and self.outstanding >= self.cap:
+            return False
+        if not self.down:
+            return True
+        if not self.healthy or (now < self.cool_until and not soft):
+            return False
+        return self.breaker.ready(now, self.outstanding)
+
+    def release(self) -> None:
+        """A request to this endpoint is over: free its slot and wake one queued request."""
+        self.outstanding -= 1
+        w = self.pool_waiters
+        if w:
+            _wake_one(w)
+
+    def ok(self) -> None:
+        """The endpoint answered (any status not counted as its failure)."""
+        self.failures = 0
+        if self.breaker.success(time.monotonic()) or self.down:
+            self._update_down()
+
+    def failed(self, err: UpstreamError) -> bool:
+        """The endpoint failed a request (connect, timeout, reset, retryable 5xx). True when its breaker opened."""
+        self.failures += 1
+        self.last_error = err
+        opened = self.breaker.failure(time.monotonic())
+        if opened:
+            self.down = True
+        return opened
+
+    def cool_down(self, seconds: float) -> None:
+        """A 429 with a Retry-After: pick others until it is over."""
+        self.cool_until = time.monotonic() + seconds
+        self.down = True
+
+    def _update_down(self) -> None:
+        self.down = not self.healthy or self.breaker.state != CLOSED or self.cool_until > time.monotonic()
+
+    def set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            self.healthy = healthy
+            self._update_down()
+
+    def state(self) -> dict[str, object]:
+        """For operators (`/admin/models`, `/readyz`): url, breaker state, load, failures, last error, adapters."""
+        now = time.monotonic()
+        b = self.breaker
+        state = b.state
+        if state == OPEN and now >= b.until:
+            state = HALF_OPEN
+        out: dict[str, object] = {
+            'url': self.base,
+            'state': state,
+            'healthy': self.healthy,
+            'outstanding': self.outstanding,
+            'connections': self.open,
+            'connections_opened': self.connects,
+            'consecutive_failures': b.consecutive,
+            'error_rate': b.error_rate(now),
+            'opened': b.opened,
+            'aborted_streams': self.aborted,
+            'last_error': self.last_error.message if self.last_error is not None else None,
+        }
+        if state == OPEN:
+            out['retry_in'] = round(b.until - now, 2)
+        if self.cool_until > now:
+            out['cooling_down_for'] = round(self.cool_until - now, 2)
+        if self.adapters is not None:
+            out['adapters'] = sorted(self.adapters)
+            out['running'], out['waiting'] = self.load
+        return out
 
     # -- the pool
 
@@ -644,6 +751,7 @@ class Endpoint:
 
     async def _connect(self) -> _Conn:
         self.open += 1
+        self.connects += 1
         loop = self.loop
         ok = False
         try:
@@ -779,12 +887,57 @@ class Endpoint:
         self.waiters.clear()
 
 
+def _wake_one(waiters: collections.deque[asyncio.Future]) -> None:
+    while waiters:
+        w = waiters.popleft()
+        if not w.done():
+            w.set_result(None)
+            return
+
+
 class Pool:
-    """The endpoints of one logical model, and the constant parts of every request sent to them."""
+    """The endpoints of one logical model, how to choose among them, and the constant parts of every request.
 
-    __slots__ = ('_rr', 'api_key', 'auth_headers', 'endpoints', 'name', 'timeouts', 'upstream_model')
+    Balancing (`models.<name>.balance`): "p2c" (default: two random endpoints, the one with fewer requests in
+    flight per unit of weight), "least_outstanding", "round_robin" or "weighted" (smooth weighted round-robin).
+    Endpoints that are down (breaker open, failing health checks, cooling down after a 429) or at their
+    concurrency cap are skipped. With `adapter_affinity`, endpoints that have the request's adapter loaded and
+    few requests waiting are preferred.
+    """
 
-    def __init__(self, name: str, endpoints: list[Endpoint], api_key: str | None, upstream_model: str | None) -> None:
+    __slots__ = (
+        '_rr',
+        'affinity',
+        'api_key',
+        'auth_headers',
+        'balance',
+        'budget',
+        'endpoints',
+        'fallback',
+        'key',
+        'limits',
+        'max_in_flight',
+        'name',
+        'policy',
+        'tasks',
+        'timeouts',
+        'upstream_model',
+        'waiters',
+    )
+
+    def __init__(
+        self,
+        name: str,
+        endpoints: list[Endpoint],
+        api_key: str | None,
+        upstream_model: str | None,
+        *,
+        model: Model | None = None,
+        policy: Policy | None = None,
+    ) -> None:
+        from fastroute.config import Model as ModelCfg
+        from fastroute.config import Retry
+
         self.name = name
         self.endpoints = tuple(endpoints)
         self.api_key = api_key
@@ -793,26 +946,220 @@ class Pool:
         self.auth_headers: tuple[tuple[str, str], ...] = (('authorization', f'Bearer {api_key}'),) if api_key else ()
         self.timeouts = endpoints[0].timeouts if endpoints else None
         self._rr = 0
+        m = model or ModelCfg(endpoints=[])
+        self.policy = policy or Policy(Retry(), _DEFAULT_BREAKER, None)
+        self.budget = RetryBudget(self.policy.budget_ratio, self.policy.budget_min_per_s)
+        self.balance = m.balance
+        self.limits = m.limits
+        self.max_in_flight = m.limits.max_in_flight
+        self.affinity = m.adapter_affinity
+        self.fallback = tuple(m.fallback)
+        self.key: object = None  # what the pool was built from: an equal key on reload keeps the pool
+        self.tasks: list[asyncio.Task] = []  # health checks and adapter polls (fastroute.health)
+        limited = bool(m.limits.max_in_flight or m.limits.max_in_flight_per_endpoint)
+        self.waiters: collections.deque[asyncio.Future] | None = collections.deque() if limited else None
+        for ep in self.endpoints:
+            ep.breaker = Breaker(self.policy.breaker)
+            ep.cap = m.limits.max_in_flight_per_endpoint
+            ep.pool_waiters = self.waiters
 
-    def pick(self) -> Endpoint:
-        """Least outstanding requests; ties go round-robin. O(endpoints), no allocation."""
+    # -- choosing an endpoint
+
+    def pick(self, adapter: str | None = None) -> Endpoint | None:
+        """An endpoint for a new request, or None when none can take one now."""
         eps = self.endpoints
-        n = len(eps)
-        if n == 1:
-            return eps[0]
-        start = self._rr = (self._rr + 1) % n
-        best = eps[start]
-        low = best.outstanding
-        if low:
-            for i in range(1, n):
-                ep = eps[(start + i) % n]
-                if ep.outstanding < low:
-                    best, low = ep, ep.outstanding
-                    if not low:
-                        break
+        if self.max_in_flight and self.in_flight() >= self.max_in_flight:
+            return None
+        if len(eps) == 1:
+            ep = eps[0]
+            if ep.down or ep.cap:
+                return ep if ep.usable(time.monotonic()) else None
+            return ep
+        if adapter is not None and self.affinity is not None:
+            ep = self._pick_adapter(adapter)
+            if ep is not None:
+                return ep
+        balance = self.balance
+        if balance == 'p2c':
+            return self._p2c()
+        if balance == 'round_robin':
+            return self._round_robin()
+        if balance == 'weighted':
+            return self._weighted()
+        return self._least()
+
+    def pick_other(self, tried: set[Endpoint], soft: bool = False) -> Endpoint | None:
+        """The least busy usable endpoint not tried yet (a retry). `soft`: see `Endpoint.usable`."""
+        if self.max_in_flight and self.in_flight() >= self.max_in_flight:
+            return None
+        now = time.monotonic()
+        best = None
+        low = 0.0
+        for ep in self.endpoints:
+            if ep in tried or not ep.usable(now, soft):
+                continue
+            score = ep.outstanding / ep.weight
+            if best is None or score < low:
+                best, low = ep, score
         return best
 
+    def in_flight(self) -> int:
+        return sum(ep.outstanding for ep in self.endpoints)
+
+    def _p2c(self) -> Endpoint | None:
+        eps = self.endpoints
+        n = len(eps)
+        rnd = random.random
+        i = int(rnd() * n)
+        j = int(rnd() * (n - 1))
+        if j >= i:
+            j += 1
+        a, b = eps[i], eps[j]
+        if a.down or b.down or a.cap:
+            now = time.monotonic()
+            ua, ub = a.usable(now), b.usable(now)
+            if not (ua and ub):
+                if ua:
+                    return a
+                if ub:
+                    return b
+                return self._least()
+        # NOTE: outstanding per unit of weight; equal weights compare the counts.
+        if a.outstanding * b.weight <= b.outstanding * a.weight:
+            return a
+        return b
+
+    def _least(self) -> Endpoint | None:
+        """Least outstanding requests (per unit of weight) among usable endpoints; ties go round-robin."""
+        eps = self.endpoints
+        n = len(eps)
+        start = self._rr = (self._rr + 1) % n
+        now = time.monotonic()
+        best = None
+        low = 0.0
+        for i in range(n):
+            ep = eps[(start + i) % n]
+            if (ep.down or ep.cap) and not ep.usable(now):
+                continue
+            score = ep.outstanding / ep.weight
+            if best is None or score < low:
+                best, low = ep, score
+        return best
+
+    def _round_robin(self) -> Endpoint | None:
+        eps = self.endpoints
+        n = len(eps)
+        now = time.monotonic()
+        for _ in range(n):
+            self._rr = (self._rr + 1) % n
+            ep = eps[self._rr]
+            if not (ep.down or ep.cap) or ep.usable(now):
+                return ep
+        return None
+
+    def _weighted(self) -> Endpoint | None:
+        """Smooth weighted round-robin over the usable endpoints: exact shares, evenly interleaved."""
+        now = time.monotonic()
+        total = 0.0
+        best = None
+        for ep in self.endpoints:
+            if (ep.down or ep.cap) and not ep.usable(now):
+                continue
+            ep.current += ep.weight
+            total += ep.weight
+            if best is None or ep.current > best.current:
+                best = ep
+        if best is not None:
+            best.current -= total
+        return best
+
+    def _pick_adapter(self, adapter: str) -> Endpoint | None:
+        """Least busy usable endpoint that has `adapter` loaded and not too many requests waiting."""
+        assert self.affinity is not None
+        max_waiting = self.affinity.max_waiting
+        now = time.monotonic()
+        best = None
+        low = 0.0
+        for ep in self.endpoints:
+            loaded = ep.adapters
+            if loaded is None or adapter not in loaded or ep.load[1] > max_waiting or not ep.usable(now):
+                continue
+            score = ep.outstanding / ep.weight
+            if best is None or score < low:
+                best, low = ep, score
+        return best
+
+    def saturated(self) -> bool:
+        """At a concurrency limit (rather than out of endpoints that work): worth queueing for."""
+        if self.max_in_flight and self.in_flight() >= self.max_in_flight:
+            return True
+        return any(ep.cap and ep.outstanding >= ep.cap and not ep.down for ep in self.endpoints)
+
+    async def wait_slot(self, adapter: str | None) -> Endpoint | None:
+        """Queue for an endpoint within `limits.queue` and `limits.queue_timeout`; None: shed the request."""
+        waiters = self.waiters
+        if waiters is None or len(waiters) >= self.limits.queue or not self.saturated():
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.queue_timeout
+        while True:
+            fut = loop.create_future()
+            waiters.append(fut)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await fut
+            except TimeoutError:
+                return None
+            finally:
+                if not fut.done():
+                    fut.cancel()
+                    try:
+                        waiters.remove(fut)
+                    except ValueError:
+                        pass
+            ep = self.pick(adapter)
+            if ep is not None:
+                if waiters:  # more than one slot may have freed
+                    _wake_one(waiters)
+                return ep
+
+    def unavailable(self) -> list[str]:
+        """Why each endpoint cannot take a request now (for the error message)."""
+        now = time.monotonic()
+        out = []
+        for ep in self.endpoints:
+            if not ep.healthy:
+                why = 'failing health checks'
+            elif ep.cool_until > now:
+                why = f'rate limited for {ep.cool_until - now:.1f}s more'
+            elif ep.breaker.state == OPEN and now < ep.breaker.until:
+                why = f'circuit open, next probe in {ep.breaker.until - now:.1f}s'
+            elif ep.breaker.state != CLOSED:
+                why = 'circuit half-open, probe in flight'
+            elif ep.cap and ep.outstanding >= ep.cap:
+                why = f'at its limit of {ep.cap} requests in flight'
+            else:
+                continue
+            out.append(f'{self.name} at {ep.base}: {why}')
+        if not out and self.max_in_flight:
+            out.append(f'{self.name}: at its limit of {self.max_in_flight} requests in flight')
+        return out
+
+    def retry_in(self) -> float | None:
+        """Seconds until an endpoint that is down may take requests again (shortest), when known."""
+        now = time.monotonic()
+        waits = []
+        for ep in self.endpoints:
+            if ep.cool_until > now:
+                waits.append(ep.cool_until - now)
+            elif ep.breaker.state == OPEN and ep.breaker.until > now:
+                waits.append(ep.breaker.until - now)
+        return min(waits) if waits else None
+
     async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        self.tasks.clear()
         for ep in self.endpoints:
             await ep.close()
 
@@ -830,10 +1177,23 @@ def _api_key(model: Model) -> str | None:
     return None
 
 
-def build_pools(cfg: Config) -> dict[str, Pool]:
-    """One Pool per configured model. Clients are created lazily, inside the worker's event loop."""
+def pool_key(cfg: Config, model: Model) -> object:
+    """Everything a model's pool is built from: a reload keeps the pool (and its connections) when equal."""
+    return (model, _timeouts(cfg, model), cfg.server.retry, cfg.server.breaker, _api_key(model))
+
+
+def build_pools(cfg: Config, keep: dict[str, Pool] | None = None) -> dict[str, Pool]:
+    """One Pool per configured model. Clients are created lazily, inside the worker's event loop.
+
+    `keep`: the pools serving now (a reload); a model whose settings did not change keeps its pool, with its
+    connections, breakers and balancing state."""
     pools = {}
     for name, model in cfg.models.items():
+        key = pool_key(cfg, model)
+        old = keep.get(name) if keep else None
+        if old is not None and old.key == key:
+            pools[name] = old
+            continue
         timeouts = _timeouts(cfg, model)
         eps = []
         for ep in model.endpoints:
@@ -841,7 +1201,9 @@ def build_pools(cfg: Config) -> dict[str, Pool]:
                 eps.append(Endpoint(name, ep, 1.0, timeouts))
             else:
                 eps.append(Endpoint(name, ep.url, ep.weight, timeouts))
-        pools[name] = Pool(name, eps, _api_key(model), model.upstream_model)
+        pool = Pool(name, eps, _api_key(model), model.upstream_model, model=model, policy=policy_for(cfg, model))
+        pool.key = key
+        pools[name] = pool
     return pools
 
 
