@@ -38,6 +38,7 @@ from fastroute.errors import (
     UpstreamError,
     error_body,
 )
+from fastroute.experiments import LIVE as EXPERIMENTS
 from fastroute.upstream import Endpoint, Pool, Readiness, build_pools
 
 if TYPE_CHECKING:
@@ -123,6 +124,8 @@ class Snapshot:
         self.tenant_by_key = _tenant_keys(cfg)
         self.models_cache: dict[str | None, tuple[bytes, dict[str, bytes]]] = {}
         self.readiness = Readiness(self.pools)
+        if cfg.experiments or EXPERIMENTS.live:
+            EXPERIMENTS.configure(cfg)
 
     async def close(self) -> None:
         for pool in self.pools.values():
@@ -228,6 +231,10 @@ class Ctx:
     upstream_ns: int = 0  # time spent waiting on the upstream
     status: int = 0  # the status answered (0: nothing yet)
     error: FastrouteError | None = None
+    ttft_ns: int = 0  # perf_counter_ns when the first body byte went to the client
+    fallbacks: list | None = None  # (model, endpoint_url, cause) per failed attempt
+    aborted: bool = False  # an upstream stream broke after bytes went out
+    experiment: Any = None  # experiments.Ticket when an experiment took this request
 
 
 _rid_prefix = os.urandom(4).hex()
@@ -402,6 +409,8 @@ async def proxy(ctx: Ctx, method: str) -> None:
     d = decide(ctx, method)
     if d is None:
         return
+    if EXPERIMENTS.active:
+        d = EXPERIMENTS.assign(ctx, d)
     ep = pick_endpoint(ctx)
     if ep is None:
         return
@@ -442,6 +451,9 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
     out = resp.headers
     out += decision_headers(ctx)
     ctx.status = resp.status
+    if ctx.experiment is not None:
+        ctx.experiment.seen_body(resp.body)
+    ctx.ttft_ns = perf_counter_ns()
     ctx.proto.response_bytes(resp.status, out, resp.body)
 
 
@@ -481,16 +493,22 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
         ctx.status = up.status
         transport = ctx.proto.response_stream(up.status, out)
         ep.failures = 0  # type: ignore[union-attr]
+        exp = ctx.experiment
         try:
             while True:
                 chunk = await up.read_chunk()
                 if chunk is None:
                     break
                 await transport.send_bytes(chunk)
+                if not ctx.ttft_ns:
+                    ctx.ttft_ns = perf_counter_ns()
+                if exp is not None:
+                    exp.seen_chunk(chunk)
         except UpstreamError as err:
             # Bytes already went out: the status cannot change. Say so in the stream and end it
             # without [DONE], so the client knows the answer is incomplete.
             ctx.error = err.with_traceback(None)  # no frame -> ctx -> error cycle
+            ctx.aborted = True
             on_upstream_error(ctx, err)
             await transport.send_bytes(b'data: ' + error_body(err) + b'\n\n')
     except asyncio.CancelledError:
@@ -514,6 +532,8 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
 
 def record(ctx: Ctx) -> None:
     """Phase 6: after the answer. Metrics, cost and experiment outcomes hook in here."""
+    if ctx.experiment is not None:
+        ctx.experiment.done(ctx)
 
 
 # ---------------------------------------------------------------------------------------------
