@@ -529,6 +529,7 @@ class Registry:
 
     def ensure_started(self) -> None:
         if self._task is None or self._task.done():
+            self.owner = f'{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}'  # per worker, after a fork
             self._ensure_store()
             self._task = asyncio.ensure_future(self._run())
 
