@@ -9,7 +9,6 @@ import math
 import random
 
 import pytest
-
 from fastroute.canary import Counts, beta_binomial_bounds, evaluate, harm_evidence, simulate
 from fastroute.config import loads_config
 from fastroute.experiments import ActionError, Registry
