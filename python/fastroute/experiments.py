@@ -551,7 +551,7 @@ class Registry:
         return self.store.key('exp', e.name, e.spec_hash, *parts)
 
     def _adopt(self, e: Live, st: State) -> None:
-        if st.version <= e.state.version and st.epoch == e.state.epoch and e.state.spec == st.spec:
+        if st == e.state:
             return
         old = e.state
         if st.epoch != old.epoch:

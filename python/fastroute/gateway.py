@@ -677,6 +677,8 @@ class App:
                 raise SystemExit(1) from None
         if self.snapshot is not None and self.snapshot.cfg.admin is not None:
             self._admin = loop.create_task(self._start_admin(loop))
+        if EXPERIMENTS.active:
+            loop.call_soon(EXPERIMENTS.ensure_started)  # read the shared state before the first request
 
     async def _start_admin(self, loop: asyncio.AbstractEventLoop) -> Any:
         from fastroute.admin import start_admin
