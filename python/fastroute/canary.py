@@ -240,10 +240,12 @@ def simulate(
     tolerance: float = 0.05,
     max_requests: int = 20_000,
     look_every: int = 50,
+    promote: bool = True,
 ) -> dict[str, float]:
     """Run `runs` seeded canaries on one gate whose bad-request rate is `baseline_bad` for the baseline
     and `candidate_bad` for the candidate; each request goes to the candidate with the step's share.
-    The controller looks every `look_every` requests (min_duration 0). Returns the share of runs rolled
+    The controller looks every `look_every` requests (min_duration 0); with `promote` False it never leaves
+    the first step (the rollback test alone, the longest exposure to a false rollback). Returns the share of runs rolled
     back, promoted to the end, and still undecided after `max_requests`, and the median number of
     requests to a rollback."""
     rng = random.Random(seed)
@@ -261,6 +263,12 @@ def simulate(
             counts.add('errors', w, cand, bad)
             cand_total += cand
             if i % look_every:
+                continue
+            if not promote:
+                if harm_evidence(counts, 'errors') >= math.log(1 / alpha):
+                    outcome = 'rollback'
+                    to_rollback.append(i)
+                    break
                 continue
             v = evaluate(
                 counts,
