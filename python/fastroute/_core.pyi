@@ -83,3 +83,20 @@ def noop() -> None:
 
 def estimate_tokens(text: str | bytes, exact: bool = False, encoding: str = 'o200k_base') -> int:
     """Tokens in `text`: the fast estimate, or the exact BPE count when `exact`."""
+
+def bucket(salt: str, key: str) -> float:
+    """The bucket in [0, 1) of `key` for the experiment or split named `salt` (the pinned split hash)."""
+
+def rewrite_body(body: bytes, model: str | None = None, adapter_id: str | None = None) -> bytes:
+    """`body` with `model` and/or `adapter_id` set; the same object when nothing changes.
+
+    Raises:
+        fastroute.errors.RequestError: the body is not a JSON object.
+    """
+
+def body_user(body: bytes) -> str | None:
+    """The body's `user` field as written (escapes kept), or None.
+
+    Raises:
+        fastroute.errors.RequestError: the body is not a JSON object.
+    """

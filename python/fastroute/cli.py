@@ -14,6 +14,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     'explain': ('fastroute.gateway', 'cli_explain', 'print the decision trace for a request JSON read on stdin'),
     'mock': ('fastroute.mock', 'cli_mock', 'run an OpenAI-compatible upstream simulator'),
     'demo': ('fastroute.demo', 'cli_demo', 'start simulated upstreams and the router, send a traffic mix, report'),
+    'experiments': (
+        'fastroute.experiments',
+        'cli_experiments',
+        'list, show, pause, resume, promote, roll back, set the weight of experiments (admin API)',
+    ),
 }
 
 

@@ -54,8 +54,11 @@ __all__ = [
     'AdapterPoll',
     'Admin',
     'Breaker',
+    'Canary',
     'ClassifyTargets',
     'Config',
+    'Experiment',
+    'ExperimentArm',
     'ConfigErrors',
     'ConfigIssue',
     'Endpoint',
@@ -71,6 +74,7 @@ __all__ = [
     'Retry',
     'Route',
     'Server',
+    'Shadow',
     'Split',
     'Timeouts',
     'Tenant',
@@ -294,6 +298,54 @@ class Split(_Base):
     variants: list[Variant] = []
 
 
+class ExperimentArm(_Base):
+    """One side of a canary or a shadow: a model, and optionally an adapter on it."""
+
+    to: str
+    adapter: str | None = None
+
+
+GATES = ('errors', 'ttft_p95', 'latency_p95', 'aborts', 'empty')
+
+
+def _default_gates() -> dict[str, float]:
+    return {'errors': 0.02, 'ttft_p95': 0.05, 'latency_p95': 0.05, 'aborts': 0.01, 'empty': 0.01}
+
+
+class Canary(_Base):
+    """A candidate that takes traffic step by step, promoted or rolled back by a sequential test."""
+
+    baseline: ExperimentArm
+    candidate: ExperimentArm
+    steps: list[float] = msgspec.field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0])  # candidate % per step
+    min_duration: float = 60.0  # seconds each step lasts at least
+    min_samples: int = 200  # candidate requests each step sees at least
+    alpha: float = 0.05  # bound on the chance of rolling back a candidate that is no worse (all gates together)
+    # gate -> tolerance: how much higher the candidate's share of bad requests may be, and still be promoted
+    gates: dict[str, float] = msgspec.field(default_factory=_default_gates)
+
+
+class Shadow(_Base):
+    """Mirror a share of the experiment's traffic to a candidate; the client only ever sees the primary."""
+
+    to: str
+    adapter: str | None = None
+    share: float = 100.0  # percent of the scoped requests mirrored
+    max_in_flight: int = 8  # shadow requests at once per worker; beyond it they are dropped
+
+
+class Experiment(_Base):
+    """A/B variants, a canary and/or a shadow, for the requests in scope (route, model, tenant: all that are set)."""
+
+    route: str | None = None
+    model: str | None = None  # the model the routes decided
+    tenant: str | None = None
+    sticky: str | list[str] = 'user'  # like splits.sticky; none present: a hash of the body
+    variants: list[Variant] = []
+    canary: Canary | None = None
+    shadow: Shadow | None = None
+
+
 class Admin(_Base):
     """The admin listener: JSON admin API, metrics, dashboard. Separate from the data port."""
 
@@ -320,6 +372,7 @@ class Config(_Base):
     splits: dict[str, Split] = {}
     admin: Admin | None = None
     redis: Redis | None = None
+    experiments: dict[str, Experiment] = {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -679,6 +732,7 @@ def _kind_of(value: Any) -> str:
 
 
 _SECTIONS: dict[str, type] = {'models': Model, 'tenants': Tenant, 'splits': Split}  # name -> item
+_SECTIONS['experiments'] = Experiment
 _SINGLE_SECTIONS: dict[str, type] = {'server': Server, 'admin': Admin, 'redis': Redis}  # one struct each
 
 
@@ -1012,6 +1066,7 @@ class _Checker:
         self.tenants()
         self.splits()
         self.routes()
+        self.experiments()
         if self.cfg.default is not None:
             self.model_ref('default', self.cfg.default)
 
@@ -1262,6 +1317,84 @@ class _Checker:
                     where,
                     f'invalid sticky key {key!r}; use "header:<name>" (e.g. header:x-user-id), "tenant" or "user"',
                 )
+
+    def experiments(self) -> None:
+        owners = {t.adapter: name for name, t in self.cfg.tenants.items() if t.adapter}
+        routes = [r.name for r in self.cfg.routes]
+        for name, e in self.cfg.experiments.items():
+            path = _join('experiments', name)
+            self.name(path, name, 'experiment')
+            self.sticky(f'{path}.sticky', e.sticky)
+            if e.route is not None and e.route not in routes:
+                self.add(f'{path}.route', _unknown('route', e.route, routes))
+            if e.model is not None:
+                self.model_ref(f'{path}.model', e.model)
+            if e.tenant is not None and e.tenant not in self.cfg.tenants:
+                self.add(f'{path}.tenant', _unknown('tenant', e.tenant, list(self.cfg.tenants)))
+            if not (e.variants or e.canary or e.shadow):
+                self.add(path, 'nothing to do: give `variants` (A/B), `canary` or `shadow`')
+            if e.variants and e.canary:
+                self.add(path, '`variants` and `canary` both set; split the experiment in two')
+
+            def arm(where: str, to: str, adapter: str | None, e: Experiment = e) -> None:
+                self.model_ref(f'{where}.to', to)
+                owner = owners.get(adapter) if adapter else None
+                if owner is not None and e.tenant != owner:
+                    self.add(
+                        f'{where}.adapter',
+                        f'adapter {adapter!r} belongs to tenant {owner!r}; scope the experiment with tenant: {owner}',
+                    )
+
+            seen: set[str] = set()
+            for i, v in enumerate(e.variants):
+                where = f'{path}.variants[{i}]'
+                self.name(f'{where}.name', v.name, 'variant')
+                if v.name in seen:
+                    self.add(f'{where}.name', f'duplicate variant name {v.name!r}; variant names must be unique')
+                seen.add(v.name)
+                arm(where, v.to, v.adapter)
+                if not (math.isfinite(v.weight) and v.weight >= 0):
+                    self.add(f'{where}.weight', f'a variant weight must be 0 or more, got {v.weight!r}; e.g. 50')
+            if e.variants and not sum(v.weight for v in e.variants) > 0:
+                self.add(f'{path}.variants', 'the weights add up to 0; give at least one variant a positive weight')
+            if e.canary is not None:
+                self.canary(f'{path}.canary', e.canary, arm)
+            if e.shadow is not None:
+                sh = e.shadow
+                arm(f'{path}.shadow', sh.to, sh.adapter)
+                if not (math.isfinite(sh.share) and 0 < sh.share <= 100):
+                    self.add(f'{path}.shadow.share', f'a percentage in (0, 100], got {sh.share!r}; e.g. 10')
+                if sh.max_in_flight < 1:
+                    self.add(f'{path}.shadow.max_in_flight', f'must be at least 1, got {sh.max_in_flight}')
+
+    def canary(self, path: str, c: Canary, arm: Any) -> None:
+        arm(f'{path}.baseline', c.baseline.to, c.baseline.adapter)
+        arm(f'{path}.candidate', c.candidate.to, c.candidate.adapter)
+        if (c.baseline.to, c.baseline.adapter) == (c.candidate.to, c.candidate.adapter):
+            self.add(f'{path}.candidate', 'the candidate is the baseline; name a different model or adapter')
+        if not c.steps:
+            self.add(f'{path}.steps', 'no steps; e.g. [5, 25, 50, 100] (candidate percent of traffic)')
+        prev = 0.0
+        for i, step in enumerate(c.steps):
+            if not (math.isfinite(step) and prev < step <= 100):
+                self.add(f'{path}.steps[{i}]', f'steps must rise within (0, 100]; got {step!r} after {prev:g}')
+                break
+            prev = step
+        if c.steps and c.steps[-1] != 100:
+            self.warn(f'{path}.steps', 'the last step is below 100: the canary stops there once it passes')
+        if not (math.isfinite(c.min_duration) and c.min_duration >= 0):
+            self.add(f'{path}.min_duration', f'seconds, 0 or more; got {c.min_duration!r}')
+        if c.min_samples < 1:
+            self.add(f'{path}.min_samples', f'must be at least 1, got {c.min_samples}')
+        if not (0 < c.alpha < 0.5):
+            self.add(f'{path}.alpha', f'a probability in (0, 0.5), got {c.alpha!r}; e.g. 0.05')
+        if not c.gates:
+            self.add(f'{path}.gates', f'no gates; name at least one of {", ".join(GATES)}')
+        for gate, tol in c.gates.items():
+            if gate not in GATES:
+                self.add(f'{path}.gates.{gate}', _unknown('gate', gate, list(GATES)))
+            elif not (math.isfinite(tol) and 0 < tol < 1):
+                self.add(f'{path}.gates.{gate}', f'a tolerance in (0, 1) (a share of requests), got {tol!r}')
 
     def routes(self) -> None:
         seen: dict[str, int] = {}

@@ -39,6 +39,7 @@ from fastroute.errors import (
     UpstreamError,
     error_body,
 )
+from fastroute.experiments import LIVE as EXPERIMENTS
 from fastroute.resilience import Walk, status_error
 from fastroute.upstream import Endpoint, Pool, Readiness, UpstreamResponse, UpstreamStream, build_pools
 
@@ -126,6 +127,8 @@ class Snapshot:
         self.tenant_by_key = _tenant_keys(cfg)
         self.models_cache: dict[str | None, tuple[bytes, dict[str, bytes]]] = {}
         self.readiness = Readiness(self.pools)
+        if cfg.experiments or EXPERIMENTS.live:
+            EXPERIMENTS.configure(cfg)
 
     async def close(self, keep: dict[str, Pool] | None = None) -> None:
         """Close the pools, except those in `keep` (carried into the config that replaced this one)."""
@@ -238,6 +241,7 @@ class Ctx:
     fallbacks: list | None = None  # one (model, endpoint_url, cause) per failed attempt
     aborted: bool = False  # an upstream stream broke after bytes went out
     walk: Walk | None = None  # the fallback walk, once a try failed (fastroute.resilience)
+    experiment: Any = None  # experiments.Ticket when an experiment took this request
 
 
 _rid_prefix = os.urandom(4).hex()
@@ -472,6 +476,8 @@ async def proxy(ctx: Ctx, method: str) -> None:
     d = decide(ctx, method)
     if d is None:
         return
+    if EXPERIMENTS.active:
+        d = EXPERIMENTS.assign(ctx, d)
     ep = pick_endpoint(ctx)
     if ep is None:
         if ctx.status or await no_endpoint(ctx) is None:
@@ -528,6 +534,8 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
     out = resp.headers
     out += decision_headers(ctx)
     ctx.status = status
+    if ctx.experiment is not None:
+        ctx.experiment.seen_body(resp.body)
     ctx.proto.response_bytes(status, out, resp.body)
     ctx.ttft_ns = perf_counter_ns()
 
@@ -628,23 +636,7 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
         ctx.status = up.status
         transport = ctx.proto.response_stream(up.status, out)
         ep.ok()  # type: ignore[union-attr]
-        try:
-            if first is not None:
-                await transport.send_bytes(first)
-                ctx.ttft_ns = perf_counter_ns()
-                while True:
-                    chunk = await up.read_chunk()
-                    if chunk is None:
-                        break
-                    await transport.send_bytes(chunk)
-        except UpstreamError as err:
-            # Bytes already went out: the status cannot change. Say so in the stream and end it
-            # without [DONE], so the client knows the answer is incomplete.
-            ctx.error = err.with_traceback(None)  # no frame -> ctx -> error cycle
-            ctx.aborted = True
-            ep.aborted += 1  # type: ignore[union-attr]
-            ep.failed(ctx.error)  # type: ignore[union-attr,arg-type]
-            await transport.send_bytes(b'data: ' + error_body(err) + b'\n\n')
+        await _relay_stream(ctx, ep, up, first, transport)  # type: ignore[arg-type]
     except asyncio.CancelledError:
         if not (watch.done() and not watch.cancelled()):
             raise
@@ -664,8 +656,36 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
         await up.aclose()
 
 
+async def _relay_stream(ctx: Ctx, ep: Endpoint, up: UpstreamStream, first: Any, transport: Any) -> None:
+    """The body of a stream, first bytes included, as it arrives. A break once bytes went out cannot change
+    the status: it is said in the stream (an error event) and the stream ends without [DONE]."""
+    exp = ctx.experiment
+    try:
+        if first is None:
+            return
+        await transport.send_bytes(first)
+        ctx.ttft_ns = perf_counter_ns()
+        if exp is not None:
+            exp.seen_chunk(first)
+        while True:
+            chunk = await up.read_chunk()
+            if chunk is None:
+                break
+            await transport.send_bytes(chunk)
+            if exp is not None:
+                exp.seen_chunk(chunk)
+    except UpstreamError as err:
+        ctx.error = err.with_traceback(None)  # no frame -> ctx -> error cycle
+        ctx.aborted = True
+        ep.aborted += 1
+        ep.failed(ctx.error)
+        await transport.send_bytes(b'data: ' + error_body(err) + b'\n\n')
+
+
 def record(ctx: Ctx) -> None:
     """Phase 6: after the answer. Metrics, cost and experiment outcomes hook in here."""
+    if ctx.experiment is not None:
+        ctx.experiment.done(ctx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -867,6 +887,8 @@ class App:
                 self._watch = loop.create_task(self._watch_config())
         if self.snapshot is not None and self.snapshot.cfg.admin is not None:
             self._admin = loop.create_task(self._start_admin(loop))
+        if EXPERIMENTS.active:
+            loop.call_soon(EXPERIMENTS.ensure_started)  # read the shared state before the first request
 
     async def _start_admin(self, loop: asyncio.AbstractEventLoop) -> Any:
         from fastroute.admin import start_admin

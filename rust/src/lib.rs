@@ -408,6 +408,47 @@ fn estimate_tokens(text: &Bound<'_, PyAny>, exact: bool, encoding: &str) -> PyRe
     }
 }
 
+/// The bucket in [0, 1) of `key` for the experiment (or split) `salt`: fastroute-split-v1, the pinned
+/// hash splits use, so every process and replica puts the same key in the same bucket.
+#[pyfunction]
+fn bucket(salt: &str, key: &str) -> f64 {
+    split::unit_bucket(salt.as_bytes(), key.as_bytes())
+}
+
+fn scan_plain(body: &[u8]) -> Result<request::Body<'_>, DecideError> {
+    let opts = request::ScanOptions {
+        estimator: Estimator::Fast,
+        features: false,
+        metadata_keys: &[],
+    };
+    request::scan(body, &opts)
+}
+
+/// `body` with its `model` set to `model` and/or its `adapter_id` to `adapter_id` (None: unchanged).
+/// Every other byte is kept; the same bytes object comes back when nothing changes.
+#[pyfunction]
+#[pyo3(signature = (body, model = None, adapter_id = None))]
+fn rewrite_body<'py>(
+    body: &Bound<'py, PyBytes>,
+    model: Option<&str>,
+    adapter_id: Option<&str>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let py = body.py();
+    let raw = body.as_bytes();
+    let scanned = scan_plain(raw).map_err(|e| request_error(py, e))?;
+    match rewrite::plan(raw, &scanned, model, adapter_id) {
+        Some(plan) => rewritten_body(py, &plan, raw),
+        None => Ok(body.clone()),
+    }
+}
+
+/// The body's `user` field as written between the quotes (escapes kept), or None.
+#[pyfunction]
+fn body_user(py: Python<'_>, body: &[u8]) -> PyResult<Option<String>> {
+    let scanned = scan_plain(body).map_err(|e| request_error(py, e))?;
+    Ok(scanned.user.map(|u| u.raw.to_owned()))
+}
+
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -415,5 +456,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Decision>()?;
     m.add_function(wrap_pyfunction!(noop, m)?)?;
     m.add_function(wrap_pyfunction!(estimate_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(bucket, m)?)?;
+    m.add_function(wrap_pyfunction!(rewrite_body, m)?)?;
+    m.add_function(wrap_pyfunction!(body_user, m)?)?;
     Ok(())
 }

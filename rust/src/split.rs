@@ -101,6 +101,14 @@ pub fn hash(salt: &[u8], key: &[u8]) -> u64 {
     h ^ (h >> 33)
 }
 
+/// The bucket in [0, 1) of `key` under `salt`: the same 53-bit scale `Split` uses, so a key lands
+/// where a split with the same name would put it. Run-time experiments call this once per request.
+#[must_use]
+#[expect(clippy::cast_precision_loss, reason = "53-bit value is exact in f64")]
+pub fn unit_bucket(salt: &[u8], key: &[u8]) -> f64 {
+    ((hash(salt, key) >> 11) as f64) / (SCALE as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +121,14 @@ mod tests {
         assert_eq!(hash(b"canary", b"42"), 0x07b9_034f_226a_a129);
         assert_eq!(hash(b"", b""), 0x1bbd_5c81_3c69_a8d7);
         assert_ne!(hash(b"ab", b"c"), hash(b"a", b"bc"));
+    }
+
+    #[test]
+    fn unit_bucket_matches_split_bucket() {
+        let s = Split::new("exp", vec![], &[1.0]);
+        for k in ["", "u1", "tenant-a"] {
+            assert!((unit_bucket(b"exp", k.as_bytes()) - s.bucket(k.as_bytes())).abs() < f64::EPSILON);
+        }
     }
 
     #[test]

@@ -1,0 +1,134 @@
+"""Control state shared across workers and replicas through Redis (config `redis:`).
+
+What lives here: each experiment's control state (one JSON document with a version, changed only by
+compare-and-set), the canary's sample counters (one hash per experiment and epoch, added to with
+HINCRBY, so every worker's and replica's requests count), and a short lease that names the one process
+whose canary controller decides.
+
+Every call is bounded by `redis.timeout`. When Redis cannot be reached the call raises `Unavailable`;
+the caller keeps serving with the last state it read. The first failure of an outage is logged as an
+error naming the Redis URL, the recovery as info; `STATS` counts calls that failed and outages, for the
+metrics. Nothing here is on the request path: a worker's sync loop calls it a few times a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+__all__ = ['STATS', 'SharedState', 'Unavailable']
+
+log = logging.getLogger('fastroute')
+
+T = TypeVar('T')
+
+# Process-wide counters the metrics layer may export.
+STATS: dict[str, int] = {'calls': 0, 'failures': 0, 'outages': 0}
+
+# KEYS[1] state key; ARGV[1] the version the writer read (0: absent), ARGV[2] the new document.
+_CAS = """
+local cur = redis.call('GET', KEYS[1])
+local v = 0
+if cur then v = tonumber(cjson.decode(cur)['version']) or 0 end
+if v ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS[1] lease key; ARGV[1] owner, ARGV[2] ttl ms. Take the lease if free, renew it if ours.
+_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"""
+
+
+class Unavailable(Exception):
+    """Redis did not answer within `redis.timeout` (or refused the connection)."""
+
+
+class SharedState:
+    """A small async façade over redis-py for the experiment control state."""
+
+    def __init__(self, url: str, prefix: str, timeout: float) -> None:
+        import redis.asyncio as aioredis
+
+        self.url = url
+        self.prefix = prefix
+        self.timeout = timeout
+        self.client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+        )
+        self.up = True
+        self.last_error = ''
+        self._cas = self.client.register_script(_CAS)
+        self._lease = self.client.register_script(_LEASE)
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ':'.join(parts)
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        STATS['calls'] += 1
+        try:
+            out = await asyncio.wait_for(fn(), self.timeout * 2)
+        except Exception as exc:  # redis.RedisError, OSError, TimeoutError: all mean "not now"
+            STATS['failures'] += 1
+            self.last_error = f'{type(exc).__name__}: {exc}'
+            if self.up:
+                self.up = False
+                STATS['outages'] += 1
+                log.error(
+                    'fastroute: redis %s unreachable (%s failed: %s); serving with the last known experiment state',
+                    self.url,
+                    what,
+                    self.last_error,
+                )
+            raise Unavailable(self.last_error) from None
+        if not self.up:
+            self.up = True
+            log.info('fastroute: redis %s reachable again; experiment state catching up', self.url)
+        return out
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        out: list[bytes | None] = await self._call('MGET', lambda: self.client.mget(keys))
+        return out
+
+    async def create(self, key: str, doc: bytes) -> bool:
+        """Write `doc` only if nothing is there yet."""
+        return bool(await self._call('SET NX', lambda: self.client.set(key, doc, nx=True)))
+
+    async def cas(self, key: str, version: int, doc: bytes) -> bool:
+        """Write `doc` only if the stored document still has `version` (0: absent)."""
+        out = await self._call('CAS', lambda: self._cas(keys=[key], args=[version, doc]))
+        return bool(out)
+
+    async def add_counts(self, key: str, fields: Mapping[str, int], ttl: int = 7 * 86400) -> None:
+        async def run() -> Any:
+            pipe = self.client.pipeline(transaction=False)
+            for f, n in fields.items():
+                pipe.hincrby(key, f, n)
+            pipe.expire(key, ttl)
+            return await pipe.execute()
+
+        if fields:
+            await self._call('HINCRBY', run)
+
+    async def counts(self, key: str) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = await self._call('HGETALL', lambda: self.client.hgetall(key))
+        return out
+
+    async def lease(self, key: str, owner: str, ttl_ms: int) -> bool:
+        return bool(await self._call('lease', lambda: self._lease(keys=[key], args=[owner, ttl_ms])))
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except Exception:  # closing; nothing to report
+            pass
