@@ -30,7 +30,8 @@ def _sha(key: str) -> str:
 
 def experiments_config(small: str, large: str, shadow: str, admin_port: int) -> str:
     tenants = '\n'.join(f'  {t}: {{keys_sha256: ["{_sha(k)}"]}}' for t, k in KEYS.items())
-    canary = 'steps: [20, 50, 100], min_duration: {dur}, min_samples: {n}, gates: {gates}'
+    # alpha 0.01: a false rollback of the healthy (A/A) phases would fail a test; at most 1 % of runs, far fewer
+    canary = 'steps: [20, 50, 100], min_duration: {dur}, min_samples: {n}, alpha: 0.01, gates: {gates}'
     return f"""
 server:
   timeouts: {{connect: 1.0, first_byte: 5.0, idle: 5.0, total: 30.0}}
