@@ -11,7 +11,7 @@ import random
 import pytest
 from fastroute.canary import Counts, beta_binomial_bounds, evaluate, harm_evidence, simulate
 from fastroute.config import loads_config
-from fastroute.experiments import ActionError, Registry
+from fastroute.experiments import ActionError, Registry, Ticket
 
 ALPHA = 0.05
 
@@ -173,3 +173,23 @@ def test_a_reload_keeps_the_state_of_an_unchanged_experiment():
     reg.configure(loads_config(CONFIG.replace('[10, 50, 100]', '[20, 100]'), 'yaml'))
     assert reg.by_name['can'].state.status == 'running'
     assert reg.by_name['can'].state.weight == 20.0
+
+
+def test_empty_answers_are_recognised_whole_and_streamed():
+    reg = Registry()
+    reg.configure(loads_config(CONFIG, 'yaml'))
+
+    def ticket() -> Ticket:
+        return Ticket(reg.by_name['can'], 'candidate', True, 10.0, False)
+
+    full = b'{"choices":[{"message":{"role":"assistant","content":"[mock:v4] hi"}}],"usage":{"completion_tokens":3}}'
+    blank = b'{"choices":[{"message":{"role":"assistant","content":""}}],"usage":{"completion_tokens":0}}'
+    for body, empty in ((full, False), (blank, True), (memoryview(full), False)):
+        t = ticket()
+        t.seen_body(body)
+        assert t.empty is empty
+    t = ticket()
+    t.seen_chunk(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n')
+    assert not t.content
+    t.seen_chunk(b'data: {"choices":[{"delta":{"content":"word"}}]}\n\n')
+    assert t.content
