@@ -21,7 +21,7 @@ import pytest
 from conftest import ProcessManager, fastroute_cmd, free_port, subprocess_env, wait_http
 
 TOKEN = 'experiments-admin-token'
-KEYS = {t: f'sk-{t}-key' for t in ('acme', 'globex', 'initech', 'umbrella', 'hooli')}
+KEYS = {t: f'sk-{t}-key' for t in ('acme', 'globex', 'initech', 'umbrella', 'hooli', 'wayne')}
 
 
 def _sha(key: str) -> str:
@@ -38,7 +38,7 @@ server:
 admin: {{listen: "127.0.0.1:{admin_port}", token_env: FR_EXP_ADMIN}}
 models:
   small: {{endpoints: ["{small}"], upstream_model: phi-3-mini}}
-  large: {{endpoints: ["{large}"], upstream_model: llama-3-13b, adapters: [v3, v4, g1, g2, h1, h2]}}
+  large: {{endpoints: ["{large}"], upstream_model: llama-3-13b, adapters: [v3, v4, g1, g2, h1, h2, w1, w2]}}
   shadowed: {{endpoints: ["{shadow}"], upstream_model: shadow-model}}
 tenants:
 {tenants}
@@ -60,6 +60,11 @@ experiments:
     sticky: header:x-user-id
     canary: {{baseline: {{to: large, adapter: h1}}, candidate: {{to: large, adapter: h2}},
              {canary.format(dur=0.5, n=40, gates='{errors: 0.25, latency_p95: 0.4}')}}}
+  wayne-w2:
+    tenant: wayne
+    sticky: header:x-user-id
+    canary: {{baseline: {{to: large, adapter: w1}}, candidate: {{to: large, adapter: w2}},
+             {canary.format(dur=60, n=40, gates='{aborts: 0.05, errors: 0.05}')}}}
   umbrella-ab:
     tenant: umbrella
     sticky: header:x-user-id
@@ -73,7 +78,7 @@ experiments:
 @pytest.fixture(scope='module')
 def env(module_start_mock, module_procs: ProcessManager, tmp_path_factory):
     small = module_start_mock(model='phi-3-mini', name='small')
-    large = module_start_mock(model='llama-3-13b', adapters='v3,v4,g1,g2,h1,h2', name='large')
+    large = module_start_mock(model='llama-3-13b', adapters='v3,v4,g1,g2,h1,h2,w1,w2', name='large')
     shadow = module_start_mock(model='shadow-model', name='shadow', latency_ms=1500)
     admin_port = free_port()
     path = tmp_path_factory.mktemp('exp') / 'fastroute.yaml'
@@ -215,6 +220,27 @@ def test_a_candidate_with_slow_first_tokens_is_rolled_back(env):
     assert all(r[2] == 200 for r in traffic.results)
 
 
+def test_a_candidate_whose_streams_break_is_rolled_back(env):
+    large = env['large']
+    with Traffic(env['url'], 'wayne', stream=True) as traffic:
+        time.sleep(0.5)
+        large.set_faults({'kind': 'stream_cut', 'rate': 0.5, 'after_tokens': 2, 'abort': True, 'model': 'w2'})
+        started = time.monotonic()
+        try:
+            view = wait_for_status(env, 'wayne-w2', 'rolled_back', 60)
+            took = time.monotonic() - started
+        finally:
+            large.set_faults()
+    print(f"\nwayne-w2: rolled back {took:.2f}s after half the candidate's streams began breaking mid-answer")
+    # a reset that lands before the response head reached fastroute is a 502 (errors), after it an abort
+    reason = view['state']['reason']
+    assert 'aborts' in reason or 'errors' in reason, reason
+    assert view['canary']['last_look']['gates']['aborts']['candidate_rate'] > 0
+    assert view['canary']['last_look']['gates']['aborts']['baseline_rate'] == 0
+    baseline = [r for r in traffic.results if r[1] == 'baseline']
+    assert baseline and all(r[2] == 200 for r in baseline)
+
+
 def test_a_healthy_candidate_is_promoted_step_by_step(env):
     with Traffic(env['url'], 'initech') as traffic:
         view = wait_for_status(env, 'initech-h2', 'promoted', 90)
@@ -283,7 +309,7 @@ def test_admin_experiment_endpoints_need_the_token_and_name_real_experiments(env
     r = httpx.get(env['admin'] + '/admin/experiments', headers=_auth())
     assert r.status_code == 200
     names = {e['name'] for e in r.json()['experiments']}
-    assert names == {'acme-v4', 'globex-g2', 'initech-h2', 'umbrella-ab', 'hooli-shadow'}
+    assert names == {'acme-v4', 'globex-g2', 'wayne-w2', 'initech-h2', 'umbrella-ab', 'hooli-shadow'}
     missing = act(env, 'pause', name='nope')
     assert missing.status_code == 404 and 'acme-v4' in missing.json()['error']['message']
     bad = act(env, 'set-weight', name='acme-v4', weight=140)
