@@ -353,3 +353,83 @@ def test_cli_drives_the_admin_api(env):
         timeout=30,
     )
     assert no_token.returncode == 2 and 'FR_EXP_ADMIN' in no_token.stderr
+
+
+# --- config checks (no server) ---------------------------------------------------------------
+
+_BASE = """
+models:
+  large: {endpoints: ["http://127.0.0.1:9"], adapters: [v3, v4]}
+  small: {endpoints: ["http://127.0.0.1:9"]}
+tenants:
+  acme: {keys_sha256: ["%s"], base: large, adapter: acme-lora}
+routes: [{name: all, requested: true}]
+experiments:
+""" % ('a' * 64)
+
+
+@pytest.mark.parametrize(
+    ('experiment', 'path', 'message'),
+    [
+        ('x: {route: nope, shadow: {to: small}}', 'experiments.x.route', "unknown route 'nope'"),
+        ('x: {tenant: acme}', 'experiments.x', 'nothing to do'),
+        (
+            'x: {canary: {baseline: {to: large}, candidate: {to: large}}}',
+            'experiments.x.canary.candidate',
+            'the candidate is the baseline',
+        ),
+        (
+            'x: {canary: {baseline: {to: large}, candidate: {to: larg}}}',
+            'experiments.x.canary.candidate.to',
+            "did you mean 'large'",
+        ),
+        (
+            'x: {canary: {baseline: {to: large}, candidate: {to: large, adapter: v4}, steps: [50, 20]}}',
+            'experiments.x.canary.steps[1]',
+            'steps must rise',
+        ),
+        (
+            'x: {canary: {baseline: {to: large}, candidate: {to: small}, gates: {latency: 0.1}}}',
+            'experiments.x.canary.gates.latency',
+            "unknown gate 'latency'",
+        ),
+        (
+            'x: {canary: {baseline: {to: large}, candidate: {to: small}, alpha: 0.7}}',
+            'experiments.x.canary.alpha',
+            'a probability in (0, 0.5)',
+        ),
+        (
+            'x: {shadow: {to: large, adapter: acme-lora}}',
+            'experiments.x.shadow.adapter',
+            'belongs to tenant',
+        ),
+        ('x: {shadow: {to: small, share: 0}}', 'experiments.x.shadow.share', 'a percentage in (0, 100]'),
+        (
+            'x: {variants: [{name: a, to: small, weight: 0}, {name: a, to: large, weight: 0}]}',
+            'experiments.x.variants',
+            'add up to 0',
+        ),
+        ('x: {sticky: "cookie:x", shadow: {to: small}}', 'experiments.x.sticky', 'invalid sticky key'),
+        ('x: {shadow: {to: small, sample: 3}}', 'experiments.x.shadow', 'sample'),
+    ],
+)
+def test_experiment_config_errors_name_the_key(experiment, path, message):
+    from fastroute.config import ConfigError, loads_config
+
+    with pytest.raises(ConfigError) as info:
+        loads_config(_BASE + '  ' + experiment + '\n', 'yaml', file='f.yaml')
+    text = str(info.value)
+    assert f'f.yaml:{path}' in text and message in text, text
+
+
+def test_a_good_experiments_section_loads():
+    from fastroute.config import loads_config
+
+    cfg = loads_config(
+        _BASE
+        + '  can: {tenant: acme, canary: {baseline: {to: large}, candidate: {to: large, adapter: v4}}}\n'
+        + '  ab: {model: small, variants: [{name: a, to: small, weight: 1}, {name: b, to: large, weight: 3}]}\n',
+        'yaml',
+    )
+    assert cfg.experiments['can'].canary.steps == [5.0, 25.0, 50.0, 100.0]
+    assert set(cfg.experiments['can'].canary.gates) == {'errors', 'ttft_p95', 'latency_p95', 'aborts', 'empty'}

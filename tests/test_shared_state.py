@@ -152,6 +152,7 @@ def test_the_canary_decides_on_the_samples_of_every_replica(cluster):
         assert time.monotonic() < settle
         time.sleep(0.05)
     large.set_faults({'kind': '500', 'rate': 0.6, 'model': 'v4'})
+    started = time.monotonic()
     try:
         deadline = time.monotonic() + 60
         i = 0
@@ -167,6 +168,7 @@ def test_the_canary_decides_on_the_samples_of_every_replica(cluster):
     while (view := show(b['admin'], 'can'))['state']['status'] != 'rolled_back':
         assert time.monotonic() < deadline, view
         time.sleep(0.05)
+    print(f'\ncanary rolled back on the samples of both replicas {time.monotonic() - started:.2f}s after the fault')
     assert view['state']['history'][-1]['by'] == 'controller'
     assert 'errors' in view['state']['reason']
     assert act(a['admin'], 'resume', name='can').status_code == 200
