@@ -203,3 +203,18 @@ def test_redis_down_traffic_flows_then_state_catches_up(cluster):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert show(a['admin'], 'ab')['state_sharing']['redis_up'] is True
+
+
+def test_a_password_in_the_redis_url_never_shows():
+    from fastroute.sharedstate import safe_url
+
+    assert safe_url('redis://:hunter2@10.0.0.5:6379/0') == 'redis://:<redacted>@10.0.0.5:6379/0'
+    assert safe_url('rediss://app:hunter2@cache:6380/1') == 'rediss://app:<redacted>@cache:6380/1'
+    assert safe_url('redis://127.0.0.1:6379/0') == 'redis://127.0.0.1:6379/0'
+
+
+def test_admin_config_shows_the_redis_section(cluster):
+    a = cluster['replicas'][0]
+    cfg = _client.get(a['admin'] + '/admin/config', headers=_auth()).json()['config']
+    assert cfg['redis']['url'] == cluster['redis'].url
+    assert cfg['experiments']['can']['canary']['steps'] == [50.0, 100.0]

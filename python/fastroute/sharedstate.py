@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ['STATS', 'SharedState', 'Unavailable']
+__all__ = ['STATS', 'SharedState', 'Unavailable', 'safe_url']
 
 log = logging.getLogger('fastroute')
 
@@ -48,6 +48,16 @@ return 0
 """
 
 
+def safe_url(url: str) -> str:
+    """`url` without its password, for logs and the admin API."""
+    scheme, sep, rest = url.partition('://')
+    creds, at, host = rest.rpartition('@')
+    if not sep or not at:
+        return url
+    user = creds.split(':', 1)[0]
+    return f'{scheme}://{user + ":" if user else ":"}<redacted>@{host}' if ':' in creds else url
+
+
 class Unavailable(Exception):
     """Redis did not answer within `redis.timeout` (or refused the connection)."""
 
@@ -58,7 +68,7 @@ class SharedState:
     def __init__(self, url: str, prefix: str, timeout: float) -> None:
         import redis.asyncio as aioredis
 
-        self.url = url
+        self.url = safe_url(url)
         self.prefix = prefix
         self.timeout = timeout
         self.client = aioredis.Redis.from_url(
