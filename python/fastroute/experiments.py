@@ -53,6 +53,9 @@ LEASE_MS = 2000  # the canary controller's lease
 HISTORY = 50  # transitions kept in each experiment's state
 THRESHOLD_WINDOW = 500  # baseline samples behind the p95 the latency gates compare with
 THRESHOLD_MIN = 20
+# A worker whose event loop woke this late from the sync loop's sleep is busy: shadows are dropped ("shed")
+# until the next look, so that mirrored traffic never competes with primary requests for a saturated loop.
+SHADOW_SHED_LAG = 0.005
 
 TRANSITIONS: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
 TRANSITION_COUNTS: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -179,7 +182,8 @@ class ShadowStats:
 
     def __init__(self) -> None:
         self.sent = 0
-        self.dropped = 0
+        self.dropped = 0  # over max_in_flight, or shed while the worker was busy
+        self.shed = 0
         self.in_flight = 0
         self.errors = 0
         self.statuses: collections.Counter[str] = collections.Counter()
@@ -193,6 +197,7 @@ class ShadowStats:
         return {
             'sent': self.sent,
             'dropped': self.dropped,
+            'shed_busy': self.shed,
             'in_flight': self.in_flight,
             'errors': self.errors,
             'statuses': dict(self.statuses),
@@ -375,6 +380,10 @@ class Live:
         if stats.in_flight >= sh.max_in_flight:
             stats.dropped += 1
             return
+        if LIVE.busy:
+            stats.dropped += 1
+            stats.shed += 1
+            return
         d = ctx.decision
         out = _retarget(ctx, d, sh.to, sh.adapter, 'shadow')
         if out is None:
@@ -497,6 +506,7 @@ class Registry:
         self._task: asyncio.Task[None] | None = None
         self.owner = f'{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}'
         self.leader = False
+        self.busy = False  # the event loop lags: shed shadow traffic
         self.last_verdict: dict[str, dict[str, Any]] = {}
 
     # -- configuration --------------------------------------------------------------------
@@ -569,6 +579,7 @@ class Registry:
             )
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 await self.sync()
@@ -576,7 +587,9 @@ class Registry:
                 raise
             except Exception:
                 log.exception('experiments: sync failed; retrying')
+            t = loop.time()
             await asyncio.sleep(SYNC_INTERVAL)
+            self.busy = loop.time() - t - SYNC_INTERVAL > SHADOW_SHED_LAG
 
     async def sync(self) -> None:
         """Send samples, read every state, and (as the leader, or alone) let the canary controller look."""
