@@ -55,7 +55,7 @@ THRESHOLD_WINDOW = 500  # baseline samples behind the p95 the latency gates comp
 THRESHOLD_MIN = 20
 # A worker whose event loop woke this late from the sync loop's sleep is busy: shadows are dropped ("shed")
 # until the next look, so that mirrored traffic never competes with primary requests for a saturated loop.
-SHADOW_SHED_LAG = 0.005
+SHADOW_SHED_LAG = 0.05
 
 TRANSITIONS: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
 TRANSITION_COUNTS: collections.Counter[tuple[str, str]] = collections.Counter()
