@@ -218,3 +218,39 @@ def test_admin_config_shows_the_redis_section(cluster):
     cfg = _client.get(a['admin'] + '/admin/config', headers=_auth()).json()['config']
     assert cfg['redis']['url'] == cluster['redis'].url
     assert cfg['experiments']['can']['canary']['steps'] == [50.0, 100.0]
+
+
+def test_workers_without_redis_share_through_a_directory(procs, start_mock, tmp_path):
+    import os
+
+    small = start_mock(model='phi-3-mini', name='small-local')
+    large = start_mock(model='llama-3-13b', adapters='v3,v4', name='large-local')
+    admin_port = free_port()
+    text = shared_config(small.url, large.url, 'redis://unused', admin_port)
+    text = '\n'.join(line for line in text.splitlines() if not line.startswith('redis:'))
+    path = tmp_path / 'fastroute.yaml'
+    path.write_text(text)
+    argv = fastroute_cmd('serve', '-c', str(path), '--listen', '{host}:{port}', '--log-level', 'info')
+    proc = procs.start(
+        argv,
+        name='fastroute-local',
+        ready_path='/healthz',
+        ready_status=200,
+        env=subprocess_env({'FR_SHARED_ADMIN': TOKEN}),
+    )
+    admin = f'http://127.0.0.1:{admin_port}'
+    wait_http(admin + '/admin/experiments', status=401, proc=proc)
+    sharing = show(admin, 'can')['state_sharing']
+    assert sharing['shared'] is True and sharing['through'].startswith('file://')
+    directory = sharing['through'][len('file://') :]
+    users = [f'l-{i}' for i in range(120)]
+    cand_users = [u for u, v in variants(proc.url, 'globex', users).items() if v == 'candidate'][:15]
+    assert act(admin, 'rollback', name='can').status_code == 200
+    deadline = time.monotonic() + 10
+    while set(variants(proc.url, 'globex', cand_users).values()) != {'baseline'}:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # every worker answers the admin API with the same state
+    assert {show(admin, 'can')['state']['status'] for _ in range(12)} == {'rolled_back'}
+    proc.stop()
+    assert not os.path.exists(directory)  # removed with the server

@@ -42,9 +42,18 @@ from fastroute.errors import RequestError
 
 if TYPE_CHECKING:
     from fastroute.config import Config, Experiment
-    from fastroute.sharedstate import SharedState
+    from fastroute.sharedstate import LocalFiles, SharedState
 
-__all__ = ['LIVE', 'TRANSITIONS', 'TRANSITION_COUNTS', 'ActionError', 'Registry', 'State', 'Ticket']
+__all__ = [
+    'LIVE',
+    'TRANSITIONS',
+    'TRANSITION_COUNTS',
+    'ActionError',
+    'Registry',
+    'State',
+    'Ticket',
+    'share_between_workers',
+]
 
 log = logging.getLogger('fastroute')
 
@@ -501,7 +510,7 @@ class Registry:
         self.by_name: dict[str, Live] = {}
         self.active = False
         self.cfg: Config | None = None
-        self.store: SharedState | None = None
+        self.store: SharedState | LocalFiles | None = None
         self._store_cfg: Any = None
         self._task: asyncio.Task[None] | None = None
         self.owner = f'{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}'
@@ -529,12 +538,15 @@ class Registry:
             if old_store is not None:
                 _spawn(old_store.close())
 
-    def _ensure_store(self) -> SharedState | None:
-        r = self._store_cfg
-        if r is not None and self.store is None:
-            from fastroute.sharedstate import SharedState
+    def _ensure_store(self) -> SharedState | LocalFiles | None:
+        if self.store is None:
+            from fastroute.sharedstate import STATE_DIR_ENV, LocalFiles, SharedState
 
-            self.store = SharedState(r.url, r.key_prefix, r.timeout)
+            r = self._store_cfg
+            if r is not None:
+                self.store = SharedState(r.url, r.key_prefix, r.timeout)
+            elif os.environ.get(STATE_DIR_ENV):
+                self.store = LocalFiles(os.environ[STATE_DIR_ENV])
         return self.store
 
     def ensure_started(self) -> None:
@@ -847,6 +859,22 @@ def _spawn(coro: Any) -> None:
 LIVE = Registry()
 
 
+def share_between_workers() -> str:
+    """Before forking workers without Redis: a directory through which they will share experiment state.
+    Removed when this (the parent) process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from fastroute.sharedstate import STATE_DIR_ENV
+
+    d = tempfile.mkdtemp(prefix='fastroute-state-')
+    os.environ[STATE_DIR_ENV] = d
+    pid = os.getpid()
+    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(d, ignore_errors=True))
+    return d
+
+
 # ---------------------------------------------------------------------------------------------
 # Admin endpoints.
 # ---------------------------------------------------------------------------------------------
@@ -866,6 +894,7 @@ def _status_view() -> dict[str, Any]:
     store = LIVE.store
     return {
         'shared': store is not None,
+        'through': store.url if store is not None else None,
         'redis_up': store.up if store is not None else None,
         'redis_error': (store.last_error or None) if store is not None and not store.up else None,
         'controller_here': LIVE.leader,
@@ -921,8 +950,8 @@ def _action(action: str) -> Any:
             return exc.status, {'error': {'message': str(exc), 'type': 'admin_error', 'param': None, 'code': code}}
         except Unavailable as exc:
             msg = (
-                f'redis {LIVE.store.url if LIVE.store else ""} is unreachable ({exc}); the action was not applied '
-                'anywhere. Traffic keeps the last known state; retry when Redis is back'
+                f'the shared experiment state ({LIVE.store.url if LIVE.store else "?"}) is unreachable ({exc}); the '
+                'action was not applied anywhere. Traffic keeps the last known state; retry when it is back'
             )
             return 503, {'error': {'message': msg, 'type': 'admin_error', 'param': None, 'code': 'state_unavailable'}}
         return 200, {'experiment': e.name, 'action': action, 'state': msgspec.to_builtins(st)}

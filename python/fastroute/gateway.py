@@ -833,6 +833,10 @@ def cli_serve(args: argparse.Namespace) -> int:
         print(f'fastroute: {exc}', file=sys.stderr)
         return 1
     workers = args.workers or cfg.server.workers
+    if workers > 1 and cfg.experiments and cfg.redis is None:
+        from fastroute.experiments import share_between_workers
+
+        log.info('fastroute: the %d workers share experiment state through %s', workers, share_between_workers())
     if cfg.admin is not None and not os.environ.get(cfg.admin.token_env):
         print(
             f'fastroute: config {path}: admin.token_env: the environment variable {cfg.admin.token_env} is not set; '
