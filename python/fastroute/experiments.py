@@ -7,10 +7,10 @@ is made here, with the core's pinned split hash (`_core.bucket`) of the experime
 key: two replicas with the same weights give a user the same arm.
 
 State: `LIVE` is the process's registry. Each experiment has one `State` document (status, step, weights,
-history). Without `redis:` it lives in this process (with several workers, each worker has its own: an
-admin action reaches the worker that took it). With `redis:` every worker of every replica reads it every
-`SYNC_INTERVAL` seconds and changes it only by compare-and-set, the canary samples of all of them are
-added up in Redis, and one process at a time (a lease) runs the canary controller. Redis down: traffic
+history). One process without `redis:`: it lives in memory. With `redis:` (or, for the workers of one
+server without Redis, a directory they share: `sharedstate.LocalFiles`) every worker of every replica reads
+it every `SYNC_INTERVAL` seconds and changes it only by compare-and-set, the canary samples of all of them
+are added up there, and one process at a time (a lease) runs the canary controller. Redis down: traffic
 goes on with the last state read; samples wait in memory and are sent when Redis is back.
 
 Every transition is logged and kept in `TRANSITIONS` (the latest) and `TRANSITION_COUNTS`
