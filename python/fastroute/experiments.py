@@ -129,7 +129,7 @@ class Assigned:
 class Ticket:
     """One request's place in an experiment, kept on `Ctx.experiment` until `record`."""
 
-    __slots__ = ('arm', 'candidate', 'content', 'empty', 'exp', 'shadow', 'weight')
+    __slots__ = ('arm', 'candidate', 'content', 'empty', 'exp', 'shadow', 'watch', 'weight')
 
     def __init__(self, exp: Live, arm: str, candidate: bool, weight: float, shadow: bool) -> None:
         self.exp = exp
@@ -137,15 +137,16 @@ class Ticket:
         self.candidate = candidate
         self.weight = weight
         self.shadow = shadow
+        self.watch = exp.watch_empty  # look at the answer's bytes only when a gate needs it
         self.empty: bool | None = None  # known for whole answers
         self.content = False  # a streamed answer carried some text
 
     def seen_body(self, body: Any) -> None:
-        b = bytes(body)
-        self.empty = _ZERO_COMPLETION.search(b) is not None or _CONTENT.search(b) is None
+        if self.watch:
+            self.empty = _ZERO_COMPLETION.search(body) is not None or _CONTENT.search(body) is None
 
     def seen_chunk(self, chunk: Any) -> None:
-        if not self.content and _CONTENT.search(bytes(chunk)) is not None:
+        if self.watch and not self.content and _CONTENT.search(chunk) is not None:
             self.content = True
 
     def done(self, ctx: Any) -> None:
@@ -251,6 +252,7 @@ class Live:
         self.spec_hash = spec_hash
         self.kind = 'canary' if spec.canary else ('ab' if spec.variants else 'shadow')
         self.sticky = _sticky_sources(spec.sticky)
+        self.watch_empty = spec.canary is not None and 'empty' in spec.canary.gates
         self.state = self.initial_state()
         self.pending = Counts()  # samples not yet sent to Redis
         self.seen = Counts()  # every sample this process took since the epoch began
