@@ -694,6 +694,8 @@ class Registry:
             _count(e, new, action, by)
             return new
         key = self._key(e, 'state')
+        if counts is None and e.kind == 'canary':  # where the step starts is counted over every worker
+            counts = Counts.from_fields(await store.counts(self._key(e, 'samples', str(e.state.epoch))))
         for _ in range(5):
             (doc,) = await store.get_many([key])
             cur = _state_decoder.decode(doc) if doc is not None else e.state
