@@ -276,6 +276,24 @@ def test_ab_shares_follow_the_weights_and_users_keep_their_variant(env):
         act(env, 'set-weight', name='umbrella-ab', weights={'a': 30, 'b': 70})
 
 
+def test_explain_shows_the_arm_a_request_would_get(env):
+    body = {'model': 'large', 'messages': [{'role': 'user', 'content': 'which arm'}]}
+    with httpx.Client(timeout=15.0) as client:
+        for user in ('x1', 'x2', 'x3'):
+            headers = {'authorization': f'Bearer {KEYS["umbrella"]}', 'x-user-id': user}
+            served = client.post(env['url'] + '/v1/chat/completions', json=body, headers=headers)
+            explained = client.post(env['url'] + '/v1/route/explain', json=body, headers=headers).json()
+            exp = explained['experiment']
+            assert exp['name'] == 'umbrella-ab' and exp['kind'] == 'ab'
+            assert exp['arm'] == served.headers['x-fastroute-variant']
+            assert exp['model'] == ('small' if exp['arm'] == 'a' else 'large')
+            assert exp['sticky_key'] == f'header:x-user-id={user}'
+        # explaining takes no sample and changes nothing
+        before = show(env, 'umbrella-ab')['requests_this_worker']
+        client.post(env['url'] + '/v1/route/explain', json=body, headers=headers)
+        assert show(env, 'umbrella-ab')['requests_this_worker'] == before
+
+
 def test_shadow_never_changes_or_holds_up_the_primary(env):
     shadow = env['shadow']
     before = shadow.stats()['requests']

@@ -300,26 +300,21 @@ class Live:
                 return f'{src}={v}'
         return f'body={zlib.crc32(ctx.body)}'
 
-    def assign(self, ctx: Any, d: Any) -> Any:
+    def choose(self, ctx: Any, d: Any) -> tuple[str, str | None, str | None, bool, float] | None:
+        """The arm for this request: (label, model, adapter, is the canary's candidate, candidate weight);
+        None when the experiment does not change the target (paused A/B, shadow only). No side effect."""
         st = self.state
         spec = self.spec
-        shadow = spec.shadow is not None and st.status != 'paused'
-        if shadow:
-            share = spec.shadow.share if spec.canary is not None else st.weight  # type: ignore[union-attr]
-            shadow = random.random() * 100 < share
         if self.kind == 'canary':
             c = spec.canary
             w = st.weight
             cand = _core.bucket(self.name, self.sticky_key(ctx, d)) * 100 < w
             arm = c.candidate if cand else c.baseline  # type: ignore[union-attr]
-            label = 'candidate' if cand else 'baseline'
-            out = _retarget(ctx, d, arm.to, arm.adapter, label)
-        elif self.kind == 'ab':
-            if st.status == 'paused':
-                return d
+            return ('candidate' if cand else 'baseline'), arm.to, arm.adapter, cand, w
+        if self.kind == 'ab' and st.status != 'paused':
             total = sum(st.weights.values())
             if total <= 0:
-                return d
+                return None
             b = _core.bucket(self.name, self.sticky_key(ctx, d)) * total
             acc = 0.0
             chosen = spec.variants[-1]
@@ -328,12 +323,22 @@ class Live:
                 if b < acc:
                     chosen = v
                     break
-            cand, w, label = False, 0.0, chosen.name
-            out = _retarget(ctx, d, chosen.to, chosen.adapter, label)
-        else:
+            return chosen.name, chosen.to, chosen.adapter, False, 0.0
+        return None
+
+    def assign(self, ctx: Any, d: Any) -> Any:
+        spec = self.spec
+        shadow = spec.shadow is not None and self.state.status != 'paused'
+        if shadow:
+            share = spec.shadow.share if spec.canary is not None else self.state.weight  # type: ignore[union-attr]
+            shadow = random.random() * 100 < share
+        arm = self.choose(ctx, d)
+        if arm is None:
             if not shadow:
                 return d
-            cand, w, label, out = False, 0.0, 'primary', None
+            arm = ('primary', None, None, False, 0.0)
+        label, model, adapter, cand, w = arm
+        out = _retarget(ctx, d, model, adapter, label) if model is not None else None
         self.arms[label] += 1
         ctx.experiment = Ticket(self, label, cand, w, shadow)
         if out is None:
@@ -567,6 +572,19 @@ class Registry:
             if e.matches(d):
                 return e.assign(ctx, d)
         return d
+
+    def explain(self, ctx: Any, d: Any) -> dict[str, Any] | None:
+        """What `assign` would do with this request, for `/v1/route/explain`. No side effect."""
+        for e in self.live:
+            if e.matches(d):
+                arm = e.choose(ctx, d)
+                out: dict[str, Any] = {'name': e.name, 'kind': e.kind, 'status': e.state.status}
+                if arm is not None:
+                    out.update(arm=arm[0], model=arm[1], adapter=arm[2], sticky_key=e.sticky_key(ctx, d))
+                if e.spec.shadow is not None:
+                    out['shadow'] = {'to': e.spec.shadow.to, 'adapter': e.spec.shadow.adapter}
+                return out
+        return None
 
     # -- shared state ----------------------------------------------------------------------
 

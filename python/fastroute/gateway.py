@@ -617,6 +617,8 @@ async def explain(ctx: Ctx) -> None:
     out['path'] = path
     pool = ctx.snap.pools.get(d.pool) if d.pool else None
     out['endpoint'] = pool.pick().base if pool is not None and pool.endpoints else None
+    if EXPERIMENTS.active and d.status == 200:
+        out['experiment'] = EXPERIMENTS.explain(ctx, d)
     answer_json(ctx, 200, out)
 
 
