@@ -5,13 +5,18 @@ actions' rules. Seeded, so every figure here is reproducible; docs/experiments.m
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 
 import pytest
+from fastroute import _core
 from fastroute.canary import Counts, beta_binomial_bounds, evaluate, harm_evidence, simulate
 from fastroute.config import loads_config
-from fastroute.experiments import ActionError, Registry
+from fastroute.errors import RequestError
+from fastroute.experiments import ActionError, Registry, Ticket
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ALPHA = 0.05
 
@@ -173,3 +178,80 @@ def test_a_reload_keeps_the_state_of_an_unchanged_experiment():
     reg.configure(loads_config(CONFIG.replace('[10, 50, 100]', '[20, 100]'), 'yaml'))
     assert reg.by_name['can'].state.status == 'running'
     assert reg.by_name['can'].state.weight == 20.0
+
+
+def test_empty_answers_are_recognised_whole_and_streamed():
+    reg = Registry()
+    reg.configure(loads_config(CONFIG, 'yaml'))
+
+    def ticket() -> Ticket:
+        return Ticket(reg.by_name['can'], 'candidate', True, 10.0, False)
+
+    full = b'{"choices":[{"message":{"role":"assistant","content":"[mock:v4] hi"}}],"usage":{"completion_tokens":3}}'
+    blank = b'{"choices":[{"message":{"role":"assistant","content":""}}],"usage":{"completion_tokens":0}}'
+    for body, empty in ((full, False), (blank, True), (memoryview(full), False)):
+        t = ticket()
+        t.seen_body(body)
+        assert t.empty is empty
+    t = ticket()
+    t.seen_chunk(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n')
+    assert not t.content
+    t.seen_chunk(b'data: {"choices":[{"delta":{"content":"word"}}]}\n\n')
+    assert t.content
+
+
+# --- the bindings experiments use ------------------------------------------------------------
+
+
+def _split_hash(salt: bytes, key: bytes) -> int:
+    """fastroute-split-v1 as documented in rust/src/split.rs, written independently."""
+    mask = (1 << 64) - 1
+    h = 0xCBF29CE484222325
+    for b in salt + b'\xff' + key:
+        h = ((h ^ b) * 0x100000001B3) & mask
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & mask
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & mask
+    return h ^ (h >> 33)
+
+
+@settings(max_examples=300, deadline=None)
+@given(salt=st.text(max_size=20), key=st.text(max_size=40))
+def test_bucket_is_the_documented_split_hash(salt: str, key: str) -> None:
+    assert _core.bucket(salt, key) == (_split_hash(salt.encode(), key.encode()) >> 11) / (1 << 53)
+
+
+_values = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.dictionaries(st.text(max_size=8), _values, max_size=6),
+    model=st.one_of(st.none(), st.text(max_size=12)),
+    adapter=st.one_of(st.none(), st.text(max_size=12)),
+    ensure_ascii=st.booleans(),
+)
+def test_rewrite_body_changes_only_model_and_adapter_id(body, model, adapter, ensure_ascii) -> None:
+    raw = json.dumps(body, ensure_ascii=ensure_ascii).encode()
+    out = json.loads(_core.rewrite_body(raw, model, adapter))
+    if model is not None:
+        assert out['model'] == model
+    if adapter is not None:
+        assert out['adapter_id'] == adapter
+    for field in ('model', 'adapter_id'):
+        if (field == 'model' and model is not None) or (field == 'adapter_id' and adapter is not None):
+            out.pop(field)
+            body.pop(field, None)
+    assert out == body
+
+
+def test_rewrite_body_and_body_user_refuse_what_is_not_a_json_object():
+    assert _core.rewrite_body(b'{"a":1}') == b'{"a":1}'
+    assert _core.body_user(b'{"user":"u-1","messages":[]}') == 'u-1'
+    assert _core.body_user(b'{"messages":[]}') is None
+    for bad in (b'[1]', b'{"a":', b'nope'):
+        with pytest.raises(RequestError):
+            _core.rewrite_body(bad, 'm')
+        with pytest.raises(RequestError):
+            _core.body_user(bad)

@@ -21,7 +21,7 @@ import pytest
 from conftest import ProcessManager, fastroute_cmd, free_port, subprocess_env, wait_http
 
 TOKEN = 'experiments-admin-token'
-KEYS = {t: f'sk-{t}-key' for t in ('acme', 'globex', 'initech', 'umbrella', 'hooli')}
+KEYS = {t: f'sk-{t}-key' for t in ('acme', 'globex', 'initech', 'umbrella', 'hooli', 'wayne')}
 
 
 def _sha(key: str) -> str:
@@ -30,14 +30,15 @@ def _sha(key: str) -> str:
 
 def experiments_config(small: str, large: str, shadow: str, admin_port: int) -> str:
     tenants = '\n'.join(f'  {t}: {{keys_sha256: ["{_sha(k)}"]}}' for t, k in KEYS.items())
-    canary = 'steps: [20, 50, 100], min_duration: {dur}, min_samples: {n}, gates: {gates}'
+    # alpha 0.01: a false rollback of the healthy (A/A) phases would fail a test; at most 1 % of runs, far fewer
+    canary = 'steps: [20, 50, 100], min_duration: {dur}, min_samples: {n}, alpha: 0.01, gates: {gates}'
     return f"""
 server:
   timeouts: {{connect: 1.0, first_byte: 5.0, idle: 5.0, total: 30.0}}
 admin: {{listen: "127.0.0.1:{admin_port}", token_env: FR_EXP_ADMIN}}
 models:
   small: {{endpoints: ["{small}"], upstream_model: phi-3-mini}}
-  large: {{endpoints: ["{large}"], upstream_model: llama-3-13b, adapters: [v3, v4, g1, g2, h1, h2]}}
+  large: {{endpoints: ["{large}"], upstream_model: llama-3-13b, adapters: [v3, v4, g1, g2, h1, h2, w1, w2]}}
   shadowed: {{endpoints: ["{shadow}"], upstream_model: shadow-model}}
 tenants:
 {tenants}
@@ -59,6 +60,11 @@ experiments:
     sticky: header:x-user-id
     canary: {{baseline: {{to: large, adapter: h1}}, candidate: {{to: large, adapter: h2}},
              {canary.format(dur=0.5, n=40, gates='{errors: 0.25, latency_p95: 0.4}')}}}
+  wayne-w2:
+    tenant: wayne
+    sticky: header:x-user-id
+    canary: {{baseline: {{to: large, adapter: w1}}, candidate: {{to: large, adapter: w2}},
+             {canary.format(dur=60, n=40, gates='{aborts: 0.05, errors: 0.05}')}}}
   umbrella-ab:
     tenant: umbrella
     sticky: header:x-user-id
@@ -72,7 +78,7 @@ experiments:
 @pytest.fixture(scope='module')
 def env(module_start_mock, module_procs: ProcessManager, tmp_path_factory):
     small = module_start_mock(model='phi-3-mini', name='small')
-    large = module_start_mock(model='llama-3-13b', adapters='v3,v4,g1,g2,h1,h2', name='large')
+    large = module_start_mock(model='llama-3-13b', adapters='v3,v4,g1,g2,h1,h2,w1,w2', name='large')
     shadow = module_start_mock(model='shadow-model', name='shadow', latency_ms=1500)
     admin_port = free_port()
     path = tmp_path_factory.mktemp('exp') / 'fastroute.yaml'
@@ -214,6 +220,27 @@ def test_a_candidate_with_slow_first_tokens_is_rolled_back(env):
     assert all(r[2] == 200 for r in traffic.results)
 
 
+def test_a_candidate_whose_streams_break_is_rolled_back(env):
+    large = env['large']
+    with Traffic(env['url'], 'wayne', stream=True) as traffic:
+        time.sleep(0.5)
+        large.set_faults({'kind': 'stream_cut', 'rate': 0.5, 'after_tokens': 2, 'abort': True, 'model': 'w2'})
+        started = time.monotonic()
+        try:
+            view = wait_for_status(env, 'wayne-w2', 'rolled_back', 60)
+            took = time.monotonic() - started
+        finally:
+            large.set_faults()
+    print(f"\nwayne-w2: rolled back {took:.2f}s after half the candidate's streams began breaking mid-answer")
+    # a reset that lands before the response head reached fastroute is a 502 (errors), after it an abort
+    reason = view['state']['reason']
+    assert 'aborts' in reason or 'errors' in reason, reason
+    assert view['canary']['last_look']['gates']['aborts']['candidate_rate'] > 0
+    assert view['canary']['last_look']['gates']['aborts']['baseline_rate'] == 0
+    baseline = [r for r in traffic.results if r[1] == 'baseline']
+    assert baseline and all(r[2] == 200 for r in baseline)
+
+
 def test_a_healthy_candidate_is_promoted_step_by_step(env):
     with Traffic(env['url'], 'initech') as traffic:
         view = wait_for_status(env, 'initech-h2', 'promoted', 90)
@@ -249,6 +276,24 @@ def test_ab_shares_follow_the_weights_and_users_keep_their_variant(env):
         act(env, 'set-weight', name='umbrella-ab', weights={'a': 30, 'b': 70})
 
 
+def test_explain_shows_the_arm_a_request_would_get(env):
+    body = {'model': 'large', 'messages': [{'role': 'user', 'content': 'which arm'}]}
+    with httpx.Client(timeout=15.0) as client:
+        for user in ('x1', 'x2', 'x3'):
+            headers = {'authorization': f'Bearer {KEYS["umbrella"]}', 'x-user-id': user}
+            served = client.post(env['url'] + '/v1/chat/completions', json=body, headers=headers)
+            explained = client.post(env['url'] + '/v1/route/explain', json=body, headers=headers).json()
+            exp = explained['experiment']
+            assert exp['name'] == 'umbrella-ab' and exp['kind'] == 'ab'
+            assert exp['arm'] == served.headers['x-fastroute-variant']
+            assert exp['model'] == ('small' if exp['arm'] == 'a' else 'large')
+            assert exp['sticky_key'] == f'header:x-user-id={user}'
+        # explaining takes no sample and changes nothing
+        before = show(env, 'umbrella-ab')['requests_this_worker']
+        client.post(env['url'] + '/v1/route/explain', json=body, headers=headers)
+        assert show(env, 'umbrella-ab')['requests_this_worker'] == before
+
+
 def test_shadow_never_changes_or_holds_up_the_primary(env):
     shadow = env['shadow']
     before = shadow.stats()['requests']
@@ -282,7 +327,7 @@ def test_admin_experiment_endpoints_need_the_token_and_name_real_experiments(env
     r = httpx.get(env['admin'] + '/admin/experiments', headers=_auth())
     assert r.status_code == 200
     names = {e['name'] for e in r.json()['experiments']}
-    assert names == {'acme-v4', 'globex-g2', 'initech-h2', 'umbrella-ab', 'hooli-shadow'}
+    assert names == {'acme-v4', 'globex-g2', 'wayne-w2', 'initech-h2', 'umbrella-ab', 'hooli-shadow'}
     missing = act(env, 'pause', name='nope')
     assert missing.status_code == 404 and 'acme-v4' in missing.json()['error']['message']
     bad = act(env, 'set-weight', name='acme-v4', weight=140)
@@ -326,3 +371,83 @@ def test_cli_drives_the_admin_api(env):
         timeout=30,
     )
     assert no_token.returncode == 2 and 'FR_EXP_ADMIN' in no_token.stderr
+
+
+# --- config checks (no server) ---------------------------------------------------------------
+
+_BASE = """
+models:
+  large: {endpoints: ["http://127.0.0.1:9"], adapters: [v3, v4]}
+  small: {endpoints: ["http://127.0.0.1:9"]}
+tenants:
+  acme: {keys_sha256: ["%s"], base: large, adapter: acme-lora}
+routes: [{name: all, requested: true}]
+experiments:
+""" % ('a' * 64)
+
+
+@pytest.mark.parametrize(
+    ('experiment', 'path', 'message'),
+    [
+        ('x: {route: nope, shadow: {to: small}}', 'experiments.x.route', "unknown route 'nope'"),
+        ('x: {tenant: acme}', 'experiments.x', 'nothing to do'),
+        (
+            'x: {canary: {baseline: {to: large}, candidate: {to: large}}}',
+            'experiments.x.canary.candidate',
+            'the candidate is the baseline',
+        ),
+        (
+            'x: {canary: {baseline: {to: large}, candidate: {to: larg}}}',
+            'experiments.x.canary.candidate.to',
+            "did you mean 'large'",
+        ),
+        (
+            'x: {canary: {baseline: {to: large}, candidate: {to: large, adapter: v4}, steps: [50, 20]}}',
+            'experiments.x.canary.steps[1]',
+            'steps must rise',
+        ),
+        (
+            'x: {canary: {baseline: {to: large}, candidate: {to: small}, gates: {latency: 0.1}}}',
+            'experiments.x.canary.gates.latency',
+            "unknown gate 'latency'",
+        ),
+        (
+            'x: {canary: {baseline: {to: large}, candidate: {to: small}, alpha: 0.7}}',
+            'experiments.x.canary.alpha',
+            'a probability in (0, 0.5)',
+        ),
+        (
+            'x: {shadow: {to: large, adapter: acme-lora}}',
+            'experiments.x.shadow.adapter',
+            'belongs to tenant',
+        ),
+        ('x: {shadow: {to: small, share: 0}}', 'experiments.x.shadow.share', 'a percentage in (0, 100]'),
+        (
+            'x: {variants: [{name: a, to: small, weight: 0}, {name: a, to: large, weight: 0}]}',
+            'experiments.x.variants',
+            'add up to 0',
+        ),
+        ('x: {sticky: "cookie:x", shadow: {to: small}}', 'experiments.x.sticky', 'invalid sticky key'),
+        ('x: {shadow: {to: small, sample: 3}}', 'experiments.x.shadow', 'sample'),
+    ],
+)
+def test_experiment_config_errors_name_the_key(experiment, path, message):
+    from fastroute.config import ConfigError, loads_config
+
+    with pytest.raises(ConfigError) as info:
+        loads_config(_BASE + '  ' + experiment + '\n', 'yaml', file='f.yaml')
+    text = str(info.value)
+    assert f'f.yaml:{path}' in text and message in text, text
+
+
+def test_a_good_experiments_section_loads():
+    from fastroute.config import loads_config
+
+    cfg = loads_config(
+        _BASE
+        + '  can: {tenant: acme, canary: {baseline: {to: large}, candidate: {to: large, adapter: v4}}}\n'
+        + '  ab: {model: small, variants: [{name: a, to: small, weight: 1}, {name: b, to: large, weight: 3}]}\n',
+        'yaml',
+    )
+    assert cfg.experiments['can'].canary.steps == [5.0, 25.0, 50.0, 100.0]
+    assert set(cfg.experiments['can'].canary.gates) == {'errors', 'ttft_p95', 'latency_p95', 'aborts', 'empty'}

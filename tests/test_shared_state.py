@@ -152,6 +152,7 @@ def test_the_canary_decides_on_the_samples_of_every_replica(cluster):
         assert time.monotonic() < settle
         time.sleep(0.05)
     large.set_faults({'kind': '500', 'rate': 0.6, 'model': 'v4'})
+    started = time.monotonic()
     try:
         deadline = time.monotonic() + 60
         i = 0
@@ -167,6 +168,7 @@ def test_the_canary_decides_on_the_samples_of_every_replica(cluster):
     while (view := show(b['admin'], 'can'))['state']['status'] != 'rolled_back':
         assert time.monotonic() < deadline, view
         time.sleep(0.05)
+    print(f'\ncanary rolled back on the samples of both replicas {time.monotonic() - started:.2f}s after the fault')
     assert view['state']['history'][-1]['by'] == 'controller'
     assert 'errors' in view['state']['reason']
     assert act(a['admin'], 'resume', name='can').status_code == 200
@@ -201,3 +203,54 @@ def test_redis_down_traffic_flows_then_state_catches_up(cluster):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert show(a['admin'], 'ab')['state_sharing']['redis_up'] is True
+
+
+def test_a_password_in_the_redis_url_never_shows():
+    from fastroute.sharedstate import safe_url
+
+    assert safe_url('redis://:hunter2@10.0.0.5:6379/0') == 'redis://:<redacted>@10.0.0.5:6379/0'
+    assert safe_url('rediss://app:hunter2@cache:6380/1') == 'rediss://app:<redacted>@cache:6380/1'
+    assert safe_url('redis://127.0.0.1:6379/0') == 'redis://127.0.0.1:6379/0'
+
+
+def test_admin_config_shows_the_redis_section(cluster):
+    a = cluster['replicas'][0]
+    cfg = _client.get(a['admin'] + '/admin/config', headers=_auth()).json()['config']
+    assert cfg['redis']['url'] == cluster['redis'].url
+    assert cfg['experiments']['can']['canary']['steps'] == [50.0, 100.0]
+
+
+def test_workers_without_redis_share_through_a_directory(procs, start_mock, tmp_path):
+    import os
+
+    small = start_mock(model='phi-3-mini', name='small-local')
+    large = start_mock(model='llama-3-13b', adapters='v3,v4', name='large-local')
+    admin_port = free_port()
+    text = shared_config(small.url, large.url, 'redis://unused', admin_port)
+    text = '\n'.join(line for line in text.splitlines() if not line.startswith('redis:'))
+    path = tmp_path / 'fastroute.yaml'
+    path.write_text(text)
+    argv = fastroute_cmd('serve', '-c', str(path), '--listen', '{host}:{port}', '--log-level', 'info')
+    proc = procs.start(
+        argv,
+        name='fastroute-local',
+        ready_path='/healthz',
+        ready_status=200,
+        env=subprocess_env({'FR_SHARED_ADMIN': TOKEN}),
+    )
+    admin = f'http://127.0.0.1:{admin_port}'
+    wait_http(admin + '/admin/experiments', status=401, proc=proc)
+    sharing = show(admin, 'can')['state_sharing']
+    assert sharing['shared'] is True and sharing['through'].startswith('file://')
+    directory = sharing['through'][len('file://') :]
+    users = [f'l-{i}' for i in range(120)]
+    cand_users = [u for u, v in variants(proc.url, 'globex', users).items() if v == 'candidate'][:15]
+    assert act(admin, 'rollback', name='can').status_code == 200
+    deadline = time.monotonic() + 10
+    while set(variants(proc.url, 'globex', cand_users).values()) != {'baseline'}:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # every worker answers the admin API with the same state
+    assert {show(admin, 'can')['state']['status'] for _ in range(12)} == {'rolled_back'}
+    proc.stop()
+    assert not os.path.exists(directory)  # removed with the server

@@ -196,6 +196,10 @@ def redacted_config(app: App) -> dict[str, Any]:
     if snap is None:
         return {}
     out: dict[str, Any] = _redact(msgspec.to_builtins(snap.cfg))
+    if out.get('redis'):
+        from fastroute.sharedstate import safe_url
+
+        out['redis']['url'] = safe_url(out['redis']['url'])  # a password in the URL
     return out
 
 

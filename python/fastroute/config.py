@@ -1753,6 +1753,25 @@ def _table(rows: list[list[str]], indent: str = '    ') -> list[str]:
     return [indent + '  '.join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
+def _describe_experiment(e: Experiment) -> str:
+    def arm(to: str, adapter: str | None) -> str:
+        return to + (f'+{adapter}' if adapter else '')
+
+    scope = ', '.join(f'{k} {v}' for k, v in (('route', e.route), ('model', e.model), ('tenant', e.tenant)) if v)
+    parts = [f'[{scope or "every request"}]']
+    if e.variants:
+        parts.append('A/B ' + ', '.join(f'{v.name} -> {arm(v.to, v.adapter)} {v.weight:g}' for v in e.variants))
+    if e.canary is not None:
+        c = e.canary
+        steps = ' -> '.join(f'{x:g}%' for x in c.steps)
+        parts.append(
+            f'canary {arm(c.baseline.to, c.baseline.adapter)} vs {arm(c.candidate.to, c.candidate.adapter)} {steps}'
+        )
+    if e.shadow is not None:
+        parts.append(f'shadow {e.shadow.share:g}% -> {arm(e.shadow.to, e.shadow.adapter)}')
+    return ' '.join(parts)
+
+
 def _summary(file: str, cfg: Config, compiled: Any) -> list[str]:
     s = cfg.server
     size = s.max_body_bytes if isinstance(s.max_body_bytes, int) else parse_size(s.max_body_bytes)
@@ -1791,6 +1810,9 @@ def _summary(file: str, cfg: Config, compiled: Any) -> list[str]:
             )
             out.append(f'    {name}  sticky {_values(split.sticky)}: {variants}')
     out.append(f'  default  {cfg.default or "none (unmatched requests get 404)"}')
+    if cfg.experiments:
+        out.append(f'  experiments {len(cfg.experiments)}')
+        out += [f'    {name}  {_describe_experiment(e)}' for name, e in cfg.experiments.items()]
     if compiled is not None:
         out.append(f'  compiled {compiled.route_count} routes, {compiled.tenant_key_count} tenant keys')
     return out

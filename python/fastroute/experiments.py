@@ -7,10 +7,10 @@ is made here, with the core's pinned split hash (`_core.bucket`) of the experime
 key: two replicas with the same weights give a user the same arm.
 
 State: `LIVE` is the process's registry. Each experiment has one `State` document (status, step, weights,
-history). Without `redis:` it lives in this process (with several workers, each worker has its own: an
-admin action reaches the worker that took it). With `redis:` every worker of every replica reads it every
-`SYNC_INTERVAL` seconds and changes it only by compare-and-set, the canary samples of all of them are
-added up in Redis, and one process at a time (a lease) runs the canary controller. Redis down: traffic
+history). One process without `redis:`: it lives in memory. With `redis:` (or, for the workers of one
+server without Redis, a directory they share: `sharedstate.LocalFiles`) every worker of every replica reads
+it every `SYNC_INTERVAL` seconds and changes it only by compare-and-set, the canary samples of all of them
+are added up there, and one process at a time (a lease) runs the canary controller. Redis down: traffic
 goes on with the last state read; samples wait in memory and are sent when Redis is back.
 
 Every transition is logged and kept in `TRANSITIONS` (the latest) and `TRANSITION_COUNTS`
@@ -42,9 +42,18 @@ from fastroute.errors import RequestError
 
 if TYPE_CHECKING:
     from fastroute.config import Config, Experiment
-    from fastroute.sharedstate import SharedState
+    from fastroute.sharedstate import LocalFiles, SharedState
 
-__all__ = ['LIVE', 'TRANSITIONS', 'TRANSITION_COUNTS', 'ActionError', 'Registry', 'State', 'Ticket']
+__all__ = [
+    'LIVE',
+    'TRANSITIONS',
+    'TRANSITION_COUNTS',
+    'ActionError',
+    'Registry',
+    'State',
+    'Ticket',
+    'share_between_workers',
+]
 
 log = logging.getLogger('fastroute')
 
@@ -53,6 +62,9 @@ LEASE_MS = 2000  # the canary controller's lease
 HISTORY = 50  # transitions kept in each experiment's state
 THRESHOLD_WINDOW = 500  # baseline samples behind the p95 the latency gates compare with
 THRESHOLD_MIN = 20
+# A worker whose event loop woke this late from the sync loop's sleep is busy: shadows are dropped ("shed")
+# until the next look, so that mirrored traffic never competes with primary requests for a saturated loop.
+SHADOW_SHED_LAG = 0.05
 
 TRANSITIONS: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
 TRANSITION_COUNTS: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -117,7 +129,7 @@ class Assigned:
 class Ticket:
     """One request's place in an experiment, kept on `Ctx.experiment` until `record`."""
 
-    __slots__ = ('arm', 'candidate', 'content', 'empty', 'exp', 'shadow', 'weight')
+    __slots__ = ('arm', 'candidate', 'content', 'empty', 'exp', 'shadow', 'watch', 'weight')
 
     def __init__(self, exp: Live, arm: str, candidate: bool, weight: float, shadow: bool) -> None:
         self.exp = exp
@@ -125,15 +137,16 @@ class Ticket:
         self.candidate = candidate
         self.weight = weight
         self.shadow = shadow
+        self.watch = exp.watch_empty  # look at the answer's bytes only when a gate needs it
         self.empty: bool | None = None  # known for whole answers
         self.content = False  # a streamed answer carried some text
 
     def seen_body(self, body: Any) -> None:
-        b = bytes(body)
-        self.empty = _ZERO_COMPLETION.search(b) is not None or _CONTENT.search(b) is None
+        if self.watch:
+            self.empty = _ZERO_COMPLETION.search(body) is not None or _CONTENT.search(body) is None
 
     def seen_chunk(self, chunk: Any) -> None:
-        if not self.content and _CONTENT.search(bytes(chunk)) is not None:
+        if self.watch and not self.content and _CONTENT.search(chunk) is not None:
             self.content = True
 
     def done(self, ctx: Any) -> None:
@@ -179,7 +192,8 @@ class ShadowStats:
 
     def __init__(self) -> None:
         self.sent = 0
-        self.dropped = 0
+        self.dropped = 0  # over max_in_flight, or shed while the worker was busy
+        self.shed = 0
         self.in_flight = 0
         self.errors = 0
         self.statuses: collections.Counter[str] = collections.Counter()
@@ -193,6 +207,7 @@ class ShadowStats:
         return {
             'sent': self.sent,
             'dropped': self.dropped,
+            'shed_busy': self.shed,
             'in_flight': self.in_flight,
             'errors': self.errors,
             'statuses': dict(self.statuses),
@@ -237,6 +252,7 @@ class Live:
         self.spec_hash = spec_hash
         self.kind = 'canary' if spec.canary else ('ab' if spec.variants else 'shadow')
         self.sticky = _sticky_sources(spec.sticky)
+        self.watch_empty = spec.canary is not None and 'empty' in spec.canary.gates
         self.state = self.initial_state()
         self.pending = Counts()  # samples not yet sent to Redis
         self.seen = Counts()  # every sample this process took since the epoch began
@@ -284,26 +300,21 @@ class Live:
                 return f'{src}={v}'
         return f'body={zlib.crc32(ctx.body)}'
 
-    def assign(self, ctx: Any, d: Any) -> Any:
+    def choose(self, ctx: Any, d: Any) -> tuple[str, str | None, str | None, bool, float] | None:
+        """The arm for this request: (label, model, adapter, is the canary's candidate, candidate weight);
+        None when the experiment does not change the target (paused A/B, shadow only). No side effect."""
         st = self.state
         spec = self.spec
-        shadow = spec.shadow is not None and st.status != 'paused'
-        if shadow:
-            share = spec.shadow.share if spec.canary is not None else st.weight  # type: ignore[union-attr]
-            shadow = random.random() * 100 < share
         if self.kind == 'canary':
             c = spec.canary
             w = st.weight
             cand = _core.bucket(self.name, self.sticky_key(ctx, d)) * 100 < w
             arm = c.candidate if cand else c.baseline  # type: ignore[union-attr]
-            label = 'candidate' if cand else 'baseline'
-            out = _retarget(ctx, d, arm.to, arm.adapter, label)
-        elif self.kind == 'ab':
-            if st.status == 'paused':
-                return d
+            return ('candidate' if cand else 'baseline'), arm.to, arm.adapter, cand, w
+        if self.kind == 'ab' and st.status != 'paused':
             total = sum(st.weights.values())
             if total <= 0:
-                return d
+                return None
             b = _core.bucket(self.name, self.sticky_key(ctx, d)) * total
             acc = 0.0
             chosen = spec.variants[-1]
@@ -312,12 +323,22 @@ class Live:
                 if b < acc:
                     chosen = v
                     break
-            cand, w, label = False, 0.0, chosen.name
-            out = _retarget(ctx, d, chosen.to, chosen.adapter, label)
-        else:
+            return chosen.name, chosen.to, chosen.adapter, False, 0.0
+        return None
+
+    def assign(self, ctx: Any, d: Any) -> Any:
+        spec = self.spec
+        shadow = spec.shadow is not None and self.state.status != 'paused'
+        if shadow:
+            share = spec.shadow.share if spec.canary is not None else self.state.weight  # type: ignore[union-attr]
+            shadow = random.random() * 100 < share
+        arm = self.choose(ctx, d)
+        if arm is None:
             if not shadow:
                 return d
-            cand, w, label, out = False, 0.0, 'primary', None
+            arm = ('primary', None, None, False, 0.0)
+        label, model, adapter, cand, w = arm
+        out = _retarget(ctx, d, model, adapter, label) if model is not None else None
         self.arms[label] += 1
         ctx.experiment = Ticket(self, label, cand, w, shadow)
         if out is None:
@@ -374,6 +395,10 @@ class Live:
             return
         if stats.in_flight >= sh.max_in_flight:
             stats.dropped += 1
+            return
+        if LIVE.busy:
+            stats.dropped += 1
+            stats.shed += 1
             return
         d = ctx.decision
         out = _retarget(ctx, d, sh.to, sh.adapter, 'shadow')
@@ -492,11 +517,12 @@ class Registry:
         self.by_name: dict[str, Live] = {}
         self.active = False
         self.cfg: Config | None = None
-        self.store: SharedState | None = None
+        self.store: SharedState | LocalFiles | None = None
         self._store_cfg: Any = None
         self._task: asyncio.Task[None] | None = None
         self.owner = f'{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}'
         self.leader = False
+        self.busy = False  # the event loop lags: shed shadow traffic
         self.last_verdict: dict[str, dict[str, Any]] = {}
 
     # -- configuration --------------------------------------------------------------------
@@ -519,12 +545,15 @@ class Registry:
             if old_store is not None:
                 _spawn(old_store.close())
 
-    def _ensure_store(self) -> SharedState | None:
-        r = self._store_cfg
-        if r is not None and self.store is None:
-            from fastroute.sharedstate import SharedState
+    def _ensure_store(self) -> SharedState | LocalFiles | None:
+        if self.store is None:
+            from fastroute.sharedstate import STATE_DIR_ENV, LocalFiles, SharedState
 
-            self.store = SharedState(r.url, r.key_prefix, r.timeout)
+            r = self._store_cfg
+            if r is not None:
+                self.store = SharedState(r.url, r.key_prefix, r.timeout)
+            elif os.environ.get(STATE_DIR_ENV):
+                self.store = LocalFiles(os.environ[STATE_DIR_ENV])
         return self.store
 
     def ensure_started(self) -> None:
@@ -543,6 +572,19 @@ class Registry:
             if e.matches(d):
                 return e.assign(ctx, d)
         return d
+
+    def explain(self, ctx: Any, d: Any) -> dict[str, Any] | None:
+        """What `assign` would do with this request, for `/v1/route/explain`. No side effect."""
+        for e in self.live:
+            if e.matches(d):
+                arm = e.choose(ctx, d)
+                out: dict[str, Any] = {'name': e.name, 'kind': e.kind, 'status': e.state.status}
+                if arm is not None:
+                    out.update(arm=arm[0], model=arm[1], adapter=arm[2], sticky_key=e.sticky_key(ctx, d))
+                if e.spec.shadow is not None:
+                    out['shadow'] = {'to': e.spec.shadow.to, 'adapter': e.spec.shadow.adapter}
+                return out
+        return None
 
     # -- shared state ----------------------------------------------------------------------
 
@@ -569,6 +611,7 @@ class Registry:
             )
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 await self.sync()
@@ -576,7 +619,9 @@ class Registry:
                 raise
             except Exception:
                 log.exception('experiments: sync failed; retrying')
+            t = loop.time()
             await asyncio.sleep(SYNC_INTERVAL)
+            self.busy = loop.time() - t - SYNC_INTERVAL > SHADOW_SHED_LAG
 
     async def sync(self) -> None:
         """Send samples, read every state, and (as the leader, or alone) let the canary controller look."""
@@ -667,6 +712,8 @@ class Registry:
             _count(e, new, action, by)
             return new
         key = self._key(e, 'state')
+        if counts is None and e.kind == 'canary':  # where the step starts is counted over every worker
+            counts = Counts.from_fields(await store.counts(self._key(e, 'samples', str(e.state.epoch))))
         for _ in range(5):
             (doc,) = await store.get_many([key])
             cur = _state_decoder.decode(doc) if doc is not None else e.state
@@ -834,6 +881,22 @@ def _spawn(coro: Any) -> None:
 LIVE = Registry()
 
 
+def share_between_workers() -> str:
+    """Before forking workers without Redis: a directory through which they will share experiment state.
+    Removed when this (the parent) process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from fastroute.sharedstate import STATE_DIR_ENV
+
+    d = tempfile.mkdtemp(prefix='fastroute-state-')
+    os.environ[STATE_DIR_ENV] = d
+    pid = os.getpid()
+    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(d, ignore_errors=True))
+    return d
+
+
 # ---------------------------------------------------------------------------------------------
 # Admin endpoints.
 # ---------------------------------------------------------------------------------------------
@@ -853,6 +916,7 @@ def _status_view() -> dict[str, Any]:
     store = LIVE.store
     return {
         'shared': store is not None,
+        'through': store.url if store is not None else None,
         'redis_up': store.up if store is not None else None,
         'redis_error': (store.last_error or None) if store is not None and not store.up else None,
         'controller_here': LIVE.leader,
@@ -908,8 +972,8 @@ def _action(action: str) -> Any:
             return exc.status, {'error': {'message': str(exc), 'type': 'admin_error', 'param': None, 'code': code}}
         except Unavailable as exc:
             msg = (
-                f'redis {LIVE.store.url if LIVE.store else ""} is unreachable ({exc}); the action was not applied '
-                'anywhere. Traffic keeps the last known state; retry when Redis is back'
+                f'the shared experiment state ({LIVE.store.url if LIVE.store else "?"}) is unreachable ({exc}); the '
+                'action was not applied anywhere. Traffic keeps the last known state; retry when it is back'
             )
             return 503, {'error': {'message': msg, 'type': 'admin_error', 'param': None, 'code': 'state_unavailable'}}
         return 200, {'experiment': e.name, 'action': action, 'state': msgspec.to_builtins(st)}

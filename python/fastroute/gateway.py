@@ -770,6 +770,8 @@ async def explain(ctx: Ctx) -> None:
     pool = ctx.snap.pools.get(d.pool) if d.pool else None
     ep = pool.pick() if pool is not None and pool.endpoints else None
     out['endpoint'] = ep.base if ep is not None else None
+    if EXPERIMENTS.active and d.status == 200:
+        out['experiment'] = EXPERIMENTS.explain(ctx, d)
     answer_json(ctx, 200, out)
 
 
@@ -1082,6 +1084,10 @@ def cli_serve(args: argparse.Namespace) -> int:
         print(f'fastroute: {exc}', file=sys.stderr)
         return 1
     workers = args.workers or cfg.server.workers
+    if workers > 1 and cfg.experiments and cfg.redis is None:
+        from fastroute.experiments import share_between_workers
+
+        log.info('fastroute: the %d workers share experiment state through %s', workers, share_between_workers())
     if cfg.admin is not None and not os.environ.get(cfg.admin.token_env):
         print(
             f'fastroute: config {path}: admin.token_env: the environment variable {cfg.admin.token_env} is not set; '
