@@ -49,6 +49,8 @@ import msgspec.inspect as mi
 import yaml
 
 from fastroute.errors import ConfigError
+from fastroute.obsconfig import AccessLog, Limits, Metrics, Spend, Tracing
+from fastroute.obsconfig import check as check_observability
 
 __all__ = [
     'Admin',
@@ -140,6 +142,7 @@ class Model(_Base):
     price: Price = Price()
     fallback: list[str] = []  # other models to try, in order (used by the resilience layer)
     timeouts: Timeouts | None = None  # overrides server.timeouts for this pool
+    stream_usage: bool = True  # ask for usage on streams (stream_options.include_usage); the client never sees it
 
 
 class Tenant(_Base):
@@ -151,6 +154,7 @@ class Tenant(_Base):
     base: str | None = None  # the model this tenant's adapter sits on
     adapter: str | None = None  # the tenant's LoRA adapter, applied when the request goes to `base`
     allowed_models: list[str] | None = None  # None: any model; else only these (403 otherwise)
+    limits: Limits | None = None  # requests/tokens per minute, spend per day/month (429 beyond)
 
 
 class Range(_Base):
@@ -249,6 +253,10 @@ class Config(_Base):
     splits: dict[str, Split] = {}
     admin: Admin | None = None
     redis: Redis | None = None
+    spend: Spend | None = None
+    access_log: AccessLog | None = None
+    metrics: Metrics = Metrics()
+    tracing: Tracing | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,6 +614,7 @@ def _kind_of(value: Any) -> str:
 
 _SECTIONS: dict[str, type] = {'models': Model, 'tenants': Tenant, 'splits': Split}  # name -> item
 _SINGLE_SECTIONS: dict[str, type] = {'server': Server, 'admin': Admin, 'redis': Redis}  # one struct each
+_SINGLE_SECTIONS.update(spend=Spend, access_log=AccessLog, metrics=Metrics, tracing=Tracing)
 
 
 def _convert(raw: Any, problems: _Problems) -> Config | None:
@@ -940,6 +949,7 @@ class _Checker:
         self.routes()
         if self.cfg.default is not None:
             self.model_ref('default', self.cfg.default)
+        check_observability(self.cfg, self.add)
 
     # helpers
     def model_ref(self, path: str, name: str) -> None:
