@@ -38,6 +38,7 @@ from fastroute.errors import (
     UpstreamError,
     error_body,
 )
+from fastroute.observe import Observer, StreamUsage, admit
 from fastroute.upstream import Endpoint, Pool, Readiness, build_pools
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class Snapshot:
         'max_body',
         'methods',
         'models_cache',
+        'obs',
         'path',
         'paths',
         'pools',
@@ -123,8 +125,10 @@ class Snapshot:
         self.tenant_by_key = _tenant_keys(cfg)
         self.models_cache: dict[str | None, tuple[bytes, dict[str, bytes]]] = {}
         self.readiness = Readiness(self.pools)
+        self.obs = Observer(cfg)  # metrics, cost, limits, access log (fastroute.observe)
 
     async def close(self) -> None:
+        self.obs.close()
         for pool in self.pools.values():
             await pool.close()
 
@@ -228,6 +232,13 @@ class Ctx:
     upstream_ns: int = 0  # time spent waiting on the upstream
     status: int = 0  # the status answered (0: nothing yet)
     error: FastrouteError | None = None
+    ttft_ns: int = 0  # perf_counter_ns when the first body byte went to the client
+    fallbacks: list | None = None  # one (model, endpoint_url, cause) per failed attempt
+    aborted: bool = False  # an upstream stream broke after bytes went out
+    overhead_ns: int = 0  # time in fastroute up to the answer's headers, upstream excluded
+    usage: tuple[int, int] | None = None  # (input, output) tokens from the upstream's usage
+    resp_body: bytes | None = None  # a non-streamed answer's body (its usage is read after it was sent)
+    stream_chunks: int = 0  # chunks relayed (the output estimate when a stream has no usage)
 
 
 _rid_prefix = os.urandom(4).hex()
@@ -249,7 +260,8 @@ def _reseed_request_ids() -> None:
 def decision_headers(ctx: Ctx) -> list[tuple[str, str]]:
     """The headers every answer carries: the decision (when one was made), request id, overhead."""
     d = ctx.decision
-    us = str((perf_counter_ns() - ctx.t0 - ctx.upstream_ns) // 1000)
+    ctx.overhead_ns = ns = perf_counter_ns() - ctx.t0 - ctx.upstream_ns
+    us = str(ns // 1000)
     if d is None:
         return [('x-request-id', ctx.rid), ('x-fastroute-overhead-us', us)]
     return [
@@ -402,6 +414,8 @@ async def proxy(ctx: Ctx, method: str) -> None:
     d = decide(ctx, method)
     if d is None:
         return
+    if d.tenant in ctx.snap.obs.limits and not await admit(ctx, d):  # per-tenant limits: 429
+        return
     ep = pick_endpoint(ctx)
     if ep is None:
         return
@@ -442,6 +456,7 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
     out = resp.headers
     out += decision_headers(ctx)
     ctx.status = resp.status
+    ctx.resp_body = resp.body
     ctx.proto.response_bytes(resp.status, out, resp.body)
 
 
@@ -475,6 +490,7 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
 
     watch.add_done_callback(on_disconnect)
     transport = None
+    su = StreamUsage(ctx.decision.usage_injected)  # type: ignore[union-attr]
     try:
         out = up.headers
         out += decision_headers(ctx)
@@ -486,11 +502,22 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
                 chunk = await up.read_chunk()
                 if chunk is None:
                     break
+                ctx.stream_chunks += 1
+                if su.wants(chunk):  # the usage chunk: read it; take it out when the client did not ask
+                    chunk = su.feed(chunk)
+                    if not chunk:
+                        continue
+                if not ctx.ttft_ns:
+                    ctx.ttft_ns = perf_counter_ns()
                 await transport.send_bytes(chunk)
+            rest = su.flush()
+            if rest:
+                await transport.send_bytes(rest)
         except UpstreamError as err:
             # Bytes already went out: the status cannot change. Say so in the stream and end it
             # without [DONE], so the client knows the answer is incomplete.
             ctx.error = err.with_traceback(None)  # no frame -> ctx -> error cycle
+            ctx.aborted = True
             on_upstream_error(ctx, err)
             await transport.send_bytes(b'data: ' + error_body(err) + b'\n\n')
     except asyncio.CancelledError:
@@ -509,11 +536,13 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
         ep.outstanding -= 1  # type: ignore[union-attr]
         # granian ends the response when the transport is released: never let a traceback keep it.
         transport = None
+        ctx.usage = su.usage
         await up.aclose()
 
 
 def record(ctx: Ctx) -> None:
-    """Phase 6: after the answer. Metrics, cost and experiment outcomes hook in here."""
+    """Phase 6: after the answer. Metrics, cost, limits accounting, the access log (fastroute.observe)."""
+    ctx.snap.obs.record(ctx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -838,6 +867,9 @@ def cli_serve(args: argparse.Namespace) -> int:
     )
     os.environ[CONFIG_ENV] = path
     os.environ[LOG_LEVEL_ENV] = args.log_level
+    from fastroute.metrics import setup_multiprocess
+
+    setup_multiprocess(workers)  # before the workers start, so their metrics add up
     if server_kind == 'native':
         from fastroute.server import serve
 
