@@ -1,6 +1,7 @@
 """Admin endpoints of observability: `GET /metrics` (Prometheus), `GET /dashboard` (one HTML page, no build
-step) and `GET /admin/stats` (the JSON the page polls). All on the admin listener, behind its bearer token;
-the page asks for the token once and keeps it in the browser's session storage.
+step) and `GET /admin/stats` (the JSON the page polls). All on the admin listener. The data endpoints need the
+admin bearer token; the page itself holds no data, is served without it, asks for the token once and keeps it
+in the browser tab's session storage (or takes it from the address's `#token=` fragment, never sent to a server).
 
 Figures are the sums over all workers (the metrics' multiprocess mode); rates and recent percentiles are
 computed by the page from the difference between two polls. Endpoint state and circuits are this worker's view.
@@ -31,10 +32,15 @@ async def _metrics(req: AdminRequest) -> AdminResponse:
     return AdminResponse(200, body, ctype)
 
 
-@route('GET', '/dashboard')
+@route('GET', '/dashboard', public=True)  # the page holds no data; it asks for the token
 async def _dashboard(req: AdminRequest) -> AdminResponse:
     page = resources.files('fastroute').joinpath('static/dashboard.html').read_bytes()
     return AdminResponse(200, page, 'text/html; charset=utf-8', [('cache-control', 'no-store')])
+
+
+@route('GET', '/favicon.ico', public=True)
+async def _favicon(req: AdminRequest) -> AdminResponse:
+    return AdminResponse(204, b'', 'image/x-icon')
 
 
 @route('GET', '/admin/stats')
