@@ -35,6 +35,7 @@ log = logging.getLogger('fastroute')
 RPM, TPM, DAY, MONTH = 'requests_per_minute', 'tokens_per_minute', 'spend_per_day', 'spend_per_month'
 KINDS = (RPM, TPM, DAY, MONTH)
 RETRY_REDIS_AFTER = 1.0  # seconds without Redis after a failure
+MAX_CONNECTIONS = 16  # Redis connections per process
 
 
 class LimitError(FastrouteError):
@@ -164,9 +165,16 @@ class Limiter:
 
             r = self.redis_cfg
             assert r is not None
-            self._client = aioredis.Redis.from_url(
-                r.url, socket_timeout=r.timeout, socket_connect_timeout=r.timeout, retry_on_timeout=False
+            # A bounded pool that makes a burst wait for a connection (within the timeout) rather than open one
+            # connection per request in flight.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                r.url,
+                max_connections=MAX_CONNECTIONS,
+                timeout=r.timeout,
+                socket_timeout=r.timeout,
+                socket_connect_timeout=r.timeout,
             )
+            self._client = aioredis.Redis(connection_pool=pool)
             self._admit = self._client.register_script(_ADMIT)
             self._commit = self._client.register_script(_COMMIT)
         return self._client
