@@ -239,6 +239,7 @@ class Ctx:
     usage: tuple[int, int] | None = None  # (input, output) tokens from the upstream's usage
     resp_body: bytes | None = None  # a non-streamed answer's body (its usage is read after it was sent)
     stream_chunks: int = 0  # chunks relayed (the output estimate when a stream has no usage)
+    span: Any = None  # the OpenTelemetry span, when tracing is on
 
 
 _rid_prefix = os.urandom(4).hex()
@@ -425,6 +426,8 @@ async def proxy(ctx: Ctx, method: str) -> None:
         upath = f'{upath}?{qs}'
     send_body = d.body or body
     headers = upstream_headers(ctx)
+    if ctx.snap.obs.tracer is not None:  # a span for this request; its context goes upstream
+        ctx.snap.obs.tracer.start(ctx, headers)
     if d.stream:
         await stream_back(ctx, method, upath, headers, send_body)
     else:

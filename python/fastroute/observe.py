@@ -66,6 +66,8 @@ class Observer:
         """The config is going away or the worker stops: write what is buffered."""
         if self.log is not None:
             self.log.flush_now()
+        if self.tracer is not None:
+            self.tracer.shutdown()
         _metrics.flush()
 
     def record(self, ctx: Ctx) -> None:
