@@ -156,6 +156,8 @@ class Limiter:
         self.backend_errors = 0
         self.on_backend_error: Any = None  # callback(count) for metrics
         self._tasks: set[asyncio.Task] = set()
+        if redis_cfg is not None:
+            import redis.asyncio  # noqa: F401  (at config load: an import on the first request would block the loop)
 
     # -- Redis ------------------------------------------------------------------------------------
 
