@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -157,7 +156,10 @@ def main() -> int:
                 c1 = tree_cpu_seconds(pid)
                 n = res['rps'] * args.seconds
                 rows[key].append((res['rps'], (c1 - c0) / n * 1e6 if n else float('nan')))
-                print(f'# round {r + 1} ({key}) {res["rps"]:,.0f} req/s, {rows[key][-1][1]:.1f} CPU us/req', file=sys.stderr)
+                print(
+                    f'# round {r + 1} ({key}) {res["rps"]:,.0f} req/s, {rows[key][-1][1]:.1f} CPU us/req',
+                    file=sys.stderr,
+                )
         micro = record_microbench()
     finally:
         procs.stop_all()
