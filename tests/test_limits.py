@@ -144,3 +144,28 @@ def test_redis_down_traffic_goes_on_with_local_limits(endpoints, procs, tmp_path
         return int(redis_server.client().dbsize()) > 0
 
     assert wait_for(shared_again, timeout=10, interval=0.3), 'the limits did not go back to Redis once it was up'
+
+
+def test_resp_client_pipelines_and_reloads_scripts(redis_server):
+    """The limits' Redis client against the real server: concurrent calls on one connection answered in order,
+    error replies raised, a script loaded again after SCRIPT FLUSH, a fresh connection after reset()."""
+    import asyncio
+
+    from fastroute.resp import RespClient, RespError, Script
+
+    async def run() -> None:
+        c = RespClient(redis_server.url)
+        assert await c.call('SET', 'k', 'v') == 'OK'
+        got = await asyncio.gather(*(c.call('INCR', f'n{i % 3}') for i in range(30)))
+        assert sorted(got) == sorted([j for _ in range(3) for j in range(1, 11)])
+        assert await c.call('MGET', 'k', 'missing') == [b'v', None]
+        with pytest.raises(RespError):
+            await c.call('INCR', 'k')  # not an integer
+        s = Script('return {tonumber(ARGV[1]) + 1, KEYS[1]}')
+        assert await c.script(s, ['key-a'], [41]) == [42, b'key-a']
+        assert await c.call('SCRIPT', 'FLUSH') == 'OK'
+        assert await c.script(s, ['key-b'], [1]) == [2, b'key-b']  # NOSCRIPT: sent again in full
+        c.reset()
+        assert await c.call('GET', 'k') == b'v'
+
+    asyncio.run(run())

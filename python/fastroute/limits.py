@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from fastroute.errors import FastrouteError
+from fastroute.resp import RespClient, Script
 
 if TYPE_CHECKING:
     from fastroute.config import Redis
@@ -35,7 +36,6 @@ log = logging.getLogger('fastroute')
 RPM, TPM, DAY, MONTH = 'requests_per_minute', 'tokens_per_minute', 'spend_per_day', 'spend_per_month'
 KINDS = (RPM, TPM, DAY, MONTH)
 RETRY_REDIS_AFTER = 1.0  # seconds without Redis after a failure
-MAX_CONNECTIONS = 16  # Redis connections per process
 
 
 class LimitError(FastrouteError):
@@ -48,20 +48,23 @@ class LimitError(FastrouteError):
         self.limit = limit
 
 
+_win_sec = -1
+_win: tuple[str, str, str, float, float, float] = ('', '', '', 0.0, 0.0, 0.0)  # ids and the ends of the windows
+
+
 def _windows(now: float) -> tuple[str, str, str, float, float, float]:
-    """(minute, day, month) window ids and the seconds left in each."""
-    minute = int(now // 60)
-    t = datetime.fromtimestamp(now, UTC)
-    day_left = 86400 - (t.hour * 3600 + t.minute * 60 + t.second + t.microsecond / 1e6)
-    nm = datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=UTC)
-    return (
-        str(minute),
-        t.strftime('%Y%m%d'),
-        t.strftime('%Y%m'),
-        60 - (now - minute * 60),
-        day_left,
-        nm.timestamp() - now,
-    )
+    """(minute, day, month) window ids and the seconds left in each. The ids are worked out once a second."""
+    global _win_sec, _win
+    sec = int(now)
+    if sec != _win_sec:
+        minute = sec // 60
+        t = datetime.fromtimestamp(sec, UTC)
+        day_end = datetime(t.year, t.month, t.day, tzinfo=UTC).timestamp() + 86400
+        month_end = datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=UTC).timestamp()
+        _win = (str(minute), t.strftime('%Y%m%d'), t.strftime('%Y%m'), minute * 60 + 60.0, day_end, month_end)
+        _win_sec = sec
+    mw, dw, mo, m_end, d_end, mo_end = _win
+    return mw, dw, mo, m_end - now, d_end - now, mo_end - now
 
 
 def _refusal(kind: str, lim: Limits, used: float, left: float, tenant: str) -> LimitError:
@@ -102,7 +105,7 @@ class _Local:
 
 # KEYS: rpm, tpm, day, month counters. ARGV: the four limits (-1: none), the input estimate, the TTLs.
 # Returns {0} when admitted (and counted), else {index of the limit (1..4), value used}.
-_ADMIT = """
+_ADMIT = Script("""
 local est = tonumber(ARGV[5])
 local rpm = tonumber(redis.call('GET', KEYS[1]) or '0')
 local lim = tonumber(ARGV[1])
@@ -124,10 +127,10 @@ if est > 0 then
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
 return {0, ''}
-"""
+""")
 
 # KEYS: tpm, day, month. ARGV: token correction, cost, TTLs of the minute, day and month.
-_COMMIT = """
+_COMMIT = Script("""
 if tonumber(ARGV[1]) ~= 0 then
   redis.call('INCRBY', KEYS[1], ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -139,7 +142,7 @@ if tonumber(ARGV[2]) > 0 then
   redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
 return 1
-"""
+""")
 
 
 class Limiter:
@@ -148,43 +151,28 @@ class Limiter:
     def __init__(self, redis_cfg: Redis | None) -> None:
         self.local = _Local()
         self.redis_cfg = redis_cfg
-        self._client: Any = None
-        self._admit: Any = None
-        self._commit: Any = None
+        self._client: RespClient | None = None
+        self._key_cache: dict[str, tuple[tuple[str, str, str, str], list[str]]] = {}
         self._down_until = 0.0
         self._last_log = 0.0
         self.backend_errors = 0
         self.on_backend_error: Any = None  # callback(count) for metrics
         self._tasks: set[asyncio.Task] = set()
-        if redis_cfg is not None:
-            import redis.asyncio  # noqa: F401  (at config load: an import on the first request would block the loop)
 
     # -- Redis ------------------------------------------------------------------------------------
 
-    def _redis(self) -> Any:
+    def _redis(self) -> RespClient:
         if self._client is None:
-            import redis.asyncio as aioredis
-
-            r = self.redis_cfg
-            assert r is not None
-            # A bounded pool that makes a burst wait for a connection (within the timeout) rather than open one
-            # connection per request in flight.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                r.url,
-                max_connections=MAX_CONNECTIONS,
-                timeout=r.timeout,
-                socket_timeout=r.timeout,
-                socket_connect_timeout=r.timeout,
-            )
-            self._client = aioredis.Redis(connection_pool=pool)
-            self._admit = self._client.register_script(_ADMIT)
-            self._commit = self._client.register_script(_COMMIT)
+            assert self.redis_cfg is not None
+            self._client = RespClient(self.redis_cfg.url)
         return self._client
 
     def _use_redis(self) -> bool:
         return self.redis_cfg is not None and time.monotonic() >= self._down_until
 
     def _failed(self, exc: BaseException, what: str) -> None:
+        if self._client is not None:
+            self._client.reset()  # a late reply must not answer a newer call
         self.backend_errors += 1
         self._down_until = time.monotonic() + RETRY_REDIS_AFTER
         if self.on_backend_error is not None:
@@ -206,6 +194,15 @@ class Limiter:
         prefix = self.redis_cfg.key_prefix if self.redis_cfg else ''
         return f'{prefix}limit:{tenant}:{kind}:{window}'
 
+    def _keys(self, tenant: str, windows: tuple[str, str, str, str]) -> list[str]:
+        """The four counters' keys for the current windows (kept until a window changes)."""
+        hit = self._key_cache.get(tenant)
+        if hit is not None and hit[0] == windows:
+            return hit[1]
+        keys = [self._key(tenant, k, w) for k, w in zip(KINDS, windows, strict=True)]
+        self._key_cache[tenant] = (windows, keys)
+        return keys
+
     # -- admission and accounting -----------------------------------------------------------------
 
     async def admit(self, tenant: str, lim: Limits, est_tokens: int) -> LimitError | None:
@@ -216,18 +213,18 @@ class Limiter:
         lefts = (m_left, m_left, d_left, mo_left)
         if self._use_redis():
             try:
-                self._redis()
-                keys = [self._key(tenant, k, w) for k, w in zip(KINDS, windows, strict=True)]
+                client = self._redis()
+                keys = self._keys(tenant, windows)
                 args = [_lim(lim.requests_per_minute), _lim(lim.tokens_per_minute), _lim(lim.spend_per_day)]
                 args += [_lim(lim.spend_per_month), est_tokens, 120]
                 async with asyncio.timeout(self.redis_cfg.timeout):  # type: ignore[union-attr]
-                    res = await self._admit(keys=keys, args=args)
+                    res = await client.script(_ADMIT, keys, args)
             except Exception as exc:  # any Redis failure: serve on local counters
                 self._failed(exc, 'admission')
             else:
                 i = int(res[0])
                 if i:
-                    return _refusal(KINDS[i - 1], lim, float(res[1]), lefts[i - 1], tenant)
+                    return _refusal(KINDS[i - 1], lim, float(res[1].decode()), lefts[i - 1], tenant)
                 self.local.add(tenant, RPM, mw, 1)
                 self.local.add(tenant, TPM, mw, est_tokens)
                 return None
@@ -266,11 +263,11 @@ class Limiter:
         self, tenant: str, mw: str, dw: str, mo: str, tokens: int, cost: float, d_left: float, mo_left: float
     ) -> None:
         try:
-            self._redis()
-            keys = [self._key(tenant, TPM, mw), self._key(tenant, DAY, dw), self._key(tenant, MONTH, mo)]
+            client = self._redis()
+            keys = self._keys(tenant, (mw, mw, dw, mo))[1:]
             args = [tokens, repr(cost), 120, int(d_left) + 3600, int(mo_left) + 86400]
             async with asyncio.timeout(self.redis_cfg.timeout):  # type: ignore[union-attr]
-                await self._commit(keys=keys, args=args)
+                await client.script(_COMMIT, keys, args)
         except Exception as exc:  # accounted locally; Redis misses this request
             self._failed(exc, 'accounting')
 
@@ -282,8 +279,10 @@ class Limiter:
             try:
                 client = self._redis()
                 async with asyncio.timeout(self.redis_cfg.timeout):  # type: ignore[union-attr]
-                    vals = await client.mget([self._key(tenant, k, w) for k, w in zip(KINDS, windows, strict=True)])
-                return {k: float(v or 0) for k, v in zip(KINDS, vals, strict=True)}
+                    vals = await client.call(
+                        'MGET', *(self._key(tenant, k, w) for k, w in zip(KINDS, windows, strict=True))
+                    )
+                return {k: float(v.decode()) if v else 0.0 for k, v in zip(KINDS, vals, strict=True)}
             except Exception as exc:
                 self._failed(exc, 'read')
         return {k: float(self.local.get(tenant, k, w)) for k, w in zip(KINDS, windows, strict=True)}
