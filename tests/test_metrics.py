@@ -214,3 +214,23 @@ def test_stats_agree_with_metrics(env):
     assert tenants['acme']['cost'] > tenants['globex']['cost'] > 0
     assert {e['model'] for e in s['endpoints']} == {'small', 'large'}
     assert s['histograms']['overhead']['count'][-1] > 0
+
+
+def test_granian_workers_add_up(env, module_procs, tmp_path_factory):
+    """The same sums with granian's worker processes (the multiprocess directory set before they start)."""
+    endpoints = {'small': env['small'].url, 'large': env['large'].url}
+    fr = start_observed(
+        module_procs,
+        lambda p: obs_config(endpoints, admin_port=p, workers=2),
+        tmp_path_factory.mktemp('granian'),
+        '--server',
+        'granian',
+        name='fastroute-granian',
+    )
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: fr.chat('small', 'globex'), range(30)))
+    assert all(a.status_code == 200 for a in answers)
+    workers = {a.headers['x-request-id'].rsplit('-', 1)[0] for a in answers}
+    m = wait_for(lambda: (m := fr.metrics()) and _requests(m, status='200') >= 30 and m)
+    assert _requests(m, model='small', tenant='globex', status='200') == 30
+    assert len(workers) == 2, f'the traffic should have reached both granian workers, saw {workers}'
