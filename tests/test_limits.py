@@ -169,3 +169,19 @@ def test_resp_client_pipelines_and_reloads_scripts(redis_server):
         assert await c.call('GET', 'k') == b'v'
 
     asyncio.run(run())
+
+
+def test_limits_and_their_use_are_metrics(endpoints, procs, tmp_path):
+    fr = start_observed(
+        procs,
+        lambda p: obs_config(endpoints, admin_port=p, limits={'globex': '{requests_per_minute: 50, spend_per_day: 3}'}),
+        tmp_path,
+    )
+    _fresh_minute()
+    for _ in range(3):
+        assert fr.chat('small', 'globex').status_code == 200
+    m = fr.metrics()
+    assert total(m, 'fastroute_tenant_limit', tenant='globex', limit='requests_per_minute') == 50
+    assert total(m, 'fastroute_tenant_limit', tenant='globex', limit='spend_per_day') == 3
+    assert total(m, 'fastroute_tenant_limit_used', tenant='globex', limit='requests_per_minute') == 3
+    assert 0 < total(m, 'fastroute_tenant_limit_used', tenant='globex', limit='spend_per_day') < 3

@@ -28,7 +28,9 @@ _STARTED = time.time()
 
 @route('GET', '/metrics')
 async def _metrics(req: AdminRequest) -> AdminResponse:
-    body, ctype = metrics.render(req.app.snapshot)
+    snap = req.app.snapshot
+    usage = {t: await snap.obs.limiter.usage(t) for t in snap.obs.limits} if snap is not None else None
+    body, ctype = metrics.render(snap, usage)
     return AdminResponse(200, body, ctype)
 
 

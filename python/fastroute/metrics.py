@@ -24,6 +24,8 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 if TYPE_CHECKING:
     from fastroute.gateway import Snapshot
 
@@ -340,10 +342,12 @@ def flush() -> None:
 
 
 class _EndpointCollector:
-    """Endpoint health and circuit state as this worker sees them (gauges computed at scrape time)."""
+    """Endpoint health and circuit state as this worker sees them, and tenant limits with what is used of them
+    (gauges computed at scrape time)."""
 
-    def __init__(self, snap: Snapshot | None) -> None:
+    def __init__(self, snap: Snapshot | None, usage: dict[str, dict[str, float]] | None = None) -> None:
         self.snap = snap
+        self.usage = usage or {}
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
@@ -371,6 +375,24 @@ class _EndpointCollector:
                     outstanding.add_metric((name, ep.base), float(st.get('outstanding', ep.outstanding)))
         yield state
         yield outstanding
+        limit = GaugeMetricFamily(
+            'fastroute_tenant_limit',
+            'A tenant limit (USD for spend, else requests or tokens)',
+            labels=('tenant', 'limit'),
+        )
+        used = GaugeMetricFamily(
+            'fastroute_tenant_limit_used',
+            'What the tenant used of the limit in its current window (minute, UTC day, UTC month)',
+            labels=('tenant', 'limit'),
+        )
+        if snap is not None:
+            for tenant, lim in snap.obs.limits.items():
+                for kind, v in msgspec.structs.asdict(lim).items():
+                    if v is not None:
+                        limit.add_metric((tenant, kind), float(v))
+                        used.add_metric((tenant, kind), float(self.usage.get(tenant, {}).get(kind, 0.0)))
+        yield limit
+        yield used
 
 
 def circuit_of(st: dict[str, Any]) -> str:
@@ -382,7 +404,7 @@ def circuit_of(st: dict[str, Any]) -> str:
     return c if c in ('closed', 'open', 'half_open') else 'closed'
 
 
-def _registry(snap: Snapshot | None) -> Any:
+def _registry(snap: Snapshot | None, usage: dict[str, dict[str, float]] | None = None) -> Any:
     from prometheus_client import REGISTRY, CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -393,16 +415,16 @@ def _registry(snap: Snapshot | None) -> Any:
     else:
         for c in list(REGISTRY._collector_to_names):  # this process's own metrics (no multiprocess dir)
             reg.register(c)
-    reg.register(_EndpointCollector(snap))
+    reg.register(_EndpointCollector(snap, usage))
     return reg
 
 
-def render(snap: Snapshot | None) -> tuple[bytes, str]:
-    """The exposition text of all workers' metrics, and its content type."""
+def render(snap: Snapshot | None, usage: dict[str, dict[str, float]] | None = None) -> tuple[bytes, str]:
+    """The exposition text of all workers' metrics (and the tenants' limit `usage`), and its content type."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     flush()
-    return generate_latest(_registry(snap)), CONTENT_TYPE_LATEST
+    return generate_latest(_registry(snap, usage)), CONTENT_TYPE_LATEST
 
 
 def samples(snap: Snapshot | None) -> Iterable[Any]:
