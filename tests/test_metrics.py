@@ -234,3 +234,23 @@ def test_granian_workers_add_up(env, module_procs, tmp_path_factory):
     m = wait_for(lambda: (m := fr.metrics()) and _requests(m, status='200') >= 30 and m)
     assert _requests(m, model='small', tenant='globex', status='200') == 30
     assert len(workers) == 2, f'the traffic should have reached both granian workers, saw {workers}'
+
+
+def test_grafana_and_alerts_name_real_metrics():
+    """Every metric the Grafana dashboard and the alert rules query is one fastroute exports."""
+    import yaml
+    from conftest import REPO
+
+    source = (REPO / 'python/fastroute/metrics.py').read_text()
+    known = set()
+    for name in re.findall(r"'(fastroute_[a-z_]+)'", source):
+        known |= {name, name + '_total', name + '_bucket', name + '_sum', name + '_count'}
+    exprs = []
+    for group in yaml.safe_load((REPO / 'deploy/prometheus/alerts.yml').read_text())['groups']:
+        exprs += [r['expr'] for r in group['rules']]
+    dash = json.loads((REPO / 'deploy/grafana/fastroute.json').read_text())
+    exprs += [t['expr'] for p in dash['panels'] for t in p['targets']]
+    assert len(exprs) > 20
+    used = {n for e in exprs for n in re.findall(r'\b(fastroute_[a-z_]+)', e)}
+    foreign = {'fastroute_experiment_rollbacks_total'}  # the experiments layer's counter
+    assert used - foreign <= known, f'unknown metrics: {sorted(used - foreign - known)}'
