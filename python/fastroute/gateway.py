@@ -545,7 +545,10 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
 
 def record(ctx: Ctx) -> None:
     """Phase 6: after the answer. Metrics, cost, limits accounting, the access log (fastroute.observe)."""
-    ctx.snap.obs.record(ctx)
+    try:
+        ctx.snap.obs.record(ctx)
+    except Exception:  # accounting must never break serving
+        log.exception('record: accounting of %s %s failed', ctx.scope.method, ctx.path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,12 +79,13 @@ class Observer:
         elif ctx.scope.path == EXPLAIN_PATH:
             return
         now = perf_counter_ns()
-        status = ctx.status or 499
+        err = ctx.error
+        status = 499 if err is not None and err.status == 499 else (ctx.status or 499)  # the client went away
         model = ctx.pool.name if ctx.pool is not None else (d.pool if d is not None else None)
         tin = tout = 0
         cost = ref = 0.0
         estimated = False
-        if d is not None and ctx.endpoint is not None and 200 <= status < 300:
+        if d is not None and ctx.endpoint is not None and 200 <= ctx.status < 300:  # 2xx upstream: it cost
             tin, tout, estimated = _tokens(ctx, d)
             cost, ref = self.prices.cost(model, tin, tout)
         tenant = d.tenant if d is not None else None
