@@ -96,9 +96,8 @@ def _replica_config(endpoints, redis_url: str, limit: int, timeout: float = 2.0)
     # A generous timeout: this machine is shared, and a Redis call that times out falls back to the process's
     # own counters (tested below), which is not what the replicas test is about.
     extra = f'redis: {{url: "{redis_url}", timeout: {timeout}}}\n'
-    return lambda p: obs_config(
-        endpoints, admin_port=p, limits={'acme': f'{{requests_per_minute: {limit}}}'}, extra=extra
-    )
+    limits = {'acme': f'{{requests_per_minute: {limit}}}', 'globex': '{spend_per_day: 0.2}'}
+    return lambda p: obs_config(endpoints, admin_port=p, limits=limits, extra=extra)
 
 
 def test_two_replicas_share_the_limit_through_redis(endpoints, procs, tmp_path, redis_server):
@@ -123,6 +122,16 @@ def test_two_replicas_share_the_limit_through_redis(endpoints, procs, tmp_path, 
         acme = next(t for t in fr.stats()['tenants'] if t['tenant'] == 'acme')
         assert acme['usage']['requests_per_minute'] == allowed
     assert fr.stats()['limits_shared'] is True
+    # spend is shared too: the budget globex spent through replica a is spent on replica b
+    for _ in range(10):
+        r = a.chat('large', 'globex')
+        if r.status_code == 429:
+            break
+    assert r.status_code == 429 and r.json()['error']['code'] == 'spend_per_day_exceeded'
+    time.sleep(0.3)  # finished requests' spend reaches Redis within 50 ms
+    r = b.chat('large', 'globex')  # b never served globex: only the shared counter can refuse this
+    assert r.status_code == 429, 'replica b did not see the spend recorded through replica a'
+    assert r.json()['error']['code'] == 'spend_per_day_exceeded'
 
 
 def test_redis_down_traffic_goes_on_with_local_limits(endpoints, procs, tmp_path, redis_server):

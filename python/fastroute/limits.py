@@ -12,6 +12,7 @@ the request gets 429 with Retry-After and a message naming the limit.
 Windows are fixed: the wall-clock minute, the UTC day, the UTC month. Tokens are counted at admission with the
 decision's input estimate and corrected to the upstream's usage (input + output) when the answer ends; spend is
 added when the answer ends, so requests in flight when a budget runs out may overshoot it by their own cost.
+With Redis, the corrections and spend of finished requests are sent in one call per tenant every 50 ms.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger('fastroute')
 RPM, TPM, DAY, MONTH = 'requests_per_minute', 'tokens_per_minute', 'spend_per_day', 'spend_per_month'
 KINDS = (RPM, TPM, DAY, MONTH)
 RETRY_REDIS_AFTER = 1.0  # seconds without Redis after a failure
+COMMIT_EVERY = 0.05  # seconds: finished requests' tokens and spend go to Redis in one call per tenant this often
 
 
 class LimitError(FastrouteError):
@@ -153,6 +155,8 @@ class Limiter:
         self.redis_cfg = redis_cfg
         self._client: RespClient | None = None
         self._key_cache: dict[str, tuple[tuple[str, str, str, str], list[str]]] = {}
+        self._pending: dict[tuple[str, str, str, str], list[Any]] = {}  # commits not yet sent to Redis
+        self._flush_at: asyncio.TimerHandle | None = None
         self._down_until = 0.0
         self._last_log = 0.0
         self.backend_errors = 0
@@ -255,7 +259,22 @@ class Limiter:
             loc.add(tenant, DAY, dw, cost)
             loc.add(tenant, MONTH, mo, cost)
         if self._use_redis() and (token_correction or cost > 0):
-            t = asyncio.ensure_future(self._commit_redis(tenant, mw, dw, mo, token_correction, cost, d_left, mo_left))
+            # Batched: one Redis call per tenant and window every COMMIT_EVERY seconds, not one per request.
+            key = (tenant, mw, dw, mo)
+            p = self._pending.get(key)
+            if p is None:
+                self._pending[key] = [token_correction, cost, d_left, mo_left]
+            else:
+                p[0] += token_correction
+                p[1] += cost
+            if self._flush_at is None:
+                self._flush_at = asyncio.get_running_loop().call_later(COMMIT_EVERY, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_at = None
+        pending, self._pending = self._pending, {}
+        for (tenant, mw, dw, mo), (tokens, cost, d_left, mo_left) in pending.items():
+            t = asyncio.ensure_future(self._commit_redis(tenant, mw, dw, mo, tokens, cost, d_left, mo_left))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
