@@ -118,7 +118,8 @@ class Observer:
                     fallbacks=[{'model': str(f[0]), 'endpoint': str(f[1]), 'cause': str(f[2])} for f in ctx.fallbacks]
                     if ctx.fallbacks
                     else [],
-                    request=msgspec.Raw(ctx.body) if self.log_prompts and ctx.body else None,
+                    # only a body the core accepted is surely valid JSON to embed as is
+                    request=msgspec.Raw(ctx.body) if self.log_prompts and d is not None and ctx.body else None,
                 )
             )
         if self.tracer is not None:
