@@ -108,7 +108,7 @@ def test_prompt_logging_when_turned_on(endpoints, procs, tmp_path):
     fr, log = _start(procs, endpoints, tmp_path, log_prompts=True)
     r = fr.chat('small', 'globex', content=SECRET_PROMPT, temperature=0.5)
     assert r.status_code == 200
-    (row,) = _lines(log, 1)
+    row = _lines(log, 1)[0]
     assert list(row) == [*FIELDS, 'request']
     assert row['request'] == {
         'model': 'small',
@@ -116,6 +116,14 @@ def test_prompt_logging_when_turned_on(endpoints, procs, tmp_path):
         'temperature': 0.5,
     }
     assert KEYS['globex'] not in log.read_text()
+    bad = httpx.post(
+        fr.url + '/v1/chat/completions',
+        content=b'{"model": "small", broken',
+        headers={'authorization': f'Bearer {KEYS["globex"]}'},
+    )
+    assert bad.status_code == 400
+    rows = _lines(log, 2)  # every line still parses
+    assert rows[1]['status'] == 400 and 'request' not in rows[1]
 
 
 def _entry(i: int) -> Entry:
