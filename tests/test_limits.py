@@ -163,7 +163,7 @@ def test_resp_client_pipelines_and_reloads_scripts(redis_server):
     from fastroute.resp import RespClient, RespError, Script
 
     async def run() -> None:
-        c = RespClient(redis_server.url)
+        c = RespClient(redis_server.url, 2.0)
         assert await c.call('SET', 'k', 'v') == 'OK'
         got = await asyncio.gather(*(c.call('INCR', f'n{i % 3}') for i in range(30)))
         assert sorted(got) == sorted([j for _ in range(3) for j in range(1, 11)])
@@ -194,3 +194,28 @@ def test_limits_and_their_use_are_metrics(endpoints, procs, tmp_path):
     assert total(m, 'fastroute_tenant_limit', tenant='globex', limit='spend_per_day') == 3
     assert total(m, 'fastroute_tenant_limit_used', tenant='globex', limit='requests_per_minute') == 3
     assert 0 < total(m, 'fastroute_tenant_limit_used', tenant='globex', limit='spend_per_day') < 3
+
+
+def test_resp_client_times_out_on_a_stalled_redis(redis_server):
+    """A Redis that stops answering (SIGSTOP): every waiting call fails with TimeoutError after the timeout,
+    none hangs; once Redis runs again, the next call works on a fresh connection."""
+    import asyncio
+    import os
+    import signal
+
+    from fastroute.resp import RespClient
+
+    async def run() -> None:
+        c = RespClient(redis_server.url, 0.3)
+        assert await c.call('PING') == 'PONG'
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(c.call('INCR', 'x') for _ in range(5)), return_exceptions=True), 10
+            )
+            assert all(isinstance(r, TimeoutError) for r in results), results
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        assert await c.call('PING') == 'PONG'
+
+    asyncio.run(run())

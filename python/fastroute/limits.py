@@ -168,7 +168,7 @@ class Limiter:
     def _redis(self) -> RespClient:
         if self._client is None:
             assert self.redis_cfg is not None
-            self._client = RespClient(self.redis_cfg.url)
+            self._client = RespClient(self.redis_cfg.url, self.redis_cfg.timeout)
         return self._client
 
     def _use_redis(self) -> bool:
@@ -221,8 +221,7 @@ class Limiter:
                 keys = self._keys(tenant, windows)
                 args = [_lim(lim.requests_per_minute), _lim(lim.tokens_per_minute), _lim(lim.spend_per_day)]
                 args += [_lim(lim.spend_per_month), est_tokens, 120]
-                async with asyncio.timeout(self.redis_cfg.timeout):  # type: ignore[union-attr]
-                    res = await client.script(_ADMIT, keys, args)
+                res = await client.script(_ADMIT, keys, args)  # bounded by redis.timeout
             except Exception as exc:  # any Redis failure: serve on local counters
                 self._failed(exc, 'admission')
             else:
@@ -285,8 +284,7 @@ class Limiter:
             client = self._redis()
             keys = self._keys(tenant, (mw, mw, dw, mo))[1:]
             args = [tokens, repr(cost), 120, int(d_left) + 3600, int(mo_left) + 86400]
-            async with asyncio.timeout(self.redis_cfg.timeout):  # type: ignore[union-attr]
-                await client.script(_COMMIT, keys, args)
+            await client.script(_COMMIT, keys, args)
         except Exception as exc:  # accounted locally; Redis misses this request
             self._failed(exc, 'accounting')
 
@@ -297,10 +295,9 @@ class Limiter:
         if self._use_redis():
             try:
                 client = self._redis()
-                async with asyncio.timeout(self.redis_cfg.timeout):  # type: ignore[union-attr]
-                    vals = await client.call(
-                        'MGET', *(self._key(tenant, k, w) for k, w in zip(KINDS, windows, strict=True))
-                    )
+                vals = await client.call(
+                    'MGET', *(self._key(tenant, k, w) for k, w in zip(KINDS, windows, strict=True))
+                )
                 return {k: float(v.decode()) if v else 0.0 for k, v in zip(KINDS, vals, strict=True)}
             except Exception as exc:
                 self._failed(exc, 'read')

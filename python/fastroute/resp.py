@@ -5,8 +5,10 @@ rest of fastroute's work on a request. This one does only what the limits need: 
 strings, replies parsed in `data_received`, answered in order (Redis answers a connection's commands in the
 order they were sent, so concurrent calls share the connection without waiting for each other).
 
-Callers bound each call with their own timeout; after a timeout `reset()` drops the connection (its late replies
-must not be matched to newer calls) and the next call connects again.
+Every call is bounded by the client's timeout without a timer per call: replies come in order, so only the
+oldest unanswered call's deadline matters, and one timer watches it. When it passes, every waiting call fails
+with `TimeoutError` and the connection is dropped (its late replies must not answer newer calls); the next call
+connects again.
 """
 
 from __future__ import annotations
@@ -74,8 +76,27 @@ class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.waiters: deque[asyncio.Future] = deque()
+        self.deadlines: deque[float] = deque()  # loop time by which each waiter must be answered
+        self.timer: asyncio.TimerHandle | None = None
         self.buf = bytearray()
         self.lost: BaseException | None = None
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Arm the one timer at the oldest waiter's deadline (no-op when it is armed)."""
+        if self.timer is None and self.deadlines:
+            self.timer = loop.call_at(self.deadlines[0], self.expire, loop)
+
+    def expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        if not self.deadlines:
+            return
+        if self.deadlines[0] <= loop.time():
+            self._fail(TimeoutError('Redis did not answer in time'))
+            if self.transport is not None:
+                self.transport.close()
+            self.lost = self.lost or TimeoutError('Redis did not answer in time')
+            return
+        self.watch(loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -95,6 +116,7 @@ class _Protocol(asyncio.Protocol):
                     self.transport.close()
                 return
             pos = pos2
+            self.deadlines.popleft()
             fut = self.waiters.popleft()
             if not fut.done():
                 if isinstance(value, RespError):
@@ -109,16 +131,22 @@ class _Protocol(asyncio.Protocol):
         self._fail(self.lost)
 
     def _fail(self, exc: BaseException) -> None:
+        self.deadlines.clear()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():
-                fut.set_exception(ConnectionError(str(exc)) if not isinstance(exc, ConnectionError) else exc)
+                kind = type(exc) if isinstance(exc, (ConnectionError, TimeoutError)) else ConnectionError
+                fut.set_exception(kind(str(exc)))  # one instance per waiter: no shared traceback
 
 
 class RespClient:
     """`await client.call('GET', key)`; `await client.script(sha_and_text, keys, args)` (EVALSHA, loading once)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout: float) -> None:
+        self.timeout = timeout
         u = urlsplit(url)
         self.scheme = u.scheme
         self.host = u.hostname or '127.0.0.1'
@@ -145,6 +173,7 @@ class RespClient:
         for cmd in hello:
             fut = loop.create_future()
             proto.waiters.append(fut)
+            proto.deadlines.append(loop.time() + self.timeout)
             proto.transport.write(_encode(cmd))  # type: ignore[union-attr]
             await fut
         return proto
@@ -165,10 +194,17 @@ class RespClient:
         return p
 
     async def call(self, *args: Any) -> Any:
-        p = await self._conn()
-        fut = asyncio.get_running_loop().create_future()
+        p = self._proto
+        if p is None or p.lost is not None:
+            async with asyncio.timeout(self.timeout):
+                p = await self._conn()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         p.waiters.append(fut)
+        p.deadlines.append(loop.time() + self.timeout)
         p.transport.write(_encode(args))  # type: ignore[union-attr]
+        if p.timer is None:
+            p.watch(loop)
         return await fut
 
     async def script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
@@ -180,10 +216,12 @@ class RespClient:
             return await self.call('EVAL', script.text, len(keys), *keys, *args)
 
     def reset(self) -> None:
-        """Drop the connection (after a timeout: late replies must not answer newer calls)."""
+        """Drop the connection (after a failure: late replies must not answer newer calls)."""
         p, self._proto = self._proto, None
-        if p is not None and p.transport is not None:
-            p.transport.close()
+        if p is not None:
+            p._fail(ConnectionError('connection reset after a failure'))
+            if p.transport is not None:
+                p.transport.close()
 
 
 class Script:
