@@ -219,3 +219,18 @@ def test_resp_client_times_out_on_a_stalled_redis(redis_server):
         assert await c.call('PING') == 'PONG'
 
     asyncio.run(run())
+
+
+def test_check_warns_when_workers_would_each_count_a_limit(tmp_path):
+    import subprocess
+
+    from conftest import fastroute_cmd, subprocess_env
+
+    cfg = tmp_path / 'w.yaml'
+    cfg.write_text(
+        'server: {workers: 2}\nmodels:\n  small: {endpoints: ["http://127.0.0.1:9"]}\n'
+        f'tenants:\n  a: {{keys_sha256: ["{"a" * 64}"], limits: {{requests_per_minute: 5}}}}\n'
+    )
+    out = subprocess.run(fastroute_cmd('check', str(cfg)), capture_output=True, text=True, env=subprocess_env())
+    assert out.returncode == 0
+    assert 'tenants.a.limits: warning: with server.workers: 2 and no redis: section' in out.stdout + out.stderr

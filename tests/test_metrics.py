@@ -254,3 +254,21 @@ def test_grafana_and_alerts_name_real_metrics():
     used = {n for e in exprs for n in re.findall(r'\b(fastroute_[a-z_]+)', e)}
     foreign = {'fastroute_experiment_rollbacks_total'}  # the experiments layer's counter
     assert used - foreign <= known, f'unknown metrics: {sorted(used - foreign - known)}'
+
+
+def test_stream_usage_can_be_turned_off_per_model():
+    """`models.<name>.stream_usage: false`: the body goes upstream as the client sent it."""
+    from fastroute.config import compile_config, loads_config
+
+    cfg = loads_config(
+        'server: {allow_anonymous: true}\n'
+        'models:\n  plain: {endpoints: ["http://127.0.0.1:9"], stream_usage: false}\n'
+        '  counted: {endpoints: ["http://127.0.0.1:9"]}\n'
+        'routes:\n  - {name: by-model, requested: true}\n'
+    )
+    router = compile_config(cfg)
+    body = b'{"model":"plain","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    d = router.decide('POST', '/v1/chat/completions', {}, body)
+    assert d.status == 200 and d.body is None and d.usage_injected is False
+    d = router.decide('POST', '/v1/chat/completions', {}, body.replace(b'"plain"', b'"counted"'))
+    assert d.usage_injected is True and json.loads(d.body)['stream_options'] == {'include_usage': True}

@@ -949,7 +949,7 @@ class _Checker:
         self.routes()
         if self.cfg.default is not None:
             self.model_ref('default', self.cfg.default)
-        check_observability(self.cfg, self.add)
+        check_observability(self.cfg, self.add, self.warn)
 
     # helpers
     def model_ref(self, path: str, name: str) -> None:

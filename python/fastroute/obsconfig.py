@@ -66,14 +66,20 @@ def _positive(add: Callable[[str, str], None], path: str, value: float | None, e
         add(path, f'must be a positive number, got {value!r}; e.g. {example}')
 
 
-def check(cfg: Config, add: Callable[[str, str], None]) -> None:
-    """Semantic checks of these sections; `add(key_path, message)` reports a problem."""
+def check(cfg: Config, add: Callable[[str, str], None], warn: Callable[[str, str], None] | None = None) -> None:
+    """Semantic checks of these sections; `add(key_path, message)` reports a problem, `warn` a doubt."""
     models = list(cfg.models)
     for name, tenant in cfg.tenants.items():
         lim = tenant.limits
         if lim is None:
             continue
         path = f'tenants.{name}.limits'
+        if warn is not None and cfg.redis is None and cfg.server.workers > 1:
+            warn(
+                path,
+                f'with server.workers: {cfg.server.workers} and no redis: section each worker counts this limit '
+                'alone (up to workers x the limit); add a redis: section to share it',
+            )
         _positive(add, f'{path}.requests_per_minute', lim.requests_per_minute, '600')
         _positive(add, f'{path}.tokens_per_minute', lim.tokens_per_minute, '100000')
         _positive(add, f'{path}.spend_per_day', lim.spend_per_day, '5.0 (USD)')
