@@ -166,3 +166,15 @@ def test_writer_drops_and_counts_beyond_its_buffer(tmp_path):
 
     asyncio.run(burst())
     assert len(path.read_text().splitlines()) == 8
+
+
+def test_a_client_that_leaves_a_stream_is_logged_499(start_mock, procs, tmp_path):
+    slow = start_mock(model='phi-3-mini', name='slow-log', ttft_ms=0, tps=20)
+    fr, log = _start(procs, {'small': slow.url, 'large': slow.url}, tmp_path, log_prompts=False)
+    body = {'model': 'small', 'stream': True, 'messages': [{'role': 'user', 'content': 'a long story'}]}
+    headers = {'authorization': f'Bearer {KEYS["globex"]}'}
+    with httpx.stream('POST', fr.url + '/v1/chat/completions', json=body, headers=headers, timeout=15.0) as r:
+        rid = r.headers['x-request-id']
+        next(r.iter_bytes())  # the first bytes, then the client goes
+    rows = {row['request_id']: row for row in _lines(log, 1)}
+    assert rows[rid]['status'] == 499
