@@ -272,3 +272,32 @@ def test_stream_usage_can_be_turned_off_per_model():
     assert d.status == 200 and d.body is None and d.usage_injected is False
     d = router.decide('POST', '/v1/chat/completions', {}, body.replace(b'"plain"', b'"counted"'))
     assert d.usage_injected is True and json.loads(d.body)['stream_options'] == {'include_usage': True}
+
+
+def _usage_event(prompt: int, completion: int, sep: bytes = b'\n\n') -> bytes:
+    body = {'id': 'c', 'choices': [], 'usage': {'prompt_tokens': prompt, 'completion_tokens': completion}}
+    return b'data: ' + json.dumps(body).encode() + sep
+
+
+@pytest.mark.parametrize('sep', [b'\n\n', b'\r\n\r\n'])
+def test_stream_usage_filter_holds_split_events_only(sep):
+    """The usage chunk is taken out however the reads cut the stream; other bytes pass unchanged."""
+    from fastroute.spend import StreamUsage
+
+    content = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"say \\"usage\\" twice"}}]}' + sep
+    done = b'data: [DONE]' + sep
+    stream = content * 3 + _usage_event(7, 11, sep) + done
+    for cut in range(1, len(stream)):
+        su = StreamUsage(strip=True)
+        out = b''
+        for chunk in (stream[:cut], stream[cut:]):
+            if su.wants(chunk):
+                chunk = su.feed(chunk)
+            out += chunk
+        out += su.flush()
+        assert out == content * 3 + done, cut
+        assert su.usage == (7, 11)
+    asked = StreamUsage(strip=False)  # the client asked: nothing taken out, usage still read
+    assert asked.feed(stream) == stream and asked.usage == (7, 11)
+    whole = StreamUsage(strip=True)
+    assert not whole.wants(content)  # a complete event without usage costs two byte searches, no copy

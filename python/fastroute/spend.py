@@ -10,6 +10,7 @@ Usage is read without parsing answers on the hot path:
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -32,6 +33,16 @@ class _WithUsage(msgspec.Struct):
 class _Event(msgspec.Struct):
     choices: list[msgspec.Raw] | None = None
     usage: Usage | None = None
+
+
+_ENDS = (b'\n\n', b'\r\n\r\n')  # the end of an SSE event
+MAX_PENDING = 64 * 1024  # bytes of an unfinished event held back at most
+_EVENT = re.compile(rb'(.*?)(\r?\n\r?\n)', re.S)
+
+
+def _events(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(event, its separator) for each complete event of `data` (which ends with a separator)."""
+    return [(m.group(1), m.group(2)) for m in _EVENT.finditer(data)]
 
 
 _decode_body = msgspec.json.Decoder(_WithUsage).decode
@@ -80,7 +91,7 @@ class StreamUsage:
     def wants(self, chunk: bytes) -> bool:
         """Whether `chunk` must go through `feed` (cheap: one search, one suffix test)."""
         if self.strip:
-            return bool(self.pending) or not chunk.endswith(b'\n\n') or b'"usage"' in chunk
+            return bool(self.pending) or not chunk.endswith(_ENDS) or b'"usage"' in chunk
         return b'"usage"' in chunk
 
     def feed(self, chunk: bytes) -> bytes:
@@ -88,18 +99,18 @@ class StreamUsage:
             self._read(chunk)
             return chunk
         data = self.pending + chunk if self.pending else chunk
-        end = data.rfind(b'\n\n') + 2
+        end = max(data.rfind(b'\n\n') + 2, data.rfind(b'\r\n\r\n') + 4, 0)
+        if end == 0 and len(data) > MAX_PENDING:
+            end = len(data)  # not SSE as expected: never hold more than this, pass it on
         self.pending = data[end:]
         done = data[:end]
         if b'"usage"' not in done:
             return done
         out = []
-        for event in done.split(b'\n\n'):
-            if not event:
-                continue
+        for event, sep in _events(done):
             if b'"usage"' in event and self._read(event) is not None:
                 continue  # the usage-only chunk: fastroute's, not the client's
-            out.append(event + b'\n\n')
+            out.append(event + sep)
         return b''.join(out)
 
     def flush(self) -> bytes:
@@ -111,6 +122,7 @@ class StreamUsage:
         """Record the usage of the events in `data`; return it when `data` is one usage-only event."""
         found = None
         for line in data.split(b'\n'):
+            line = line.rstrip(b'\r')
             if not line.startswith(b'data:') or b'"usage"' not in line:
                 continue
             try:
