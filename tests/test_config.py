@@ -623,17 +623,9 @@ def test_schema_prints_json_schema() -> None:
     schema = json.loads(result.stdout)
     assert schema['$schema'].startswith('https://json-schema.org/')
     defs = schema['$defs']
-    assert set(defs['Config']['properties']) == {
-        'models',
-        'server',
-        'tenants',
-        'routes',
-        'default',
-        'splits',
-        'admin',
-        'redis',
-        'experiments',
-    }
+    sections = {'models', 'server', 'tenants', 'routes', 'default', 'splits', 'admin', 'redis', 'experiments'}
+    sections |= {'spend', 'access_log', 'metrics', 'tracing'}
+    assert set(defs['Config']['properties']) == sections
     assert 'not' in defs['Match']['properties']
     assert result.stdout.startswith('{\n  ')  # pretty-printed
 

@@ -117,6 +117,8 @@ known = st.fixed_dictionaries(
         'user': st.text(max_size=10),
         'adapter_id': st.sampled_from(['lora-0', 'lora-3', 'other']),
         'metadata': st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3),
+        'stream_options': st.none()
+        | st.fixed_dictionaries({}, optional={'include_usage': st.booleans(), 'continuous_usage_stats': st.booleans()}),
     },
 )
 KNOWN = {
@@ -130,6 +132,7 @@ KNOWN = {
     'user',
     'metadata',
     'adapter_id',
+    'stream_options',
 }
 other_keys = st.text(max_size=10).filter(lambda k: k not in KNOWN)
 bodies = st.builds(lambda k, extra: {**extra, **k}, known, st.dictionaries(other_keys, json_values, max_size=4))
@@ -170,6 +173,16 @@ def test_rewrite_is_valid_json_changed_only_in_rewritten_fields(
         assert out['adapter_id'] == d.adapter
     if d.upstream_model is not None or d.adapter is not None:
         assert out['model'] in (d.adapter, d.upstream_model)
+    # a stream asks the upstream for usage, unless the client did
+    asked = isinstance(body.get('stream_options'), dict) and body['stream_options'].get('include_usage') is True
+    assert d.usage_injected == (body.get('stream') is True and not asked)
+    if d.usage_injected:
+        assert out['stream_options']['include_usage'] is True
+        out['stream_options'].pop('include_usage')
+        opts = body.get('stream_options') or {}
+        opts.pop('include_usage', None)
+        assert out.pop('stream_options') == opts
+        body.pop('stream_options', None)
     for field in ('model', 'adapter_id'):
         out.pop(field, None)
         body.pop(field, None)

@@ -149,11 +149,16 @@ def test_decision_fields_and_rewrite(routers: dict[str, _core.Router]) -> None:
     assert d.body is not None
     out = json.loads(d.body)
     assert out.pop('model') == 'acme-lora'
+    # a stream asks the upstream for usage (the gateway hides that chunk from this client, who did not ask)
+    assert d.usage_injected is True
+    assert out.pop('stream_options') == {'include_usage': True}
     original = json.loads(body)
     original.pop('model')
     assert out == original
-    # Every byte outside the model value is unchanged.
-    assert d.body.replace(b'"acme-lora"', b'"anything"') == body
+    # Every byte outside the model value and the added stream_options is unchanged.
+    added = b',"stream_options":{"include_usage":true}}'
+    assert d.body.endswith(added)
+    assert d.body[: -len(added)].replace(b'"acme-lora"', b'"anything"') + b'}' == body
     assert 'Decision(status=200' in repr(d)
 
 

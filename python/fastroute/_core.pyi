@@ -70,6 +70,7 @@ class Decision:
     body: bytes | None  # the rewritten body, or None when it is unchanged
     requested_model: str | None
     stream: bool
+    usage_injected: bool  # the body now asks the upstream for usage; the client did not
     max_tokens: int | None
     est_input_tokens: int
     score: float | None

@@ -69,13 +69,16 @@ class AdminResponse:
 
 Handler = Callable[[AdminRequest], Awaitable['tuple[int, Any] | AdminResponse']]
 ROUTES: dict[tuple[str, str], Handler] = {}
+PUBLIC: set[tuple[str, str]] = set()  # endpoints served without the token (static pages that hold no data)
 
 
-def route(method: str, path: str) -> Callable[[Handler], Handler]:
-    """Register an admin endpoint (exact path)."""
+def route(method: str, path: str, *, public: bool = False) -> Callable[[Handler], Handler]:
+    """Register an admin endpoint (exact path). `public`: no token needed (only for pages without data)."""
 
     def deco(fn: Handler) -> Handler:
         ROUTES[(method.upper(), path)] = fn
+        if public:
+            PUBLIC.add((method.upper(), path))
         return fn
 
     return deco
@@ -112,7 +115,7 @@ class AdminServer:
         proto.response_bytes(resp.status, headers, resp.body)
 
     async def handle(self, scope: Any, proto: Any) -> AdminResponse:
-        denied = self.authorized(scope.headers)
+        denied = None if (scope.method, scope.path) in PUBLIC else self.authorized(scope.headers)
         if denied is not None:
             return denied
         handler = ROUTES.get((scope.method, scope.path))

@@ -49,6 +49,8 @@ import msgspec.inspect as mi
 import yaml
 
 from fastroute.errors import ConfigError
+from fastroute.obsconfig import AccessLog, Limits, Metrics, Spend, Tracing
+from fastroute.obsconfig import check as check_observability
 
 __all__ = [
     'AdapterPoll',
@@ -56,6 +58,7 @@ __all__ = [
     'Breaker',
     'Canary',
     'ClassifyTargets',
+    'ConcurrencyLimits',
     'Config',
     'Experiment',
     'ExperimentArm',
@@ -141,7 +144,7 @@ class HealthCheck(_Base):
     healthy_after: int = 1  # consecutive good checks that bring it back
 
 
-class Limits(_Base):
+class ConcurrencyLimits(_Base):
     """Concurrency limits of one worker; past them and the queue, requests are shed with 503 + Retry-After."""
 
     max_in_flight: int = 0  # requests in flight to this model (0: no limit)
@@ -212,9 +215,10 @@ class Model(_Base):
     breaker: Breaker | None = None  # overrides server.breaker for this model
     first_token_timeout: float | None = None  # a stream with no body byte within this (s) fails over
     balance: Literal['p2c', 'round_robin', 'weighted', 'least_outstanding'] = 'p2c'
-    limits: Limits = Limits()
+    limits: ConcurrencyLimits = ConcurrencyLimits()
     health: HealthCheck | None = None  # active checks (off when absent)
     adapter_affinity: AdapterPoll | None = None  # prefer endpoints with the request's adapter loaded
+    stream_usage: bool = True  # ask for usage on streams (stream_options.include_usage); the client never sees it
 
 
 class Tenant(_Base):
@@ -226,6 +230,7 @@ class Tenant(_Base):
     base: str | None = None  # the model this tenant's adapter sits on
     adapter: str | None = None  # the tenant's LoRA adapter, applied when the request goes to `base`
     allowed_models: list[str] | None = None  # None: any model; else only these (403 otherwise)
+    limits: Limits | None = None  # requests/tokens per minute, spend per day/month (429 beyond)
 
 
 class Range(_Base):
@@ -373,6 +378,10 @@ class Config(_Base):
     admin: Admin | None = None
     redis: Redis | None = None
     experiments: dict[str, Experiment] = {}
+    spend: Spend | None = None
+    access_log: AccessLog | None = None
+    metrics: Metrics = Metrics()
+    tracing: Tracing | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -734,6 +743,7 @@ def _kind_of(value: Any) -> str:
 _SECTIONS: dict[str, type] = {'models': Model, 'tenants': Tenant, 'splits': Split}  # name -> item
 _SECTIONS['experiments'] = Experiment
 _SINGLE_SECTIONS: dict[str, type] = {'server': Server, 'admin': Admin, 'redis': Redis}  # one struct each
+_SINGLE_SECTIONS.update(spend=Spend, access_log=AccessLog, metrics=Metrics, tracing=Tracing)
 
 
 def _convert(raw: Any, problems: _Problems) -> Config | None:
@@ -1069,6 +1079,7 @@ class _Checker:
         self.experiments()
         if self.cfg.default is not None:
             self.model_ref('default', self.cfg.default)
+        check_observability(self.cfg, self.add, self.warn)
 
     # helpers
     def model_ref(self, path: str, name: str) -> None:

@@ -239,7 +239,8 @@ def _retarget(ctx: Any, d: Any, model: str, adapter: str | None, label: str) -> 
         model_value, adapter_id = adapter, None
     else:
         model_value, adapter_id = m.upstream_model, adapter
-    body = _core.rewrite_body(ctx.body, model_value, adapter_id)
+    # from the core's rewrite when there is one: it may carry more than the model (stream_options for usage)
+    body = _core.rewrite_body(d.body or ctx.body, model_value, adapter_id)
     return Assigned(d, model, adapter, label, m.upstream_model or d.requested_model, None if body is ctx.body else body)
 
 

@@ -40,6 +40,7 @@ from fastroute.errors import (
     error_body,
 )
 from fastroute.experiments import LIVE as EXPERIMENTS
+from fastroute.observe import Observer, StreamUsage, admit
 from fastroute.resilience import Walk, status_error
 from fastroute.upstream import Endpoint, Pool, Readiness, UpstreamResponse, UpstreamStream, build_pools
 
@@ -87,6 +88,7 @@ class Snapshot:
         'max_body',
         'methods',
         'models_cache',
+        'obs',
         'path',
         'paths',
         'pools',
@@ -127,11 +129,13 @@ class Snapshot:
         self.tenant_by_key = _tenant_keys(cfg)
         self.models_cache: dict[str | None, tuple[bytes, dict[str, bytes]]] = {}
         self.readiness = Readiness(self.pools)
+        self.obs = Observer(cfg)  # metrics, cost, limits, access log (fastroute.observe)
         if cfg.experiments or EXPERIMENTS.live:
             EXPERIMENTS.configure(cfg)
 
     async def close(self, keep: dict[str, Pool] | None = None) -> None:
         """Close the pools, except those in `keep` (carried into the config that replaced this one)."""
+        self.obs.close()
         kept = {id(p) for p in keep.values()} if keep else set()
         for pool in self.pools.values():
             if id(pool) not in kept:
@@ -242,6 +246,11 @@ class Ctx:
     aborted: bool = False  # an upstream stream broke after bytes went out
     walk: Walk | None = None  # the fallback walk, once a try failed (fastroute.resilience)
     experiment: Any = None  # experiments.Ticket when an experiment took this request
+    overhead_ns: int = 0  # time in fastroute up to the answer's headers, upstream excluded
+    usage: tuple[int, int] | None = None  # (input, output) tokens from the upstream's usage
+    resp_body: bytes | None = None  # a non-streamed answer's body (its usage is read after it was sent)
+    stream_chunks: int = 0  # chunks relayed (the output estimate when a stream has no usage)
+    span: Any = None  # the OpenTelemetry span, when tracing is on
 
 
 _rid_prefix = os.urandom(4).hex()
@@ -263,7 +272,8 @@ def _reseed_request_ids() -> None:
 def decision_headers(ctx: Ctx) -> list[tuple[str, str]]:
     """The headers every answer carries: the decision (when one was made), request id, overhead."""
     d = ctx.decision
-    us = str((perf_counter_ns() - ctx.t0 - ctx.upstream_ns) // 1000)
+    ctx.overhead_ns = ns = perf_counter_ns() - ctx.t0 - ctx.upstream_ns
+    us = str(ns // 1000)
     if d is None:
         return [('x-request-id', ctx.rid), ('x-fastroute-overhead-us', us)]
     if ctx.fallbacks:
@@ -476,6 +486,8 @@ async def proxy(ctx: Ctx, method: str) -> None:
     d = decide(ctx, method)
     if d is None:
         return
+    if d.tenant in ctx.snap.obs.limits and not await admit(ctx, d):  # per-tenant limits: 429
+        return
     if EXPERIMENTS.active:
         d = EXPERIMENTS.assign(ctx, d)
     ep = pick_endpoint(ctx)
@@ -490,6 +502,8 @@ async def proxy(ctx: Ctx, method: str) -> None:
     if ctx.walk is not None and ctx.pool.name != d.pool:  # type: ignore[union-attr]
         send_body = ctx.walk.body_for(ctx.pool, send_body)  # type: ignore[arg-type]
     headers = upstream_headers(ctx)
+    if ctx.snap.obs.tracer is not None:  # a span for this request; its context goes upstream
+        ctx.snap.obs.tracer.start(ctx, headers)
     if d.stream:
         await stream_back(ctx, method, upath, headers, send_body)
     else:
@@ -534,6 +548,7 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
     out = resp.headers
     out += decision_headers(ctx)
     ctx.status = status
+    ctx.resp_body = resp.body
     if ctx.experiment is not None:
         ctx.experiment.seen_body(resp.body)
     ctx.proto.response_bytes(status, out, resp.body)
@@ -630,13 +645,14 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
 
     watch.add_done_callback(on_disconnect)
     transport = None
+    su = StreamUsage(ctx.decision.usage_injected)  # type: ignore[union-attr]
     try:
         out = up.headers
         out += decision_headers(ctx)
         ctx.status = up.status
         transport = ctx.proto.response_stream(up.status, out)
         ep.ok()  # type: ignore[union-attr]
-        await _relay_stream(ctx, ep, up, first, transport)  # type: ignore[arg-type]
+        await _relay_stream(ctx, ep, up, first, transport, su)  # type: ignore[arg-type]
     except asyncio.CancelledError:
         if not (watch.done() and not watch.cancelled()):
             raise
@@ -653,27 +669,33 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
         ep.release()  # type: ignore[union-attr]
         # granian ends the response when the transport is released: never let a traceback keep it.
         transport = None
+        ctx.usage = su.usage
         await up.aclose()
 
 
-async def _relay_stream(ctx: Ctx, ep: Endpoint, up: UpstreamStream, first: Any, transport: Any) -> None:
-    """The body of a stream, first bytes included, as it arrives. A break once bytes went out cannot change
-    the status: it is said in the stream (an error event) and the stream ends without [DONE]."""
+async def _relay_stream(
+    ctx: Ctx, ep: Endpoint, up: UpstreamStream, first: Any, transport: Any, su: StreamUsage
+) -> None:
+    """The body of a stream, first bytes included, as it arrives. The usage chunk fastroute asked for is read
+    and taken out when the client did not ask for it (`su`). A break once bytes went out cannot change the
+    status: it is said in the stream (an error event) and the stream ends without [DONE]."""
     exp = ctx.experiment
+    chunk = first
     try:
-        if first is None:
-            return
-        await transport.send_bytes(first)
-        ctx.ttft_ns = perf_counter_ns()
-        if exp is not None:
-            exp.seen_chunk(first)
-        while True:
-            chunk = await up.read_chunk()
-            if chunk is None:
-                break
-            await transport.send_bytes(chunk)
+        while chunk is not None:
+            ctx.stream_chunks += 1
             if exp is not None:
                 exp.seen_chunk(chunk)
+            if su.wants(chunk):
+                chunk = su.feed(chunk)
+            if chunk:
+                await transport.send_bytes(chunk)
+                if not ctx.ttft_ns:
+                    ctx.ttft_ns = perf_counter_ns()
+            chunk = await up.read_chunk()
+        rest = su.flush()
+        if rest:
+            await transport.send_bytes(rest)
     except UpstreamError as err:
         ctx.error = err.with_traceback(None)  # no frame -> ctx -> error cycle
         ctx.aborted = True
@@ -683,9 +705,14 @@ async def _relay_stream(ctx: Ctx, ep: Endpoint, up: UpstreamStream, first: Any, 
 
 
 def record(ctx: Ctx) -> None:
-    """Phase 6: after the answer. Metrics, cost and experiment outcomes hook in here."""
-    if ctx.experiment is not None:
-        ctx.experiment.done(ctx)
+    """Phase 6: after the answer: experiment outcomes, then metrics, cost, limits accounting and the access log
+    (fastroute.observe). Accounting must never break serving."""
+    try:
+        if ctx.experiment is not None:
+            ctx.experiment.done(ctx)
+        ctx.snap.obs.record(ctx)
+    except Exception:
+        log.exception('record: accounting of %s %s failed', ctx.scope.method, ctx.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1115,6 +1142,9 @@ def cli_serve(args: argparse.Namespace) -> int:
     )
     os.environ[CONFIG_ENV] = path
     os.environ[LOG_LEVEL_ENV] = args.log_level
+    from fastroute.metrics import setup_multiprocess
+
+    setup_multiprocess(workers)  # before the workers start, so their metrics add up
     if server_kind == 'native':
         from fastroute.server import serve
 

@@ -234,6 +234,7 @@ impl Router {
             body: new_body,
             requested_model,
             stream: d.stream,
+            usage_injected: d.usage_injected,
             max_tokens: d.max_tokens,
             est_input_tokens: d.est_input_tokens,
             score: d.score.map(f64::from),
@@ -304,6 +305,8 @@ struct Decision {
     #[pyo3(get)]
     stream: bool,
     #[pyo3(get)]
+    usage_injected: bool,
+    #[pyo3(get)]
     max_tokens: Option<i64>,
     #[pyo3(get)]
     est_input_tokens: u32,
@@ -355,6 +358,7 @@ impl Decision {
         d.set_item("body", body)?;
         d.set_item("requested_model", &self.requested_model)?;
         d.set_item("stream", self.stream)?;
+        d.set_item("usage_injected", self.usage_injected)?;
         d.set_item("max_tokens", self.max_tokens)?;
         d.set_item("est_input_tokens", self.est_input_tokens)?;
         d.set_item("score", self.score)?;
@@ -436,7 +440,7 @@ fn rewrite_body<'py>(
     let py = body.py();
     let raw = body.as_bytes();
     let scanned = scan_plain(raw).map_err(|e| request_error(py, e))?;
-    match rewrite::plan(raw, &scanned, model, adapter_id) {
+    match rewrite::plan(raw, &scanned, model, adapter_id, false) {
         Some(plan) => rewritten_body(py, &plan, raw),
         None => Ok(body.clone()),
     }

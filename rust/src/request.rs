@@ -215,6 +215,23 @@ pub struct Body<'a> {
     pub close: usize,
     /// Number of top-level fields.
     pub fields: u32,
+    /// `stream_options`, when the body has it.
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// Where `stream_options` sits in the body, for the rewrite that asks the upstream for usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamOptions {
+    /// Span of the value (`null` or the object).
+    pub span: Span,
+    /// Offset of the object's closing `}` (None when the value is `null`).
+    pub close: Option<usize>,
+    /// Number of members of the object.
+    pub fields: u32,
+    /// Span of the `include_usage` value, when present.
+    pub include_usage_span: Option<Span>,
+    /// `include_usage` is `true`: the client asked for usage itself.
+    pub include_usage: bool,
 }
 
 const SEEN_MODEL: u16 = 1;
@@ -227,6 +244,7 @@ const SEEN_MAX_COMPLETION: u16 = 1 << 6;
 const SEEN_USER: u16 = 1 << 7;
 const SEEN_METADATA: u16 = 1 << 8;
 const SEEN_ADAPTER_ID: u16 = 1 << 9;
+const SEEN_STREAM_OPTIONS: u16 = 1 << 10;
 
 /// Scan `body` once: validate it as one JSON object and extract the routing fields.
 /// Cost is linear in the body (a few passes of SIMD-friendly loops over string bytes);
@@ -256,6 +274,7 @@ pub fn scan<'a>(body: &'a [u8], opts: &ScanOptions<'_>) -> Result<Body<'a>, Deci
         features: Features::default(),
         close: 0,
         fields: 0,
+        stream_options: None,
     };
     s.ws();
     if s.peek() != Some(b'{') {
@@ -300,6 +319,7 @@ pub fn scan<'a>(body: &'a [u8], opts: &ScanOptions<'_>) -> Result<Body<'a>, Deci
                 }
                 SEEN_USER => out.user = s.opt_string(field, "`user` must be a string")?,
                 SEEN_METADATA => s.metadata(&mut out.metadata)?,
+                SEEN_STREAM_OPTIONS => out.stream_options = Some(s.stream_options()?),
                 _ => s.skip_value(1)?,
             }
             if !s.object_next()? {
@@ -333,6 +353,7 @@ fn classify_key(key: Key<'_>) -> (u16, &'static str) {
         b"user" => (SEEN_USER, "user"),
         b"metadata" => (SEEN_METADATA, "metadata"),
         b"adapter_id" => (SEEN_ADAPTER_ID, "adapter_id"),
+        b"stream_options" => (SEEN_STREAM_OPTIONS, "stream_options"),
         _ => (0, ""),
     }
 }
@@ -782,6 +803,55 @@ impl<'a> Scanner<'a, '_, '_> {
             }
             _ => Err(DecideError::field(field, msg)),
         }
+    }
+
+    /// `stream_options`: null or an object; where it is and whether `include_usage` is true.
+    fn stream_options(&mut self) -> Result<StreamOptions, DecideError> {
+        let start = self.pos;
+        let mut out = StreamOptions {
+            span: Span { start, end: start },
+            close: None,
+            fields: 0,
+            include_usage_span: None,
+            include_usage: false,
+        };
+        match self.peek() {
+            Some(b'n') => {
+                self.literal(b"null")?;
+                out.span.end = self.pos;
+                return Ok(out);
+            }
+            Some(b'{') => {}
+            _ => {
+                return Err(DecideError::field(
+                    "stream_options",
+                    "`stream_options` must be an object",
+                ))
+            }
+        }
+        if self.object_open()? {
+            loop {
+                out.fields += 1;
+                let key = self.object_key()?;
+                if key.is("include_usage") {
+                    let at = self.pos;
+                    let v = self.opt_bool("stream_options", "`stream_options.include_usage` must be a boolean")?;
+                    out.include_usage = v == Some(true);
+                    out.include_usage_span = Some(Span {
+                        start: at,
+                        end: self.pos,
+                    });
+                } else {
+                    self.skip_value(2)?;
+                }
+                if !self.object_next()? {
+                    break;
+                }
+            }
+        }
+        out.close = Some(self.pos - 1);
+        out.span.end = self.pos;
+        Ok(out)
     }
 
     /// `metadata`: an object; string values of the keys the rules read are kept.

@@ -1,5 +1,6 @@
 //! The body rewrite: splice a new `model` value (and, for LoRAX-style pools, an `adapter_id`
-//! field) into the request body at the spans the scan found. Every other byte is copied
+//! field) into the request body at the spans the scan found; for a stream, ask the upstream for
+//! usage (`stream_options.include_usage`) when the client did not. Every other byte is copied
 //! unchanged, the output size is computed before writing, and nothing is copied at all when the
 //! body would not change. This module must never parse JSON; it trusts the scan's spans.
 
@@ -17,19 +18,31 @@ enum Edit<'v> {
         key: &'static str,
         value: &'v str,
     },
+    /// Write `text` verbatim at `span` (an empty span inserts), with a leading comma when `comma`.
+    Raw {
+        span: Span,
+        comma: bool,
+        text: &'static str,
+    },
 }
+
+/// What the rewrite adds so a streamed answer ends with a usage chunk.
+const USAGE_MEMBER: &str = r#""stream_options":{"include_usage":true}"#;
+const USAGE_OBJECT: &str = r#"{"include_usage":true}"#;
+const USAGE_FIELD: &str = r#""include_usage":true"#;
+const TRUE: &str = "true";
 
 impl Edit<'_> {
     fn start(&self) -> usize {
         match self {
-            Self::Replace { span, .. } => span.start,
+            Self::Replace { span, .. } | Self::Raw { span, .. } => span.start,
             Self::Insert { at, .. } => *at,
         }
     }
 
     fn end(&self) -> usize {
         match self {
-            Self::Replace { span, .. } => span.end,
+            Self::Replace { span, .. } | Self::Raw { span, .. } => span.end,
             Self::Insert { at, .. } => *at,
         }
     }
@@ -38,27 +51,30 @@ impl Edit<'_> {
         match self {
             Self::Replace { value, .. } => escaped_len(value) + 2,
             Self::Insert { comma, key, value, .. } => usize::from(*comma) + key.len() + 3 + escaped_len(value) + 2,
+            Self::Raw { comma, text, .. } => usize::from(*comma) + text.len(),
         }
     }
 }
 
-/// A planned rewrite: at most two edits, in body order. Computed without copying.
+/// A planned rewrite: at most three edits, in body order. Computed without copying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan<'v> {
-    edits: [Option<Edit<'v>>; 2],
+    edits: [Option<Edit<'v>>; 3],
     len: usize,
 }
 
 /// Plan the rewrite of `body` (already scanned into `scanned`) so that its `model` becomes `model`
-/// and, when given, its `adapter_id` becomes `adapter_id`. None when the body already says so.
+/// and, when given, its `adapter_id` becomes `adapter_id`; with `usage`, so that
+/// `stream_options.include_usage` is true. None when the body already says so.
 #[must_use]
 pub fn plan<'v>(
     body: &[u8],
     scanned: &Body<'_>,
     model: Option<&'v str>,
     adapter_id: Option<&'v str>,
+    usage: bool,
 ) -> Option<Plan<'v>> {
-    let mut edits: [Option<Edit<'v>>; 2] = [None, None];
+    let mut edits: [Option<Edit<'v>>; 3] = [None, None, None];
     let mut n = 0;
     let mut fields = scanned.fields;
     let mut add = |edit: Edit<'v>, n: &mut usize| {
@@ -87,23 +103,76 @@ pub fn plan<'v>(
         match (scanned.adapter_id, scanned.adapter_id_span) {
             (Some(cur), _) if cur.eq_str(a) => {}
             (_, Some(span)) => add(Edit::Replace { span, value: a }, &mut n),
-            (_, None) => add(
-                Edit::Insert {
-                    at: scanned.close,
+            (_, None) => {
+                add(
+                    Edit::Insert {
+                        at: scanned.close,
+                        comma: fields > 0,
+                        key: "adapter_id",
+                        value: a,
+                    },
+                    &mut n,
+                );
+                fields += 1;
+            }
+        }
+    }
+    if usage {
+        let at_close = Span {
+            start: scanned.close,
+            end: scanned.close,
+        };
+        match scanned.stream_options {
+            Some(so) if so.include_usage => {}
+            None => add(
+                Edit::Raw {
+                    span: at_close,
                     comma: fields > 0,
-                    key: "adapter_id",
-                    value: a,
+                    text: USAGE_MEMBER,
                 },
                 &mut n,
             ),
+            Some(so) => match (so.include_usage_span, so.close) {
+                (Some(span), _) => add(
+                    Edit::Raw {
+                        span,
+                        comma: false,
+                        text: TRUE,
+                    },
+                    &mut n,
+                ),
+                (None, Some(close)) => add(
+                    Edit::Raw {
+                        span: Span {
+                            start: close,
+                            end: close,
+                        },
+                        comma: so.fields > 0,
+                        text: USAGE_FIELD,
+                    },
+                    &mut n,
+                ),
+                (None, None) => add(
+                    Edit::Raw {
+                        span: so.span,
+                        comma: false,
+                        text: USAGE_OBJECT,
+                    },
+                    &mut n,
+                ),
+            },
         }
     }
     if n == 0 {
         return None;
     }
-    if let [Some(a), Some(b)] = edits {
-        if b.start() < a.start() {
-            edits = [Some(b), Some(a)];
+    // Body order; a stable sort keeps inserts at the same offset in the order they were added.
+    let live = &mut edits[..n];
+    for i in 1..live.len() {
+        let mut j = i;
+        while j > 0 && live[j].map_or(0, |e| e.start()) < live[j - 1].map_or(0, |e| e.start()) {
+            live.swap(j, j - 1);
+            j -= 1;
         }
     }
     let mut len = body.len();
@@ -143,6 +212,12 @@ impl Plan<'_> {
                     w.put(key.as_bytes());
                     w.put(b"\":");
                     w.string(value);
+                }
+                Edit::Raw { comma, text, .. } => {
+                    if comma {
+                        w.put(b",");
+                    }
+                    w.put(text.as_bytes());
                 }
             }
             from = e.end();
@@ -234,8 +309,12 @@ mod tests {
     };
 
     fn rw(body: &str, model: Option<&str>, adapter: Option<&str>) -> Option<String> {
+        rw_usage(body, model, adapter, false)
+    }
+
+    fn rw_usage(body: &str, model: Option<&str>, adapter: Option<&str>, usage: bool) -> Option<String> {
         let b = scan(body.as_bytes(), &OPTS).unwrap();
-        plan(body.as_bytes(), &b, model, adapter).map(|p| {
+        plan(body.as_bytes(), &b, model, adapter, usage).map(|p| {
             let out = p.apply(body.as_bytes());
             assert_eq!(out.len(), p.len());
             String::from_utf8(out).unwrap()
@@ -277,5 +356,40 @@ mod tests {
             rw(r#"{"adapter_id":"old","model":"base"}"#, Some("up"), Some("new")).unwrap(),
             r#"{"adapter_id":"new","model":"up"}"#
         );
+    }
+
+    #[test]
+    fn asks_for_stream_usage() {
+        let usage = |body: &str| rw_usage(body, None, None, true);
+        assert_eq!(
+            usage(r#"{"stream":true}"#).unwrap(),
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        assert_eq!(
+            usage(r#"{"stream":true,"stream_options":null}"#).unwrap(),
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        assert_eq!(
+            usage(r#"{"stream_options":{},"stream":true}"#).unwrap(),
+            r#"{"stream_options":{"include_usage":true},"stream":true}"#
+        );
+        assert_eq!(
+            usage(r#"{"stream_options":{"x":1},"stream":true}"#).unwrap(),
+            r#"{"stream_options":{"x":1,"include_usage":true},"stream":true}"#
+        );
+        assert_eq!(
+            usage(r#"{"stream_options":{"include_usage":false}}"#).unwrap(),
+            r#"{"stream_options":{"include_usage":true}}"#
+        );
+        assert_eq!(usage(r#"{"stream_options":{"include_usage":true}}"#), None);
+        assert_eq!(
+            rw_usage(r#"{"stream":true}"#, Some("m"), Some("a"), true).unwrap(),
+            r#"{"stream":true,"model":"m","adapter_id":"a","stream_options":{"include_usage":true}}"#
+        );
+        assert_eq!(
+            rw_usage(r#"{"stream_options":{},"model":"x"}"#, Some("m"), None, true).unwrap(),
+            r#"{"stream_options":{"include_usage":true},"model":"m"}"#
+        );
+        assert_eq!(usage("{}").unwrap(), r#"{"stream_options":{"include_usage":true}}"#);
     }
 }

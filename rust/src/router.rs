@@ -33,6 +33,8 @@ pub struct ModelInfo {
     pub upstream_model: Option<Box<str>>,
     /// Where an adapter goes.
     pub adapter_field: AdapterField,
+    /// Ask for usage on streams.
+    pub stream_usage: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +166,9 @@ pub struct Decision<'a> {
     pub requested_model: Option<JStr<'a>>,
     /// The request's `stream`.
     pub stream: bool,
+    /// The rewrite added `stream_options.include_usage` (the client did not ask): the usage chunk
+    /// at the end of the stream is for fastroute, not the client.
+    pub usage_injected: bool,
     /// The request's `max_completion_tokens` / `max_tokens`.
     pub max_tokens: Option<i64>,
     /// Estimated input tokens.
@@ -185,6 +190,7 @@ impl Decision<'_> {
             rewrite: None,
             requested_model: None,
             stream: false,
+            usage_injected: false,
             max_tokens: None,
             est_input_tokens: 0,
             score: None,
@@ -339,6 +345,7 @@ impl CompiledRouter {
                 name: name.as_str().into(),
                 upstream_model: m.upstream_model.as_deref().map(Into::into),
                 adapter_field: m.adapter_field,
+                stream_usage: m.stream_usage,
             });
         }
 
@@ -921,8 +928,16 @@ impl CompiledRouter {
             (Some(a), AdapterField::Model) => (Some(a), None),
             (a, _) => (info.upstream_model.as_deref(), a),
         };
-        d.rewrite = rewrite::plan(req.body, &body, model_value, adapter_id);
+        let usage = body.stream && info.stream_usage && !body.stream_options.is_some_and(|so| so.include_usage);
+        d.rewrite = rewrite::plan(req.body, &body, model_value, adapter_id, usage);
+        d.usage_injected = usage;
         if trace.is_some() {
+            if usage {
+                trace!(
+                    trace,
+                    "stream: asking the upstream for usage (stream_options.include_usage)"
+                );
+            }
             match (&d.rewrite, model_value, adapter_id) {
                 (None, _, _) => trace!(trace, "body unchanged"),
                 (Some(_), m, a) => trace!(

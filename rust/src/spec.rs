@@ -220,6 +220,13 @@ pub struct Model {
     /// Per-pool timeouts.
     #[serde(default)]
     pub timeouts: Option<Timeouts>,
+    /// Ask the upstream for usage on streams (`stream_options.include_usage`).
+    #[serde(default = "yes")]
+    pub stream_usage: bool,
+}
+
+const fn yes() -> bool {
+    true
 }
 
 /// `tenants.<name>`.
@@ -238,6 +245,8 @@ pub struct Tenant {
     pub adapter: Option<String>,
     /// Allowed models; None means all.
     pub allowed_models: Option<Vec<String>>,
+    /// Request, token and spend limits (Python layers only).
+    pub limits: serde::de::IgnoredAny,
 }
 
 /// An integer range; every bound set must hold.
