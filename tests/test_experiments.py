@@ -199,6 +199,12 @@ def test_a_candidate_that_fails_is_rolled_back_and_stays_rolled_back(env):
     assert show(env, 'acme-v4')['state']['status'] == 'rolled_back'
     transitions = [h['transition'] for h in show(env, 'acme-v4')['state']['history']]
     assert transitions[-1] == 'rollback' and show(env, 'acme-v4')['state']['history'][-1]['by'] == 'controller'
+    # counted for the canary-rolled-back alert, and shown on the dashboard
+    metrics = httpx.get(env['admin'] + '/metrics', headers=_auth()).text
+    assert 'fastroute_experiment_transitions_total{experiment="acme-v4",transition="rollback"} 1.0' in metrics
+    stats = httpx.get(env['admin'] + '/admin/stats', headers=_auth()).json()
+    shown = {e['name']: e for e in stats['experiments']}
+    assert shown['acme-v4']['status'] == 'rolled_back' and shown['acme-v4']['step'].startswith('0%')
     r = act(env, 'resume', name='acme-v4', reason='fixed v4')
     assert r.status_code == 200 and r.json()['state']['status'] == 'running'
     assert r.json()['state']['epoch'] == 1  # fresh samples

@@ -742,7 +742,14 @@ def _version_of(doc: bytes) -> int:
 def _count(e: Live, st: State, action: str, by: str) -> None:
     entry = {'experiment': e.name, **st.history[-1]} if st.history else {'experiment': e.name, 'transition': action}
     TRANSITIONS.append(entry)
-    TRANSITION_COUNTS[(e.name, str(entry.get('transition', action)))] += 1
+    transition = str(entry.get('transition', action))
+    TRANSITION_COUNTS[(e.name, transition)] += 1
+    try:  # fastroute_experiment_transitions_total: the process that made the transition counts it once
+        from fastroute import metrics
+
+        metrics.get().experiment_transitions.labels(e.name, transition).inc()
+    except Exception:  # counting must never stop a transition
+        log.debug('experiment %s: transition not counted in metrics', e.name, exc_info=True)
     lvl = logging.WARNING if st.status == 'rolled_back' else logging.INFO
     log.log(
         lvl,
@@ -922,6 +929,27 @@ def _status_view() -> dict[str, Any]:
         'redis_error': (store.last_error or None) if store is not None and not store.up else None,
         'controller_here': LIVE.leader,
     }
+
+
+def dashboard_state(snap: Any) -> list[dict[str, Any]]:
+    """Each experiment as the dashboard shows it: kind, status, current step and weights (this worker's view
+    of the shared state), the last transition."""
+    out: list[dict[str, Any]] = []
+    for e in LIVE.live:
+        st = e.state
+        item: dict[str, Any] = {'name': e.name, 'kind': e.kind, 'status': st.status}
+        if e.kind == 'canary' and e.spec.canary is not None:
+            steps = e.spec.canary.steps
+            item['step'] = f'{st.weight:g}% (step {min(st.step, len(steps) - 1) + 1} of {len(steps)})'
+        elif e.kind == 'ab':
+            item['step'] = ', '.join(f'{k} {v:g}' for k, v in st.weights.items())
+        else:
+            item['step'] = f'{st.weight:g}% mirrored'
+        if st.history:
+            last = st.history[-1]
+            item['last'] = f'{last.get("transition")} by {last.get("by")}' + (f': {st.reason}' if st.reason else '')
+        out.append(item)
+    return out
 
 
 @route('GET', '/admin/experiments')

@@ -193,6 +193,11 @@ class Metrics:
             'fastroute_usage_estimated', 'Requests whose tokens are estimated (no usage from the upstream)', ('model',)
         )
         self.limited = Counter('fastroute_limit_rejections', 'Requests refused by a tenant limit', ('tenant', 'limit'))
+        self.experiment_transitions = Counter(
+            'fastroute_experiment_transitions',
+            'Experiment state changes (promoted, rolled_back, paused, ...), by the controller or an operator',
+            ('experiment', 'transition'),
+        )
         self.limit_backend_errors = Counter(
             'fastroute_limits_backend_errors', 'Redis failures of the limits (traffic went on with local counters)'
         )
