@@ -326,7 +326,7 @@ def test_a_circuit_opens_and_closes_as_configured(env):
     for _ in range(5):  # open: straight to the fallback, the broken endpoint is not asked
         r = _post(env, 'brk')
         assert r.status_code == 200 and _served(r) == 'beta-up'
-        assert 'x-fastroute-attempts' not in r.headers or r.headers['x-fastroute-attempts'] == '1'
+        assert r.headers['x-fastroute-model'] == 'beta' and r.headers['x-fastroute-attempts'] == '1'
     assert _count(k1) == 3
     k1.set_faults()
     time.sleep(2.1)  # cool-down: the next request is the probe, and it succeeds

@@ -262,7 +262,7 @@ def decision_headers(ctx: Ctx) -> list[tuple[str, str]]:
     us = str((perf_counter_ns() - ctx.t0 - ctx.upstream_ns) // 1000)
     if d is None:
         return [('x-request-id', ctx.rid), ('x-fastroute-overhead-us', us)]
-    if ctx.fallbacks:
+    if ctx.walk is not None:
         return _fallback_headers(ctx, d, us)
     return [
         ('x-fastroute-route', d.route or ''),
