@@ -275,7 +275,8 @@ def decision_headers(ctx: Ctx) -> list[tuple[str, str]]:
 
 
 def _fallback_headers(ctx: Ctx, d: Decision, us: str) -> list[tuple[str, str]]:
-    """After failed tries: the model that answered, the one decided, and the number of tries. Cold path."""
+    """After a failed try, or when the decided model was out: the model that answered, the one decided, and the
+    number of tries. Cold path."""
     served = ctx.pool.name if ctx.pool is not None else d.pool
     return [
         ('x-fastroute-route', d.route or ''),
