@@ -198,7 +198,7 @@ def test_one_upstream_answering_429_with_retry_after(env):
     answers = asyncio.run(_drive(env['fr'].url, 150))
     _check_answers(answers)
     # cooling down: after its first 429s, the limited endpoint is left alone for its Retry-After
-    assert env['m2'].stats()['faults_injected']['429'] <= 10
+    assert env['m2'].stats()['faults_injected']['429'] <= 20  # of 150; about 50 without the cool-down
     _settle(env)
 
 
