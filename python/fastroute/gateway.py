@@ -395,7 +395,7 @@ def pick_endpoint(ctx: Ctx) -> Endpoint | None:
         if pool is None or not pool.endpoints:
             answer_error(ctx, NoRouteError(f'model {ctx.decision.pool!r} has no endpoints'))  # type: ignore[union-attr]
             return None
-    pool.budget.request()
+    pool.budget.request(ctx.t0 * 1e-9)
     ep = ctx.endpoint = pool.pick(ctx.decision.adapter)  # type: ignore[union-attr]
     return ep
 
@@ -525,7 +525,7 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
                 headers, body = upstream_headers(ctx), ctx.walk.body_for(pool, body)  # type: ignore[union-attr,arg-type]
             continue
         break
-    ep.ok()  # type: ignore[union-attr]
+    ep.ok(t * 1e-9)  # type: ignore[union-attr]
     out = resp.headers
     out += decision_headers(ctx)
     ctx.status = status
@@ -599,7 +599,7 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
             if isinstance(exc, _ErrorAnswer):
                 resp = exc.resp
                 if resp.status not in policy.retry_on:
-                    ep.ok()  # type: ignore[union-attr]
+                    ep.ok(overhead_at * 1e-9)  # type: ignore[union-attr]
                     ctx.upstream_ns = perf_counter_ns() - overhead_at
                     relay(ctx, resp)
                     return
@@ -628,7 +628,7 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
         out += decision_headers(ctx)
         ctx.status = up.status
         transport = ctx.proto.response_stream(up.status, out)
-        ep.ok()  # type: ignore[union-attr]
+        ep.ok(overhead_at * 1e-9)  # type: ignore[union-attr]
         try:
             if first is not None:
                 await transport.send_bytes(first)
@@ -980,7 +980,7 @@ async def ready(ctx: Ctx) -> None:
     """`/readyz`: 200 when every model has an endpoint that is reachable and not out (breaker open, failing
     health checks); each endpoint's state; 503 while draining."""
     result = await ctx.snap.readiness.check()
-    now = time.monotonic()
+    now = time.perf_counter()
     models = {}
     endpoints = {}
     for name, pool in ctx.snap.pools.items():

@@ -93,7 +93,7 @@ class Window:
 
     def __init__(self, size: float) -> None:
         self.size = size
-        self.start = time.monotonic()
+        self.start = time.perf_counter()
         self.cur_n = self.cur_bad = 0
         self.prev_n = self.prev_bad = 0
 
@@ -136,15 +136,16 @@ class RetryBudget:
         self.min_retries = min_per_s * window
         self.window = Window(window)
 
-    def request(self) -> None:
+    def request(self, now: float) -> None:
+        """Count one request; `now` is time.perf_counter() (the caller has it already)."""
         w = self.window
-        if time.monotonic() - w.start >= w.size:
-            w.roll(time.monotonic())
+        if now - w.start >= w.size:
+            w.roll(now)
         w.cur_n += 1
 
     def try_spend(self) -> bool:
         """Take one retry if the budget allows it."""
-        now = time.monotonic()
+        now = time.perf_counter()
         requests, retries = self.window.counts(now)
         if retries + 1 > requests * self.ratio + self.min_retries:
             return False
@@ -152,7 +153,7 @@ class RetryBudget:
         return True
 
     def state(self) -> dict[str, float]:
-        requests, retries = self.window.counts(time.monotonic())
+        requests, retries = self.window.counts(time.perf_counter())
         return {
             'requests': round(requests, 1),
             'retries': round(retries, 1),
