@@ -988,7 +988,8 @@ async def ready(ctx: Ctx) -> None:
         endpoints[name] = [ep.state() for ep in pool.endpoints]
     ok = all(models.values()) and not _draining
     status = 'draining' if _draining else 'ready' if ok else 'not ready'
-    answer_json(ctx, 200 if ok else 503, {'status': status, 'models': models, 'endpoints': endpoints})
+    worker = {'pid': os.getpid(), 'tasks': len(asyncio.all_tasks())}  # this /readyz request's task included
+    answer_json(ctx, 200 if ok else 503, {'status': status, 'models': models, 'endpoints': endpoints, 'worker': worker})
 
 
 def create_app(config_path: str | None = None) -> App:
