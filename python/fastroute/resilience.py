@@ -19,6 +19,7 @@ Everything here is plain state on the worker's event loop: no locks, no tasks, n
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,8 @@ __all__ = [
     'rewrite_model',
     'status_error',
 ]
+
+log = logging.getLogger('fastroute')
 
 CLOSED, OPEN, HALF_OPEN = 'closed', 'open', 'half_open'
 BUDGET_WINDOW = 10.0  # seconds over which the retry budget compares retries with requests
@@ -129,9 +132,10 @@ class RetryBudget:
 
     `cur_n`/`prev_n` count requests, `cur_bad`/`prev_bad` retries."""
 
-    __slots__ = ('min_retries', 'ratio', 'window')
+    __slots__ = ('min_retries', 'ratio', 'reported', 'window')
 
     def __init__(self, ratio: float, min_per_s: float, window: float = BUDGET_WINDOW) -> None:
+        self.reported = -1e9
         self.ratio = ratio
         self.min_retries = min_per_s * window
         self.window = Window(window)
@@ -151,6 +155,24 @@ class RetryBudget:
             return False
         self.window.cur_bad += 1
         return True
+
+    def report_spent(self, model: str) -> None:
+        """Log (at most once per window) that requests of `model` are failing without a retry."""
+        now = time.perf_counter()
+        if now - self.reported < self.window.size:
+            return
+        self.reported = now
+        requests, retries = self.window.counts(now)
+        log.warning(
+            'fastroute: model %s: retry budget spent (%.0f retries for %.0f requests in %gs; budget_ratio %g, '
+            'budget_min_per_s %g): failed tries are answered without a retry until it recovers',
+            model,
+            retries,
+            requests,
+            self.window.size,
+            self.ratio,
+            self.min_retries / self.window.size,
+        )
 
     def state(self) -> dict[str, float]:
         requests, retries = self.window.counts(time.perf_counter())
@@ -406,8 +428,10 @@ class Walk:
             wait = ra
         if nxt is None:
             return None
-        if not self.decided.budget.try_spend():
+        budget = self.decided.budget
+        if not budget.try_spend():
             self.budget_out = True
+            budget.report_spent(self.decided.name)
             return None
         self.retries += 1
         delay = max(wait, backoff_delay(policy, self.retries))
