@@ -180,6 +180,12 @@ models:
     upstream_model: frugal-up
     retry: {{max_attempts: 2, backoff: 0, budget_ratio: 0.1, budget_min_per_s: 0}}
     breaker: {{consecutive_failures: 100000, min_requests: 100000}}
+  pair:
+    endpoints: ["{m['a1']}", "{m['a2']}"]
+    upstream_model: alpha-up
+    fallback: [beta]
+    retry: {{max_attempts: 2, backoff: 0.001, budget_ratio: 1.0, budget_min_per_s: 100}}
+    breaker: {{consecutive_failures: 1000, min_requests: 1000}}
   dead:
     endpoints: ["http://127.0.0.1:9", "http://127.0.0.1:7"]
     fallback: [solo]
@@ -262,6 +268,15 @@ def test_every_endpoint_failing_falls_back_to_the_next_model(env):
             assert r.text.rstrip().endswith('data: [DONE]')
     # the fallback got the fallback model's name, not the first one's
     assert env['b1'].recorded()[-1]['body']['model'] == 'beta-up'
+
+
+def test_the_last_try_goes_to_the_fallback_model(env):
+    env['a1'].set_faults({'kind': '503'})
+    env['a2'].set_faults({'kind': '503'})
+    r = _post(env, 'pair')  # two tries: one endpoint of pair, then beta (not the other endpoint of pair)
+    assert r.status_code == 200 and _served(r) == 'beta-up'
+    assert r.headers['x-fastroute-attempts'] == '2'
+    assert _count(env['a1']) + _count(env['a2']) == 1
 
 
 @pytest.mark.parametrize('status', [400, 413, 422])

@@ -377,13 +377,16 @@ class Walk:
         self.budget_out = False
         self.waited = False  # a short Retry-After was waited for once
 
-    def next_endpoint(self, ctx: Ctx) -> Endpoint | None:
-        """The next usable candidate not tried yet; sets `ctx.pool` to its model."""
+    def next_endpoint(self, ctx: Ctx, last: bool = False) -> Endpoint | None:
+        """The next usable candidate not tried yet; sets `ctx.pool` to its model. `last`: the request's last
+        try, which goes to a fallback model when one is left (it is more likely to work than another endpoint
+        of a model that just failed)."""
         pool = ctx.pool
         assert pool is not None
-        ep = pool.pick_other(self.tried_eps)
-        if ep is not None:
-            return ep
+        if not (last and self.models):
+            ep = pool.pick_other(self.tried_eps)
+            if ep is not None:
+                return ep
         while self.models:
             name = self.models.pop(0)
             p = self.snap.pools.get(name)
@@ -395,6 +398,8 @@ class Walk:
                 continue
             ctx.pool = p
             return ep
+        if last:  # no fallback model can take it: another endpoint of this one, then
+            return pool.pick_other(self.tried_eps)
         return None
 
     async def next_after(self, ctx: Ctx, err: UpstreamError) -> Endpoint | None:
@@ -418,7 +423,7 @@ class Walk:
         policy = self.policy
         if ctx.attempts >= policy.max_attempts:
             return None
-        nxt = self.next_endpoint(ctx)
+        nxt = self.next_endpoint(ctx, last=ctx.attempts + 1 == policy.max_attempts)
         wait = 0.0
         if nxt is None and ra is not None and err.status == 429 and ra <= policy.retry_after_max and not self.waited:
             # nobody else to ask and the upstream says it is soon ready: ask it again after its Retry-After
