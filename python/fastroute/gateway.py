@@ -395,7 +395,7 @@ def pick_endpoint(ctx: Ctx) -> Endpoint | None:
         if pool is None or not pool.endpoints:
             answer_error(ctx, NoRouteError(f'model {ctx.decision.pool!r} has no endpoints'))  # type: ignore[union-attr]
             return None
-    pool.budget.request(ctx.t0 * 1e-9)
+    pool.bw.n += 1  # the retry budget's count of requests
     ep = ctx.endpoint = pool.pick(ctx.decision.adapter)  # type: ignore[union-attr]
     return ep
 
@@ -514,7 +514,9 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
                 headers, body = upstream_headers(ctx), ctx.walk.body_for(pool, body)  # type: ignore[union-attr,arg-type]
             continue
         ctx.upstream_ns += perf_counter_ns() - t
-        ep.release()  # type: ignore[union-attr]
+        ep.outstanding -= 1  # type: ignore[union-attr]
+        if ep.pool_waiters:  # type: ignore[union-attr]
+            ep.release_wake()  # type: ignore[union-attr]
         status = resp.status
         if status >= 400 and status in retry_on:
             ep = await on_upstream_error(ctx, status_error(ep, resp), resp)  # type: ignore[arg-type]
@@ -525,7 +527,9 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
                 headers, body = upstream_headers(ctx), ctx.walk.body_for(pool, body)  # type: ignore[union-attr,arg-type]
             continue
         break
-    ep.ok(t * 1e-9)  # type: ignore[union-attr]
+    ep.win.n += 1  # type: ignore[union-attr]  # ep.ok(), inlined
+    if ep.failures or ep.down:  # type: ignore[union-attr]
+        ep.recovered()  # type: ignore[union-attr]
     out = resp.headers
     out += decision_headers(ctx)
     ctx.status = status
@@ -599,7 +603,7 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
             if isinstance(exc, _ErrorAnswer):
                 resp = exc.resp
                 if resp.status not in policy.retry_on:
-                    ep.ok(overhead_at * 1e-9)  # type: ignore[union-attr]
+                    ep.ok()  # type: ignore[union-attr]
                     ctx.upstream_ns = perf_counter_ns() - overhead_at
                     relay(ctx, resp)
                     return
@@ -628,7 +632,7 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
         out += decision_headers(ctx)
         ctx.status = up.status
         transport = ctx.proto.response_stream(up.status, out)
-        ep.ok(overhead_at * 1e-9)  # type: ignore[union-attr]
+        ep.ok()  # type: ignore[union-attr]
         try:
             if first is not None:
                 await transport.send_bytes(first)

@@ -90,47 +90,48 @@ def policy_for(cfg: Config, model: Model) -> Policy:
 
 
 class Window:
-    """Two fixed windows of (total, failed) counts; `rates` weighs the previous one by how much it still overlaps."""
+    """Counts over a sliding window of `size` seconds, kept lazily so that counting costs one addition.
 
-    __slots__ = ('cur_bad', 'cur_n', 'prev_bad', 'prev_n', 'size', 'start')
+    `n` and `bad` only grow (the hot path does `window.n += 1`); the window is rolled when it is read: the
+    counts since `start` become the previous window (scaled to `size` seconds when it lasted longer) and are
+    weighed by how much of it still overlaps the last `size` seconds."""
+
+    __slots__ = ('bad', 'bad0', 'n', 'n0', 'prev_bad', 'prev_n', 'size', 'start')
 
     def __init__(self, size: float) -> None:
         self.size = size
         self.start = time.perf_counter()
-        self.cur_n = self.cur_bad = 0
-        self.prev_n = self.prev_bad = 0
+        self.n = self.bad = 0  # totals so far
+        self.n0 = self.bad0 = 0  # the totals at `start`
+        self.prev_n = self.prev_bad = 0.0
 
     def roll(self, now: float) -> float:
-        """Advance to the window holding `now`; returns the previous window's weight."""
+        """Start a new window if the current one is over; returns the previous window's weight."""
         age = now - self.start
         if age >= self.size:
-            if age >= 2 * self.size:
-                self.prev_n = self.prev_bad = 0
-                self.start = now
-            else:
-                self.prev_n, self.prev_bad = self.cur_n, self.cur_bad
-                self.start += self.size
-            self.cur_n = self.cur_bad = 0
-            age = now - self.start
+            scale = self.size / age  # the counts since `start`, spread over its length, as one window
+            self.prev_n = (self.n - self.n0) * scale
+            self.prev_bad = (self.bad - self.bad0) * scale
+            self.n0, self.bad0 = self.n, self.bad
+            self.start = now
+            age = 0.0
         return 1.0 - age / self.size
 
     def add(self, now: float, bad: bool) -> None:
-        if now - self.start >= self.size:
-            self.roll(now)
-        self.cur_n += 1
+        self.n += 1
         if bad:
-            self.cur_bad += 1
+            self.bad += 1
 
     def counts(self, now: float) -> tuple[float, float]:
-        """(requests, failures) over the last `size` seconds (approximately)."""
+        """(all, failed) over the last `size` seconds (approximately)."""
         w = self.roll(now)
-        return self.cur_n + self.prev_n * w, self.cur_bad + self.prev_bad * w
+        return self.n - self.n0 + self.prev_n * w, self.bad - self.bad0 + self.prev_bad * w
 
 
 class RetryBudget:
     """Retries of one model stay within `ratio` of its requests plus `min_per_s` a second (sliding window).
 
-    `cur_n`/`prev_n` count requests, `cur_bad`/`prev_bad` retries."""
+    `window.n` counts requests (the gateway adds to it directly), `window.bad` retries."""
 
     __slots__ = ('min_retries', 'ratio', 'reported', 'window')
 
@@ -140,12 +141,9 @@ class RetryBudget:
         self.min_retries = min_per_s * window
         self.window = Window(window)
 
-    def request(self, now: float) -> None:
-        """Count one request; `now` is time.perf_counter() (the caller has it already)."""
-        w = self.window
-        if now - w.start >= w.size:
-            w.roll(now)
-        w.cur_n += 1
+    def request(self) -> None:
+        """Count one request (the gateway does `window.n += 1` itself)."""
+        self.window.n += 1
 
     def try_spend(self) -> bool:
         """Take one retry if the budget allows it."""
@@ -153,7 +151,7 @@ class RetryBudget:
         requests, retries = self.window.counts(now)
         if retries + 1 > requests * self.ratio + self.min_retries:
             return False
-        self.window.cur_bad += 1
+        self.window.bad += 1
         return True
 
     def report_spent(self, model: str) -> None:

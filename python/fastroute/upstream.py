@@ -589,6 +589,7 @@ class Endpoint:
         'timeouts',
         'waiters',
         'weight',
+        'win',
     )
 
     def __init__(self, model: str, base: str, weight: float, timeouts: Timeouts) -> None:
@@ -614,6 +615,7 @@ class Endpoint:
         self.closed = False
         # -- health (fastroute.resilience, fastroute.health); `down` is the one flag the happy path reads
         self.breaker = Breaker(_DEFAULT_BREAKER)
+        self.win = self.breaker.window  # counts every outcome (hot path: `ep.win.n += 1` on success)
         self.down = False  # breaker not closed, failing health checks, or cooling down after a 429
         self.healthy = True  # active health checks (always true without them)
         self.health_streak = 0  # consecutive health-check results against the current `healthy`
@@ -648,18 +650,24 @@ class Endpoint:
         if w:
             _wake_one(w)
 
-    def ok(self, now: float) -> None:
-        """The endpoint answered (any status not counted as its failure). `now`: time.perf_counter()."""
+    def release_wake(self) -> None:
+        """Wake one request queued for the pool (after `outstanding` went down)."""
+        w = self.pool_waiters
+        if w:
+            _wake_one(w)
+
+    def ok(self) -> None:
+        """The endpoint answered (any status not counted as its failure). The gateway inlines this on the happy
+        path: `ep.win.n += 1`, then `ep.recovered()` only if `ep.failures or ep.down`."""
+        self.win.n += 1
+        if self.failures or self.down:
+            self.recovered()
+
+    def recovered(self) -> None:
+        """A success after failures: reset the count, close the breaker."""
+        self.failures = 0
         b = self.breaker
-        w = b.window
-        # NOTE: inlined Window.add / Breaker.success: this runs once per proxied request
-        if now - w.start < w.size:
-            w.cur_n += 1
-        else:
-            w.add(now, False)
-        if self.failures:
-            self.failures = 0
-            b.consecutive = 0
+        b.consecutive = 0
         if self.down:
             b.state = CLOSED
             self._update_down()
@@ -926,6 +934,7 @@ class Pool:
         'auth_headers',
         'balance',
         'budget',
+        'bw',
         'endpoints',
         'fallback',
         'fast',
@@ -965,6 +974,7 @@ class Pool:
         m = model or ModelCfg(endpoints=[])
         self.policy = policy or Policy(Retry(), _DEFAULT_BREAKER, None)
         self.budget = RetryBudget(self.policy.budget_ratio, self.policy.budget_min_per_s)
+        self.bw = self.budget.window  # hot path: `pool.bw.n += 1` per request
         self.balance = m.balance
         self.limits = m.limits
         self.max_in_flight = m.limits.max_in_flight
@@ -976,6 +986,7 @@ class Pool:
         self.waiters: collections.deque[asyncio.Future] | None = collections.deque() if limited else None
         for ep in self.endpoints:
             ep.breaker = Breaker(self.policy.breaker)
+            ep.win = ep.breaker.window
             ep.cap = m.limits.max_in_flight_per_endpoint
             ep.pool_waiters = self.waiters
         self.uniform = len({ep.weight for ep in self.endpoints}) <= 1  # equal weights: compare counts only
