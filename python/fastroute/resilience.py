@@ -10,8 +10,8 @@ budget and waits a jittered backoff; a 429's Retry-After is waited for when it i
 Breaker (per endpoint, per worker): `breaker.consecutive_failures` failures in a row, or an error rate of
 `breaker.error_rate` over `breaker.window` seconds (with at least `breaker.min_requests`), open it; after
 `breaker.cooldown` it is half-open and lets `breaker.half_open_probes` requests through at once; a success
-closes it, a failure opens it again. Counting is in two fixed windows (the current and the previous one,
-weighted by overlap), so recording an outcome is two additions and no allocation.
+closes it, a failure opens it again. Windows are kept lazily (`Window`): a success or a request is one
+addition to a running total, and the window is only rolled when a failure or a retry reads it.
 
 Everything here is plain state on the worker's event loop: no locks, no tasks, no I/O.
 """
