@@ -259,7 +259,9 @@ def _reseed_request_ids() -> None:
 def decision_headers(ctx: Ctx) -> list[tuple[str, str]]:
     """The headers every answer carries: the decision (when one was made), request id, overhead."""
     d = ctx.decision
-    us = str((perf_counter_ns() - ctx.t0 - ctx.upstream_ns) // 1000)
+    # the answer's first byte goes out right after this: that time is also `ttft_ns` (a stream sets its own)
+    now = ctx.ttft_ns = perf_counter_ns()
+    us = str((now - ctx.t0 - ctx.upstream_ns) // 1000)
     if d is None:
         return [('x-request-id', ctx.rid), ('x-fastroute-overhead-us', us)]
     if ctx.walk is not None:
@@ -462,7 +464,6 @@ def relay(ctx: Ctx, resp: UpstreamResponse) -> None:
     out += decision_headers(ctx)
     ctx.status = resp.status
     ctx.proto.response_bytes(resp.status, out, resp.body)
-    ctx.ttft_ns = perf_counter_ns()
 
 
 async def proxy(ctx: Ctx, method: str) -> None:
@@ -496,7 +497,6 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
     status in the model's `retry.on_status`, goes to `on_upstream_error` for the next candidate."""
     ep = ctx.endpoint
     pool = ctx.pool
-    retry_on = pool.policy.retry_on  # type: ignore[union-attr]
     while True:
         ctx.attempts += 1
         ep.outstanding += 1  # type: ignore[union-attr]
@@ -518,7 +518,7 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
         if ep.pool_waiters:  # type: ignore[union-attr]
             ep.release_wake()  # type: ignore[union-attr]
         status = resp.status
-        if status >= 400 and status in retry_on:
+        if status >= 400 and status in (ctx.walk or pool).policy.retry_on:  # type: ignore[union-attr]
             ep = await on_upstream_error(ctx, status_error(ep, resp), resp)  # type: ignore[arg-type]
             if ep is None:
                 return
@@ -534,7 +534,6 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
     out += decision_headers(ctx)
     ctx.status = status
     ctx.proto.response_bytes(status, out, resp.body)
-    ctx.ttft_ns = perf_counter_ns()
 
 
 class _ErrorAnswer(Exception):
