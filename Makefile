@@ -84,6 +84,10 @@ bench-overhead: build-dev ## end-to-end proxy overhead: direct vs nginx vs minim
 loadtest: build-dev ## a bounded locust scenario on loopback: make loadtest SCENARIO=mixed
 	bash loadtests/run.sh $(or $(SCENARIO),mixed)
 
+.PHONY: soak
+soak: build-dev ## the 10-minute soak: faults on and off under locust load; answers by cause, RSS over time
+	$(PY) loadtests/soak.py $(ARGS)
+
 .PHONY: demo
 demo: build-dev ## fastroute's main job: route a traffic mix and print where it went and what it cost
 	$(VENV)/bin/fastroute demo

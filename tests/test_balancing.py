@@ -184,3 +184,28 @@ def test_health_checks_take_an_endpoint_out_and_bring_it_back(env):
     assert e2.stats()['requests'] == 0  # nothing was sent to it while it was out
     assert all(_post(env, 'checked').status_code == 200 for _ in range(20))
     assert e2.stats()['requests'] > 0
+
+
+def test_adapter_affinity_skips_an_overloaded_endpoint_and_falls_back_to_any():
+    from fastroute.config import loads_config
+    from fastroute.upstream import build_pools
+
+    cfg = loads_config("""
+models:
+  m:
+    endpoints: ["http://127.0.0.1:9", "http://127.0.0.1:8", "http://127.0.0.1:7"]
+    adapter_affinity: {max_waiting: 4}
+""")
+    pool = build_pools(cfg)['m']
+    a, b, c = pool.endpoints
+    a.adapters, b.adapters, c.adapters = frozenset({'x'}), frozenset({'x'}), frozenset()
+    a.load, b.load = (8, 0), (8, 0)
+    a.outstanding, b.outstanding = 3, 1
+    assert {pool.pick('x') for _ in range(20)} == {b}  # both have it: the less busy one
+    b.load = (8, 9)  # too many waiting there
+    assert {pool.pick('x') for _ in range(20)} == {a}
+    a.load = (8, 9)  # nobody with the adapter can take it: any endpoint, by the pool's balancing
+    assert len({pool.pick('x') for _ in range(50)}) > 1
+    a.down = True  # and never one that is out
+    a.breaker.state, a.breaker.until = 'open', 1e18
+    assert a not in {pool.pick('x') for _ in range(50)}

@@ -4,7 +4,8 @@ while upstreams fail in each way the issue lists, with assertions on every singl
 For every scenario: each request got exactly one complete HTTP answer; no 5xx reached a client while a
 healthy candidate existed; no stream that was cut short ended with `[DONE]` (a stream ending with `[DONE]`
 carries its `finish_reason`); and afterwards nothing is left over: no request in flight at fastroute or at
-an upstream, and fastroute's open file descriptors back to their level after the warm-up.
+an upstream, and fastroute's asyncio tasks and open file descriptors (besides pooled keep-alive connections)
+back to their level after the warm-up.
 """
 
 from __future__ import annotations
@@ -131,11 +132,11 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f'/proc/{pid}/fd'))
 
 
-def _other_fds(fr: Any) -> tuple[int, int]:
-    """(descriptors that are not pooled upstream connections, pooled upstream connections)."""
-    eps = _client.get(fr.url + '/readyz').json()['endpoints']
-    pooled = sum(ep['connections'] for group in eps.values() for ep in group)
-    return _fds(fr.proc.popen.pid) - pooled, pooled
+def _other_fds(fr: Any) -> tuple[int, int, int]:
+    """(descriptors that are not pooled upstream connections, pooled upstream connections, asyncio tasks)."""
+    ready = _client.get(fr.url + '/readyz').json()
+    pooled = sum(ep['connections'] for group in ready['endpoints'].values() for ep in group)
+    return _fds(fr.proc.popen.pid) - pooled, pooled, ready['worker']['tasks']
 
 
 def _settle(env: dict[str, Any]) -> None:
@@ -147,13 +148,20 @@ def _settle(env: dict[str, Any]) -> None:
         eps = _client.get(fr.url + '/readyz').json()['endpoints']
         outstanding = sum(ep['outstanding'] for group in eps.values() for ep in group)
         busy = sum(m.stats()['in_flight'] for k, m in env.items() if k[0] in 'mb' and m.proc.alive)
-        other, pooled = _other_fds(fr)
-        if outstanding == 0 and busy == 0 and other <= env['fds'] and pooled <= 4 * CONCURRENCY:
+        other, pooled, tasks = _other_fds(fr)
+        if (
+            outstanding == 0
+            and busy == 0
+            and other <= env['fds']
+            and pooled <= 4 * CONCURRENCY
+            and tasks <= env['tasks']
+        ):
             return
         if time.monotonic() > deadline:
             raise AssertionError(
                 f'left over: outstanding={outstanding} upstream in flight={busy} '
-                f'descriptors besides pooled connections={other} (after warm-up: {env["fds"]}), pooled={pooled}'
+                f'descriptors besides pooled connections={other} (after warm-up: {env["fds"]}), pooled={pooled}, '
+                f'tasks={tasks} (after warm-up: {env["tasks"]})'
             )
         time.sleep(0.1)
 
@@ -172,7 +180,7 @@ def env(module_start_mock, module_procs: ProcessManager, tmp_path_factory):
     # warm-up at full concurrency: the keep-alive connections a healthy run keeps open
     _check_answers(asyncio.run(_drive(fr.url, 4 * CONCURRENCY)))
     time.sleep(0.3)
-    env['fds'] = _other_fds(fr)[0]
+    env['fds'], _, env['tasks'] = _other_fds(fr)
     return env
 
 
@@ -198,7 +206,7 @@ def test_one_upstream_answering_429_with_retry_after(env):
     answers = asyncio.run(_drive(env['fr'].url, 150))
     _check_answers(answers)
     # cooling down: after its first 429s, the limited endpoint is left alone for its Retry-After
-    assert env['m2'].stats()['faults_injected']['429'] <= 10
+    assert env['m2'].stats()['faults_injected']['429'] <= 20  # of 150; about 50 without the cool-down
     _settle(env)
 
 
@@ -217,6 +225,9 @@ def test_one_upstream_resetting_connections(env):
 
 
 def test_one_upstream_cutting_streams_mid_answer(env):
+    # tokens 10 ms apart: the first ones reach the client before the cut (a cut before any byte went out is
+    # retried elsewhere, and then nothing is cut from the client's view)
+    env['m3'].configure(tps=100)
     env['m3'].set_faults({'kind': 'stream_cut', 'after_tokens': 2, 'abort': True})
     answers = asyncio.run(_drive(env['fr'].url, 150))
     _check_answers(answers)  # a cut stream is still a 200: its head went out before the cut

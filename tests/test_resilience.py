@@ -36,7 +36,7 @@ from test_gateway import KEYS, start_fastroute
 
 def test_breaker_opens_on_consecutive_failures_and_closes_after_a_probe():
     b = Breaker(BreakerCfg(consecutive_failures=3, cooldown=0.05, min_requests=1000))
-    now = time.monotonic()
+    now = time.perf_counter()
     assert not b.failure(now)
     assert not b.failure(now)
     assert b.failure(now)  # the third in a row opens it
@@ -52,7 +52,7 @@ def test_breaker_opens_on_consecutive_failures_and_closes_after_a_probe():
 
 def test_breaker_probe_failure_opens_it_again():
     b = Breaker(BreakerCfg(consecutive_failures=1, cooldown=0.05))
-    now = time.monotonic()
+    now = time.perf_counter()
     b.failure(now)
     assert b.ready(now + 0.06, 0)
     assert b.failure(now + 0.06)
@@ -62,7 +62,7 @@ def test_breaker_probe_failure_opens_it_again():
 
 def test_breaker_opens_on_error_rate_without_consecutive_failures():
     b = Breaker(BreakerCfg(consecutive_failures=100, error_rate=0.5, min_requests=10, window=10))
-    now = time.monotonic()
+    now = time.perf_counter()
     opened = False
     for i in range(20):  # alternate: never two failures in a row, half of them failed
         if i % 2:
@@ -180,6 +180,12 @@ models:
     upstream_model: frugal-up
     retry: {{max_attempts: 2, backoff: 0, budget_ratio: 0.1, budget_min_per_s: 0}}
     breaker: {{consecutive_failures: 100000, min_requests: 100000}}
+  pair:
+    endpoints: ["{m['a1']}", "{m['a2']}"]
+    upstream_model: alpha-up
+    fallback: [beta]
+    retry: {{max_attempts: 2, backoff: 0.001, budget_ratio: 1.0, budget_min_per_s: 100}}
+    breaker: {{consecutive_failures: 1000, min_requests: 1000}}
   dead:
     endpoints: ["http://127.0.0.1:9", "http://127.0.0.1:7"]
     fallback: [solo]
@@ -264,6 +270,15 @@ def test_every_endpoint_failing_falls_back_to_the_next_model(env):
     assert env['b1'].recorded()[-1]['body']['model'] == 'beta-up'
 
 
+def test_the_last_try_goes_to_the_fallback_model(env):
+    env['a1'].set_faults({'kind': '503'})
+    env['a2'].set_faults({'kind': '503'})
+    r = _post(env, 'pair')  # two tries: one endpoint of pair, then beta (not the other endpoint of pair)
+    assert r.status_code == 200 and _served(r) == 'beta-up'
+    assert r.headers['x-fastroute-attempts'] == '2'
+    assert _count(env['a1']) + _count(env['a2']) == 1
+
+
 @pytest.mark.parametrize('status', [400, 413, 422])
 def test_request_errors_are_never_retried(env, status):
     env['a1'].set_faults({'kind': 'error', 'status': status})
@@ -326,7 +341,7 @@ def test_a_circuit_opens_and_closes_as_configured(env):
     for _ in range(5):  # open: straight to the fallback, the broken endpoint is not asked
         r = _post(env, 'brk')
         assert r.status_code == 200 and _served(r) == 'beta-up'
-        assert 'x-fastroute-attempts' not in r.headers or r.headers['x-fastroute-attempts'] == '1'
+        assert r.headers['x-fastroute-model'] == 'beta' and r.headers['x-fastroute-attempts'] == '1'
     assert _count(k1) == 3
     k1.set_faults()
     time.sleep(2.1)  # cool-down: the next request is the probe, and it succeeds

@@ -272,11 +272,13 @@ def _reseed_request_ids() -> None:
 def decision_headers(ctx: Ctx) -> list[tuple[str, str]]:
     """The headers every answer carries: the decision (when one was made), request id, overhead."""
     d = ctx.decision
-    ctx.overhead_ns = ns = perf_counter_ns() - ctx.t0 - ctx.upstream_ns
+    # the answer's first byte goes out right after this: that time is also `ttft_ns` (a stream sets its own)
+    now = ctx.ttft_ns = perf_counter_ns()
+    ctx.overhead_ns = ns = now - ctx.t0 - ctx.upstream_ns
     us = str(ns // 1000)
     if d is None:
         return [('x-request-id', ctx.rid), ('x-fastroute-overhead-us', us)]
-    if ctx.fallbacks:
+    if ctx.walk is not None:
         return _fallback_headers(ctx, d, us)
     return [
         ('x-fastroute-route', d.route or ''),
@@ -289,7 +291,8 @@ def decision_headers(ctx: Ctx) -> list[tuple[str, str]]:
 
 
 def _fallback_headers(ctx: Ctx, d: Decision, us: str) -> list[tuple[str, str]]:
-    """After failed tries: the model that answered, the one decided, and the number of tries. Cold path."""
+    """After a failed try, or when the decided model was out: the model that answered, the one decided, and the
+    number of tries. Cold path."""
     served = ctx.pool.name if ctx.pool is not None else d.pool
     return [
         ('x-fastroute-route', d.route or ''),
@@ -408,7 +411,7 @@ def pick_endpoint(ctx: Ctx) -> Endpoint | None:
         if pool is None or not pool.endpoints:
             answer_error(ctx, NoRouteError(f'model {ctx.decision.pool!r} has no endpoints'))  # type: ignore[union-attr]
             return None
-    pool.budget.request()
+    pool.bw.n += 1  # the retry budget's count of requests
     ep = ctx.endpoint = pool.pick(ctx.decision.adapter)  # type: ignore[union-attr]
     return ep
 
@@ -475,7 +478,6 @@ def relay(ctx: Ctx, resp: UpstreamResponse) -> None:
     out += decision_headers(ctx)
     ctx.status = resp.status
     ctx.proto.response_bytes(resp.status, out, resp.body)
-    ctx.ttft_ns = perf_counter_ns()
 
 
 async def proxy(ctx: Ctx, method: str) -> None:
@@ -515,7 +517,6 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
     status in the model's `retry.on_status`, goes to `on_upstream_error` for the next candidate."""
     ep = ctx.endpoint
     pool = ctx.pool
-    retry_on = pool.policy.retry_on  # type: ignore[union-attr]
     while True:
         ctx.attempts += 1
         ep.outstanding += 1  # type: ignore[union-attr]
@@ -533,9 +534,11 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
                 headers, body = upstream_headers(ctx), ctx.walk.body_for(pool, body)  # type: ignore[union-attr,arg-type]
             continue
         ctx.upstream_ns += perf_counter_ns() - t
-        ep.release()  # type: ignore[union-attr]
+        ep.outstanding -= 1  # type: ignore[union-attr]
+        if ep.pool_waiters:  # type: ignore[union-attr]
+            ep.release_wake()  # type: ignore[union-attr]
         status = resp.status
-        if status >= 400 and status in retry_on:
+        if status >= 400 and status in (ctx.walk or pool).policy.retry_on:  # type: ignore[union-attr]
             ep = await on_upstream_error(ctx, status_error(ep, resp), resp)  # type: ignore[arg-type]
             if ep is None:
                 return
@@ -544,7 +547,9 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
                 headers, body = upstream_headers(ctx), ctx.walk.body_for(pool, body)  # type: ignore[union-attr,arg-type]
             continue
         break
-    ep.ok()  # type: ignore[union-attr]
+    ep.win.n += 1  # type: ignore[union-attr]  # ep.ok(), inlined
+    if ep.failures or ep.down:  # type: ignore[union-attr]
+        ep.recovered()  # type: ignore[union-attr]
     out = resp.headers
     out += decision_headers(ctx)
     ctx.status = status
@@ -552,7 +557,6 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
     if ctx.experiment is not None:
         ctx.experiment.seen_body(resp.body)
     ctx.proto.response_bytes(status, out, resp.body)
-    ctx.ttft_ns = perf_counter_ns()
 
 
 class _ErrorAnswer(Exception):
@@ -681,6 +685,7 @@ async def _relay_stream(
     status: it is said in the stream (an error event) and the stream ends without [DONE]."""
     exp = ctx.experiment
     chunk = first
+    sent = False
     try:
         while chunk is not None:
             ctx.stream_chunks += 1
@@ -690,7 +695,8 @@ async def _relay_stream(
                 chunk = su.feed(chunk)
             if chunk:
                 await transport.send_bytes(chunk)
-                if not ctx.ttft_ns:
+                if not sent:  # time to first token: the first body bytes sent (the head went out before)
+                    sent = True
                     ctx.ttft_ns = perf_counter_ns()
             chunk = await up.read_chunk()
         rest = su.flush()
@@ -1030,7 +1036,7 @@ async def ready(ctx: Ctx) -> None:
     """`/readyz`: 200 when every model has an endpoint that is reachable and not out (breaker open, failing
     health checks); each endpoint's state; 503 while draining."""
     result = await ctx.snap.readiness.check()
-    now = time.monotonic()
+    now = time.perf_counter()
     models = {}
     endpoints = {}
     for name, pool in ctx.snap.pools.items():
@@ -1038,7 +1044,8 @@ async def ready(ctx: Ctx) -> None:
         endpoints[name] = [ep.state() for ep in pool.endpoints]
     ok = all(models.values()) and not _draining
     status = 'draining' if _draining else 'ready' if ok else 'not ready'
-    answer_json(ctx, 200 if ok else 503, {'status': status, 'models': models, 'endpoints': endpoints})
+    worker = {'pid': os.getpid(), 'tasks': len(asyncio.all_tasks())}  # this /readyz request's task included
+    answer_json(ctx, 200 if ok else 503, {'status': status, 'models': models, 'endpoints': endpoints, 'worker': worker})
 
 
 def create_app(config_path: str | None = None) -> App:

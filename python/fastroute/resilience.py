@@ -10,8 +10,8 @@ budget and waits a jittered backoff; a 429's Retry-After is waited for when it i
 Breaker (per endpoint, per worker): `breaker.consecutive_failures` failures in a row, or an error rate of
 `breaker.error_rate` over `breaker.window` seconds (with at least `breaker.min_requests`), open it; after
 `breaker.cooldown` it is half-open and lets `breaker.half_open_probes` requests through at once; a success
-closes it, a failure opens it again. Counting is in two fixed windows (the current and the previous one,
-weighted by overlap), so recording an outcome is two additions and no allocation.
+closes it, a failure opens it again. Windows are kept lazily (`Window`): a success or a request is one
+addition to a running total, and the window is only rolled when a failure or a retry reads it.
 
 Everything here is plain state on the worker's event loop: no locks, no tasks, no I/O.
 """
@@ -19,6 +19,7 @@ Everything here is plain state on the worker's event loop: no locks, no tasks, n
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,8 @@ __all__ = [
     'rewrite_model',
     'status_error',
 ]
+
+log = logging.getLogger('fastroute')
 
 CLOSED, OPEN, HALF_OPEN = 'closed', 'open', 'half_open'
 BUDGET_WINDOW = 10.0  # seconds over which the retry budget compares retries with requests
@@ -87,72 +90,90 @@ def policy_for(cfg: Config, model: Model) -> Policy:
 
 
 class Window:
-    """Two fixed windows of (total, failed) counts; `rates` weighs the previous one by how much it still overlaps."""
+    """Counts over a sliding window of `size` seconds, kept lazily so that counting costs one addition.
 
-    __slots__ = ('cur_bad', 'cur_n', 'prev_bad', 'prev_n', 'size', 'start')
+    `n` and `bad` only grow (the hot path does `window.n += 1`); the window is rolled when it is read: the
+    counts since `start` become the previous window (scaled to `size` seconds when it lasted longer) and are
+    weighed by how much of it still overlaps the last `size` seconds."""
+
+    __slots__ = ('bad', 'bad0', 'n', 'n0', 'prev_bad', 'prev_n', 'size', 'start')
 
     def __init__(self, size: float) -> None:
         self.size = size
-        self.start = time.monotonic()
-        self.cur_n = self.cur_bad = 0
-        self.prev_n = self.prev_bad = 0
+        self.start = time.perf_counter()
+        self.n = self.bad = 0  # totals so far
+        self.n0 = self.bad0 = 0  # the totals at `start`
+        self.prev_n = self.prev_bad = 0.0
 
     def roll(self, now: float) -> float:
-        """Advance to the window holding `now`; returns the previous window's weight."""
+        """Start a new window if the current one is over; returns the previous window's weight."""
         age = now - self.start
         if age >= self.size:
-            if age >= 2 * self.size:
-                self.prev_n = self.prev_bad = 0
-                self.start = now
-            else:
-                self.prev_n, self.prev_bad = self.cur_n, self.cur_bad
-                self.start += self.size
-            self.cur_n = self.cur_bad = 0
-            age = now - self.start
+            scale = self.size / age  # the counts since `start`, spread over its length, as one window
+            self.prev_n = (self.n - self.n0) * scale
+            self.prev_bad = (self.bad - self.bad0) * scale
+            self.n0, self.bad0 = self.n, self.bad
+            self.start = now
+            age = 0.0
         return 1.0 - age / self.size
 
     def add(self, now: float, bad: bool) -> None:
-        if now - self.start >= self.size:
-            self.roll(now)
-        self.cur_n += 1
+        self.n += 1
         if bad:
-            self.cur_bad += 1
+            self.bad += 1
 
     def counts(self, now: float) -> tuple[float, float]:
-        """(requests, failures) over the last `size` seconds (approximately)."""
+        """(all, failed) over the last `size` seconds (approximately)."""
         w = self.roll(now)
-        return self.cur_n + self.prev_n * w, self.cur_bad + self.prev_bad * w
+        return self.n - self.n0 + self.prev_n * w, self.bad - self.bad0 + self.prev_bad * w
 
 
 class RetryBudget:
     """Retries of one model stay within `ratio` of its requests plus `min_per_s` a second (sliding window).
 
-    `cur_n`/`prev_n` count requests, `cur_bad`/`prev_bad` retries."""
+    `window.n` counts requests (the gateway adds to it directly), `window.bad` retries."""
 
-    __slots__ = ('min_retries', 'ratio', 'window')
+    __slots__ = ('min_retries', 'ratio', 'reported', 'window')
 
     def __init__(self, ratio: float, min_per_s: float, window: float = BUDGET_WINDOW) -> None:
+        self.reported = -1e9
         self.ratio = ratio
         self.min_retries = min_per_s * window
         self.window = Window(window)
 
     def request(self) -> None:
-        w = self.window
-        if time.monotonic() - w.start >= w.size:
-            w.roll(time.monotonic())
-        w.cur_n += 1
+        """Count one request (the gateway does `window.n += 1` itself)."""
+        self.window.n += 1
 
     def try_spend(self) -> bool:
         """Take one retry if the budget allows it."""
-        now = time.monotonic()
+        now = time.perf_counter()
         requests, retries = self.window.counts(now)
         if retries + 1 > requests * self.ratio + self.min_retries:
             return False
-        self.window.cur_bad += 1
+        self.window.bad += 1
         return True
 
+    def report_spent(self, model: str) -> None:
+        """Log (at most once per window) that requests of `model` are failing without a retry."""
+        now = time.perf_counter()
+        if now - self.reported < self.window.size:
+            return
+        self.reported = now
+        requests, retries = self.window.counts(now)
+        log.warning(
+            'fastroute: model %s: retry budget spent (%.0f retries for %.0f requests in %gs; budget_ratio %g, '
+            'budget_min_per_s %g): failed tries are answered without a retry until it recovers',
+            model,
+            retries,
+            requests,
+            self.window.size,
+            self.ratio,
+            self.min_retries / self.window.size,
+        )
+
     def state(self) -> dict[str, float]:
-        requests, retries = self.window.counts(time.monotonic())
+        requests, retries = self.window.counts(time.perf_counter())
         return {
             'requests': round(requests, 1),
             'retries': round(retries, 1),
@@ -354,13 +375,16 @@ class Walk:
         self.budget_out = False
         self.waited = False  # a short Retry-After was waited for once
 
-    def next_endpoint(self, ctx: Ctx) -> Endpoint | None:
-        """The next usable candidate not tried yet; sets `ctx.pool` to its model."""
+    def next_endpoint(self, ctx: Ctx, last: bool = False) -> Endpoint | None:
+        """The next usable candidate not tried yet; sets `ctx.pool` to its model. `last`: the request's last
+        try, which goes to a fallback model when one is left (it is more likely to work than another endpoint
+        of a model that just failed)."""
         pool = ctx.pool
         assert pool is not None
-        ep = pool.pick_other(self.tried_eps)
-        if ep is not None:
-            return ep
+        if not (last and self.models):
+            ep = pool.pick_other(self.tried_eps)
+            if ep is not None:
+                return ep
         while self.models:
             name = self.models.pop(0)
             p = self.snap.pools.get(name)
@@ -372,6 +396,8 @@ class Walk:
                 continue
             ctx.pool = p
             return ep
+        if last:  # no fallback model can take it: another endpoint of this one, then
+            return pool.pick_other(self.tried_eps)
         return None
 
     async def next_after(self, ctx: Ctx, err: UpstreamError) -> Endpoint | None:
@@ -395,7 +421,7 @@ class Walk:
         policy = self.policy
         if ctx.attempts >= policy.max_attempts:
             return None
-        nxt = self.next_endpoint(ctx)
+        nxt = self.next_endpoint(ctx, last=ctx.attempts + 1 == policy.max_attempts)
         wait = 0.0
         if nxt is None and ra is not None and err.status == 429 and ra <= policy.retry_after_max and not self.waited:
             # nobody else to ask and the upstream says it is soon ready: ask it again after its Retry-After
@@ -405,8 +431,10 @@ class Walk:
             wait = ra
         if nxt is None:
             return None
-        if not self.decided.budget.try_spend():
+        budget = self.decided.budget
+        if not budget.try_spend():
             self.budget_out = True
+            budget.report_spent(self.decided.name)
             return None
         self.retries += 1
         delay = max(wait, backoff_delay(policy, self.retries))

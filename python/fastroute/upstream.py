@@ -589,6 +589,7 @@ class Endpoint:
         'timeouts',
         'waiters',
         'weight',
+        'win',
     )
 
     def __init__(self, model: str, base: str, weight: float, timeouts: Timeouts) -> None:
@@ -614,10 +615,11 @@ class Endpoint:
         self.closed = False
         # -- health (fastroute.resilience, fastroute.health); `down` is the one flag the happy path reads
         self.breaker = Breaker(_DEFAULT_BREAKER)
+        self.win = self.breaker.window  # counts every outcome (hot path: `ep.win.n += 1` on success)
         self.down = False  # breaker not closed, failing health checks, or cooling down after a 429
         self.healthy = True  # active health checks (always true without them)
         self.health_streak = 0  # consecutive health-check results against the current `healthy`
-        self.cool_until = 0.0  # a 429's Retry-After: not picked before this (time.monotonic)
+        self.cool_until = 0.0  # a 429's Retry-After: not picked before this (time.perf_counter)
         self.cap = 0  # most requests in flight (0: no cap)
         self.pool_waiters: collections.deque[asyncio.Future] | None = None  # the pool's queue, when limited
         self.current = 0.0  # smooth weighted round-robin
@@ -648,28 +650,44 @@ class Endpoint:
         if w:
             _wake_one(w)
 
+    def release_wake(self) -> None:
+        """Wake one request queued for the pool (after `outstanding` went down)."""
+        w = self.pool_waiters
+        if w:
+            _wake_one(w)
+
     def ok(self) -> None:
-        """The endpoint answered (any status not counted as its failure)."""
+        """The endpoint answered (any status not counted as its failure). The gateway inlines this on the happy
+        path: `ep.win.n += 1`, then `ep.recovered()` only if `ep.failures or ep.down`."""
+        self.win.n += 1
+        if self.failures or self.down:
+            self.recovered()
+
+    def recovered(self) -> None:
+        """A success after failures: reset the count, close the breaker."""
         self.failures = 0
-        if self.breaker.success(time.monotonic()) or self.down:
+        b = self.breaker
+        b.consecutive = 0
+        if self.down:
+            b.state = CLOSED
             self._update_down()
 
     def failed(self, err: UpstreamError) -> bool:
         """The endpoint failed a request (connect, timeout, reset, retryable 5xx). True when its breaker opened."""
         self.failures += 1
         self.last_error = err
-        opened = self.breaker.failure(time.monotonic())
+        opened = self.breaker.failure(time.perf_counter())
         if opened:
             self.down = True
         return opened
 
     def cool_down(self, seconds: float) -> None:
         """A 429 with a Retry-After: pick others until it is over."""
-        self.cool_until = time.monotonic() + seconds
+        self.cool_until = time.perf_counter() + seconds
         self.down = True
 
     def _update_down(self) -> None:
-        self.down = not self.healthy or self.breaker.state != CLOSED or self.cool_until > time.monotonic()
+        self.down = not self.healthy or self.breaker.state != CLOSED or self.cool_until > time.perf_counter()
 
     def set_healthy(self, healthy: bool) -> None:
         if healthy != self.healthy:
@@ -678,7 +696,7 @@ class Endpoint:
 
     def state(self) -> dict[str, object]:
         """For operators (`/admin/models`, `/readyz`): url, breaker state, load, failures, last error, adapters."""
-        now = time.monotonic()
+        now = time.perf_counter()
         b = self.breaker
         state = b.state
         if state == OPEN and now >= b.until:
@@ -887,6 +905,9 @@ class Endpoint:
         self.waiters.clear()
 
 
+_bits = random.getrandbits
+
+
 def _wake_one(waiters: collections.deque[asyncio.Future]) -> None:
     while waiters:
         w = waiters.popleft()
@@ -906,14 +927,17 @@ class Pool:
     """
 
     __slots__ = (
+        '_pick',
         '_rr',
         'affinity',
         'api_key',
         'auth_headers',
         'balance',
         'budget',
+        'bw',
         'endpoints',
         'fallback',
+        'fast',
         'key',
         'limits',
         'max_in_flight',
@@ -921,6 +945,7 @@ class Pool:
         'policy',
         'tasks',
         'timeouts',
+        'uniform',
         'upstream_model',
         'waiters',
     )
@@ -949,6 +974,7 @@ class Pool:
         m = model or ModelCfg(endpoints=[])
         self.policy = policy or Policy(Retry(), _DEFAULT_BREAKER, None)
         self.budget = RetryBudget(self.policy.budget_ratio, self.policy.budget_min_per_s)
+        self.bw = self.budget.window  # hot path: `pool.bw.n += 1` per request
         self.balance = m.balance
         self.limits = m.limits
         self.max_in_flight = m.limits.max_in_flight
@@ -960,39 +986,45 @@ class Pool:
         self.waiters: collections.deque[asyncio.Future] | None = collections.deque() if limited else None
         for ep in self.endpoints:
             ep.breaker = Breaker(self.policy.breaker)
+            ep.win = ep.breaker.window
             ep.cap = m.limits.max_in_flight_per_endpoint
             ep.pool_waiters = self.waiters
+        self.uniform = len({ep.weight for ep in self.endpoints}) <= 1  # equal weights: compare counts only
+        # the one endpoint of an unlimited pool: picking is a flag check
+        self.fast = self.endpoints[0] if len(self.endpoints) == 1 and not limited else None
+        self._pick = {
+            'p2c': self._p2c,
+            'round_robin': self._round_robin,
+            'weighted': self._weighted,
+            'least_outstanding': self._least,
+        }[m.balance]
 
     # -- choosing an endpoint
 
     def pick(self, adapter: str | None = None) -> Endpoint | None:
         """An endpoint for a new request, or None when none can take one now."""
+        ep = self.fast
+        if ep is not None:
+            if not ep.down:
+                return ep
+            return ep if ep.usable(time.perf_counter()) else None
         eps = self.endpoints
         if self.max_in_flight and self.in_flight() >= self.max_in_flight:
             return None
         if len(eps) == 1:
             ep = eps[0]
-            if ep.down or ep.cap:
-                return ep if ep.usable(time.monotonic()) else None
-            return ep
+            return ep if ep.usable(time.perf_counter()) else None
         if adapter is not None and self.affinity is not None:
             ep = self._pick_adapter(adapter)
             if ep is not None:
                 return ep
-        balance = self.balance
-        if balance == 'p2c':
-            return self._p2c()
-        if balance == 'round_robin':
-            return self._round_robin()
-        if balance == 'weighted':
-            return self._weighted()
-        return self._least()
+        return self._pick()
 
     def pick_other(self, tried: set[Endpoint], soft: bool = False) -> Endpoint | None:
         """The least busy usable endpoint not tried yet (a retry). `soft`: see `Endpoint.usable`."""
         if self.max_in_flight and self.in_flight() >= self.max_in_flight:
             return None
-        now = time.monotonic()
+        now = time.perf_counter()
         best = None
         low = 0.0
         for ep in self.endpoints:
@@ -1009,14 +1041,15 @@ class Pool:
     def _p2c(self) -> Endpoint | None:
         eps = self.endpoints
         n = len(eps)
-        rnd = random.random
-        i = int(rnd() * n)
-        j = int(rnd() * (n - 1))
-        if j >= i:
-            j += 1
+        # NOTE: one call for both draws; int(random() * n) twice costs ~4x more (CPU time, timeit)
+        r = _bits(32)
+        i = r % n
+        j = i + 1 + (r >> 16) % (n - 1)  # another one, uniformly
+        if j >= n:
+            j -= n
         a, b = eps[i], eps[j]
-        if a.down or b.down or a.cap:
-            now = time.monotonic()
+        if a.down or b.down or a.cap or b.cap:
+            now = time.perf_counter()
             ua, ub = a.usable(now), b.usable(now)
             if not (ua and ub):
                 if ua:
@@ -1024,17 +1057,16 @@ class Pool:
                 if ub:
                     return b
                 return self._least()
-        # NOTE: outstanding per unit of weight; equal weights compare the counts.
-        if a.outstanding * b.weight <= b.outstanding * a.weight:
-            return a
-        return b
+        if self.uniform:
+            return a if a.outstanding <= b.outstanding else b
+        return a if a.outstanding * b.weight <= b.outstanding * a.weight else b  # per unit of weight
 
     def _least(self) -> Endpoint | None:
         """Least outstanding requests (per unit of weight) among usable endpoints; ties go round-robin."""
         eps = self.endpoints
         n = len(eps)
         start = self._rr = (self._rr + 1) % n
-        now = time.monotonic()
+        now = time.perf_counter()
         best = None
         low = 0.0
         for i in range(n):
@@ -1049,7 +1081,7 @@ class Pool:
     def _round_robin(self) -> Endpoint | None:
         eps = self.endpoints
         n = len(eps)
-        now = time.monotonic()
+        now = time.perf_counter()
         for _ in range(n):
             self._rr = (self._rr + 1) % n
             ep = eps[self._rr]
@@ -1059,7 +1091,7 @@ class Pool:
 
     def _weighted(self) -> Endpoint | None:
         """Smooth weighted round-robin over the usable endpoints: exact shares, evenly interleaved."""
-        now = time.monotonic()
+        now = time.perf_counter()
         total = 0.0
         best = None
         for ep in self.endpoints:
@@ -1077,7 +1109,7 @@ class Pool:
         """Least busy usable endpoint that has `adapter` loaded and not too many requests waiting."""
         assert self.affinity is not None
         max_waiting = self.affinity.max_waiting
-        now = time.monotonic()
+        now = time.perf_counter()
         best = None
         low = 0.0
         for ep in self.endpoints:
@@ -1125,7 +1157,7 @@ class Pool:
 
     def unavailable(self) -> list[str]:
         """Why each endpoint cannot take a request now (for the error message)."""
-        now = time.monotonic()
+        now = time.perf_counter()
         out = []
         for ep in self.endpoints:
             if not ep.healthy:
@@ -1147,7 +1179,7 @@ class Pool:
 
     def retry_in(self) -> float | None:
         """Seconds until an endpoint that is down may take requests again (shortest), when known."""
-        now = time.monotonic()
+        now = time.perf_counter()
         waits = []
         for ep in self.endpoints:
             if ep.cool_until > now:
@@ -1248,13 +1280,13 @@ class Readiness:
 
     async def check(self) -> dict[str, bool]:
         """Model name -> reachable, cached for `ttl` seconds."""
-        if time.monotonic() - self._at < self.ttl:
+        if time.perf_counter() - self._at < self.ttl:
             return self._result
         async with self._lock:
-            if time.monotonic() - self._at < self.ttl:
+            if time.perf_counter() - self._at < self.ttl:
                 return self._result
             bases = sorted({ep.base for p in self.pools.values() for ep in p.endpoints})
             up = dict(zip(bases, await asyncio.gather(*(check_reachable(b) for b in bases)), strict=True))
             self._result = {name: any(up[ep.base] for ep in p.endpoints) for name, p in self.pools.items()}
-            self._at = time.monotonic()
+            self._at = time.perf_counter()
             return self._result
