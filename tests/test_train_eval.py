@@ -31,7 +31,7 @@ def test_quality_hand_computed() -> None:
 
 def test_quality_makes_the_curve_non_decreasing_for_cpt() -> None:
     # The best prompt to send strong scores lowest: PGR dips below 0 first, CPT reads the running maximum.
-    q = quality([0.9, 0.1, 0.2, 0.3], [1, 0, 1, 1], [0, 1, 1, 1])
+    q = quality([0.9, 0.1, 0.2, 0.3], [1, 0, 0, 1], [0, 1, 1, 1])
     pgr = [g for _, g in q.pgr()]
     assert pgr[0] == 0 and pgr[-1] == 1 and min(pgr) < 0
     assert 0 < q.cpt50 <= q.cpt80 <= 1
