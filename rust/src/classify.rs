@@ -144,11 +144,74 @@ const CONSTRAINTS: &[&[u8]] = &[
 
 const MAX_WORD: usize = 12;
 
+/// FNV-1a of a lowercase ASCII word: the running hash `observe` keeps per word.
+const fn fnv(w: &[u8]) -> u32 {
+    let mut h = FNV_OFFSET;
+    let mut i = 0;
+    while i < w.len() {
+        h = (h ^ w[i] as u32).wrapping_mul(FNV_PRIME);
+        i += 1;
+    }
+    h
+}
+
+const fn hashes<const N: usize>(words: &[&[u8]]) -> [u32; N] {
+    let mut out = [0u32; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = fnv(words[i]);
+        i += 1;
+    }
+    out
+}
+
+// NOTE: cue words are found by comparing the word's running hash with these (one SIMD-friendly scan of a few
+// u32s per word) and only then the bytes; comparing each word with every cue as slices cost ~1 µs per 2 KB.
+const REASONING_HASHES: [u32; REASONING.len()] = hashes(REASONING);
+const CONSTRAINT_HASHES: [u32; CONSTRAINTS.len()] = hashes(CONSTRAINTS);
+/// A bit per cue word hash (64 words of 64 bits, by hash bits 26..32 and 20..26): most words are ruled out by
+/// one lookup.
+const CUE_BLOOM: [u64; 64] = {
+    let mut out = [0u64; 64];
+    let mut i = 0;
+    while i < REASONING.len() + CONSTRAINTS.len() {
+        let h = if i < REASONING.len() {
+            REASONING_HASHES[i]
+        } else {
+            CONSTRAINT_HASHES[i - REASONING.len()]
+        };
+        out[(h >> 26) as usize] |= 1 << ((h >> 20) & 63);
+        i += 1;
+    }
+    out
+};
+const STEP: u32 = fnv(b"step");
+const BY: u32 = fnv(b"by");
+
+/// Lowercase of each ASCII letter and digit; 0 for every other byte.
+const LOWER_ALNUM: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() {
+            t[b] = c.to_ascii_lowercase();
+        }
+        b += 1;
+    }
+    t
+};
+
+/// No word is being read from raw ASCII (`Observer::word_start`).
+const IMPURE: usize = usize::MAX;
+
 /// The state of one `observe` call: the word being read and what came before it.
 struct Observer<'f, 'm> {
     f: &'f mut Features,
     grams: Grams<'m>,
-    word: [u8; MAX_WORD],
+    /// Where the current word starts in the text, when all of it is raw ASCII letters and digits (so it can be
+    /// compared with the cue words in place); `IMPURE` otherwise.
+    word_start: usize,
     wlen: usize,
     hash: u32,
     prev_hash: Option<u32>,
@@ -159,8 +222,9 @@ struct Observer<'f, 'm> {
 }
 
 impl Observer<'_, '_> {
-    /// One unescaped byte of text; `rest` is the raw text from this byte on (for list markers), empty
-    /// when the byte came from an escape.
+    /// One unescaped byte that is not a raw ASCII letter or digit (those take the fast path in `observe`), or
+    /// any byte decoded from an escape. `rest` is the raw text from this byte on (for list markers), empty when
+    /// the byte came from an escape.
     #[inline]
     fn unit(&mut self, c: u8, rest: &[u8]) {
         if c.is_ascii_alphanumeric() || c >= 0x80 {
@@ -179,16 +243,14 @@ impl Observer<'_, '_> {
             if self.wlen == 0 && c.is_ascii_digit() {
                 self.f.numbers += 1;
             }
-            if self.wlen < MAX_WORD {
-                self.word[self.wlen] = c;
-            }
+            self.word_start = IMPURE;
             self.wlen += 1;
             self.hash = (self.hash ^ u32::from(c)).wrapping_mul(FNV_PRIME);
             self.ticks = 0;
             self.last = c;
             return;
         }
-        self.end_word();
+        self.end_word(&[]);
         if c == b'`' {
             self.ticks += 1;
             if self.ticks == 3 {
@@ -216,38 +278,51 @@ impl Observer<'_, '_> {
         self.last = c;
     }
 
+    /// The word read so far ends: its n-grams, and whether it is a cue word. `text` is the whole raw text.
     #[inline]
-    fn end_word(&mut self) {
+    fn end_word(&mut self, text: &[u8]) {
         if self.wlen == 0 {
             return;
         }
+        let h = self.hash;
         self.f.words += 1;
-        self.grams.hit(self.f, unigram(self.hash));
+        self.grams.hit(self.f, unigram(h));
         if let Some(p) = self.prev_hash {
-            self.grams.hit(self.f, bigram(p, self.hash));
+            self.grams.hit(self.f, bigram(p, h));
         }
-        self.prev_hash = Some(self.hash);
-        let len = self.wlen;
+        self.prev_hash = Some(h);
+        let (len, start) = (self.wlen, self.word_start);
         self.wlen = 0;
         self.hash = FNV_OFFSET;
-        if len > MAX_WORD {
-            self.prev_words = [0, 0];
-            return;
-        }
-        let w = &self.word[..len];
-        if w == b"step" && self.prev_words == [1, 2] {
-            self.f.reasoning += 1;
-        }
-        let tag = match w {
-            b"step" => 1,
-            b"by" => 2,
-            _ => 0,
+        let w = match text.get(start..start.saturating_add(len)) {
+            Some(w) if len <= MAX_WORD => w,
+            _ => {
+                self.prev_words = [0, 0];
+                return;
+            }
+        };
+        let tag = if h == STEP && w.eq_ignore_ascii_case(b"step") {
+            if self.prev_words == [1, 2] {
+                self.f.reasoning += 1;
+            }
+            1
+        } else if h == BY && w.eq_ignore_ascii_case(b"by") {
+            2
+        } else {
+            0
         };
         self.prev_words = [self.prev_words[1], tag];
-        if REASONING.contains(&w) {
-            self.f.reasoning += 1;
-        } else if CONSTRAINTS.contains(&w) {
-            self.f.constraints += 1;
+        if CUE_BLOOM[(h >> 26) as usize] & (1 << ((h >> 20) & 63)) == 0 {
+            return;
+        }
+        if let Some(i) = REASONING_HASHES.iter().position(|&c| c == h) {
+            if REASONING[i].eq_ignore_ascii_case(w) {
+                self.f.reasoning += 1;
+            }
+        } else if let Some(i) = CONSTRAINT_HASHES.iter().position(|&c| c == h) {
+            if CONSTRAINTS[i].eq_ignore_ascii_case(w) {
+                self.f.constraints += 1;
+            }
         }
     }
 }
@@ -263,14 +338,15 @@ fn hex4(b: &[u8]) -> Option<u32> {
 
 impl Features {
     /// Add the features of one text string (raw JSON string content: escapes are decoded here, so
-    /// `\n`, `\u00e9` and a literal `é` count alike). Linear in `text`, a handful of branches per
-    /// byte; each word ends in one or two `grams` hits.
+    /// `\n`, `\u00e9` and a literal `é` count alike). Linear in `text`: runs of ASCII letters and digits
+    /// take a tight loop (a table lookup and a multiply per byte); each word ends in one or two `grams`
+    /// hits. Words are cue words only when written in plain ASCII (no escapes inside).
     pub fn observe(&mut self, text: &[u8], grams: Grams<'_>) {
         self.bytes = self.bytes.saturating_add(u32::try_from(text.len()).unwrap_or(u32::MAX));
         let mut o = Observer {
             f: self,
             grams,
-            word: [0; MAX_WORD],
+            word_start: IMPURE,
             wlen: 0,
             hash: FNV_OFFSET,
             prev_hash: None,
@@ -279,17 +355,64 @@ impl Features {
             line_start: true,
             last: 0,
         };
+        let n = text.len();
         let mut i = 0;
-        while i < text.len() {
+        while i < n {
             let b = text[i];
+            let mut c = LOWER_ALNUM[usize::from(b)];
+            if c != 0 {
+                if o.line_start {
+                    o.line_start = false;
+                    if is_list_marker(&text[i..]) {
+                        o.f.list_items += 1;
+                    }
+                }
+                if o.wlen == 0 {
+                    o.word_start = i;
+                    if c.is_ascii_digit() {
+                        o.f.numbers += 1;
+                    }
+                }
+                let mut h = o.hash;
+                let start = i;
+                loop {
+                    h = (h ^ u32::from(c)).wrapping_mul(FNV_PRIME);
+                    i += 1;
+                    match text.get(i) {
+                        Some(&next) => c = LOWER_ALNUM[usize::from(next)],
+                        None => break,
+                    }
+                    if c == 0 {
+                        break;
+                    }
+                }
+                o.hash = h;
+                o.wlen += i - start;
+                o.ticks = 0;
+                o.last = text[i - 1];
+                continue;
+            }
+            if b == b' ' && !o.line_start {
+                o.end_word(text);
+                o.ticks = 0;
+                o.last = b;
+                i += 1;
+                continue;
+            }
             if b != b'\\' {
+                if o.wlen > 0 && b < 0x80 {
+                    o.end_word(text);
+                }
                 o.unit(b, &text[i..]);
                 i += 1;
                 continue;
             }
             match text.get(i + 1).copied() {
-                Some(b'u') => match hex4(&text[(i + 2).min(text.len())..]) {
+                Some(b'u') => match hex4(&text[(i + 2).min(n)..]) {
                     Some(cp) => {
+                        if cp < 0x80 && !u8::try_from(cp).is_ok_and(|a| a.is_ascii_alphanumeric()) {
+                            o.end_word(text);
+                        }
                         let mut utf8 = [0u8; 4];
                         let s: &[u8] = match char::from_u32(cp) {
                             Some(ch) => ch.encode_utf8(&mut utf8).as_bytes(),
@@ -301,25 +424,29 @@ impl Features {
                         i += 6;
                     }
                     None => {
+                        o.end_word(text);
                         o.unit(b' ', &[]);
                         i += 2;
                     }
                 },
                 Some(b'n') => {
+                    o.end_word(text);
                     o.unit(b'\n', &[]);
                     i += 2;
                 }
                 Some(c @ (b'"' | b'\\' | b'/')) => {
+                    o.end_word(text);
                     o.unit(c, &[]);
                     i += 2;
                 }
                 _ => {
+                    o.end_word(text);
                     o.unit(b' ', &[]);
                     i += 2;
                 }
             }
         }
-        o.end_word();
+        o.end_word(text);
     }
 
     /// The dense feature vector a trained model weighs, in `DENSE_FEATURES` order.
@@ -687,5 +814,39 @@ mod tests {
         assert!(simple < 0.2, "{simple}");
         assert!(hard > 0.7, "{hard}");
         assert!((0.0..=1.0).contains(&score_builtin(&Features::default(), u32::MAX)));
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    fn run(name: &str, text: &str, grams: Grams<'_>) {
+        let n: u32 = std::env::var("FR_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20000);
+        let t = std::time::Instant::now();
+        let mut acc = 0.0;
+        for _ in 0..n {
+            let mut f = Features::default();
+            f.observe(std::hint::black_box(text.as_bytes()), grams);
+            acc += f.gram_sum + f.words as f32;
+        }
+        let el = t.elapsed();
+        eprintln!("{name}: {} bytes: {:.2} us per observe ({acc})", text.len(), el.as_secs_f64() / f64::from(n) * 1e6);
+    }
+
+    #[test]
+    #[ignore = "timing, run by hand with --release"]
+    fn observe_speed() {
+        let text = "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\\nA. 0\\nB. 4\\nC. 2\\nD. 6\\nAnswer:".repeat(20);
+        let table = vec![0.01f32; 1 << 16];
+        run("weights", &text, Grams::Weights(&table));
+        run("off", &text, Grams::Off);
+        run("letters", &"abcdefghij".repeat(232), Grams::Off);
+        run("spaces", &" ".repeat(2320), Grams::Off);
+        run("words", &"abcd ".repeat(464), Grams::Off);
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        for _ in 0..20000 { x += crate::tokens::Estimator::Fast.count(std::hint::black_box(text.as_bytes())) as u64; }
+        eprintln!("estimate: {:.2} us ({x})", t.elapsed().as_secs_f64() / 20000.0 * 1e6);
     }
 }
