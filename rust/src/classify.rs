@@ -202,6 +202,18 @@ const LOWER_ALNUM: [u8; 256] = {
     t
 };
 
+/// ASCII punctuation that only ends a word: no feature counts it and no list item starts with it.
+const PLAIN_SEP: [bool; 256] = {
+    let mut t = [false; 256];
+    let seps = b" ,.;:!()[]{}<>'\"%&@#|~_";
+    let mut i = 0;
+    while i < seps.len() {
+        t[seps[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
 /// No word is being read from raw ASCII (`Observer::word_start`).
 const IMPURE: usize = usize::MAX;
 
@@ -279,11 +291,15 @@ impl Observer<'_, '_> {
     }
 
     /// The word read so far ends: its n-grams, and whether it is a cue word. `text` is the whole raw text.
-    #[inline]
+    #[inline(always)]
     fn end_word(&mut self, text: &[u8]) {
-        if self.wlen == 0 {
-            return;
+        if self.wlen != 0 {
+            self.word_ends(text);
         }
+    }
+
+    #[inline(never)]
+    fn word_ends(&mut self, text: &[u8]) {
         let h = self.hash;
         self.f.words += 1;
         self.grams.hit(self.f, unigram(h));
@@ -392,8 +408,9 @@ impl Features {
                 o.last = text[i - 1];
                 continue;
             }
-            if b == b' ' && !o.line_start {
+            if PLAIN_SEP[usize::from(b)] && (b != b' ' || !o.line_start) {
                 o.end_word(text);
+                o.line_start = false;
                 o.ticks = 0;
                 o.last = b;
                 i += 1;
@@ -822,6 +839,9 @@ mod timing {
     use super::*;
 
     fn run(name: &str, text: &str, grams: Grams<'_>) {
+        if std::env::var("FR_ONLY").is_ok_and(|v| v != name) {
+            return;
+        }
         let n: u32 = std::env::var("FR_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20000);
         let t = std::time::Instant::now();
         let mut acc = 0.0;
