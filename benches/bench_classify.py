@@ -23,7 +23,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from fastroute.classifier import chat_body, default_data_path
 from fastroute.config import compile_config, loads_config

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from fastroute import _core, classifier
 from fastroute.classifier import chat_body, default_data_path, default_model_path
 from fastroute.config import compile_config, load_config, loads_config

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from fastroute.classifier import default_data_path
 from fastroute.cli import main
 
@@ -39,7 +38,9 @@ def mmlu_lines(step: int) -> list[dict]:
     return [json.loads(x) for x in default_data_path().read_text().splitlines()[::step]]
 
 
-def test_replays_bodies_wrapped_requests_and_labelled_prompts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_replays_bodies_wrapped_requests_and_labelled_prompts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rows = mmlu_lines(35)  # 201 labelled prompts, training-file shape
     extra = [
         {'messages': [{'role': 'user', 'content': 'hi'}]},
@@ -109,7 +110,9 @@ def test_two_configs_print_the_decision_diff_and_gate(tmp_path: Path, capsys: py
     ('content', 'want'),
     [('{"prompt": "a"}\n{oops\n', 't.jsonl:2: not JSON'), ('{"prompt": "a"}\n"text"\n', 't.jsonl:2: expected a JSON')],
 )
-def test_bad_traffic_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, want: str) -> None:
+def test_bad_traffic_names_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, want: str
+) -> None:
     traffic = write(tmp_path, 't.jsonl', content)
     assert main(['simulate', write(tmp_path, 'c.yaml', CLASSIFY), '-t', traffic]) == 1
     err = capsys.readouterr().err

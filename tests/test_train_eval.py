@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fastroute import _core, classifier
 from fastroute.classifier import DataError, default_data_path, load_examples, quality, threshold_for_share
 from fastroute.cli import main
@@ -99,7 +98,9 @@ def test_train_and_eval_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert len(scores.read_text().splitlines()) == len(lines)
 
 
-def test_eval_cli_on_the_bundled_file_with_the_default_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_cli_on_the_bundled_file_with_the_default_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     scores = tmp_path / 'scores.txt'
     assert main(['eval', '--scores-out', str(scores)]) == 0
     text = capsys.readouterr().out

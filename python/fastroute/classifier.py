@@ -223,7 +223,9 @@ def load_examples(path: str | Path, *, need_labels: bool = True) -> list[Example
     for line, obj in read_jsonl(path):
         body = body_of(obj, file, line)
         if body is None:
-            raise DataError('no prompt: give `prompt` (text) or `request`/`body` (a request object)', file=file, line=line)
+            raise DataError(
+                'no prompt: give `prompt` (text) or `request`/`body` (a request object)', file=file, line=line
+            )
         weak, strong = _label(obj, 'weak_correct', file, line), _label(obj, 'strong_correct', file, line)
         if need_labels and (weak is None or strong is None):
             raise DataError('needs `weak_correct` and `strong_correct` (true/false)', file=file, line=line)
@@ -253,7 +255,9 @@ class Quality:
         return [(x, (y - self.weak) / gap if gap else 0.0) for x, y in self.points]
 
 
-def quality(scores: list[float] | np.ndarray, weak: list[bool] | np.ndarray, strong: list[bool] | np.ndarray) -> Quality:
+def quality(
+    scores: list[float] | np.ndarray, weak: list[bool] | np.ndarray, strong: list[bool] | np.ndarray
+) -> Quality:
     """The README's figures: a threshold at each of the 11 decile edges of the scores (min, 10 %, …, max;
     strong when score >= edge, and when score > edge at the last), end points (0, W) and (1, S) added,
     APGR = trapezoid area under PGR, CPT(p) = linear interpolation along the non-decreasing PGR curve."""
@@ -522,7 +526,9 @@ def train(
             log(f'l2={l2:g}: CV APGR {r.apgr:.4f}, CPT(50%) {r.cpt50:.1%}, CPT(80%) {r.cpt80:.1%}')
     best = max(results, key=lambda r: r.apgr)
     w = fit(d, targets(examples, np.arange(d.n), by_group=by_group), best.l2)
-    length = [quality(np.array([examples[i].length for i in f], float), weak[f], strong[f]) for f in folds_of(d.n, folds)]
+    length = [
+        quality(np.array([examples[i].length for i in f], float), weak[f], strong[f]) for f in folds_of(d.n, folds)
+    ]
     rnd = random_quality(weak, strong)
     cal = np.quantile(best.oof, np.linspace(0, 1, 101))
     digest = hashlib.sha256(b''.join(e.body for e in examples)).hexdigest()[:16]
@@ -632,7 +638,9 @@ def cli_train(args: argparse.Namespace) -> int:
         return 1
     cv = model['cv']
     print(f'wrote {args.out}: {len(examples)} examples, l2 {model["trained"]["l2"]:g}')
-    print(_table([('classifier (CV)', cv), ('prompt length', cv['length_baseline']), ('random', cv['random_baseline'])]))
+    print(
+        _table([('classifier (CV)', cv), ('prompt length', cv['length_baseline']), ('random', cv['random_baseline'])])
+    )
     return 0
 
 
@@ -723,7 +731,12 @@ def _plot(path: str, curves: list[tuple[str, Quality]], ref: Quality) -> int:
         return 2
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, q in curves:
-        ax.plot([x * 100 for x, _ in q.points], [y * 100 for _, y in q.points], marker='o', label=f'{name} (APGR {q.apgr:.3f})')
+        ax.plot(
+            [x * 100 for x, _ in q.points],
+            [y * 100 for _, y in q.points],
+            marker='o',
+            label=f'{name} (APGR {q.apgr:.3f})',
+        )
     ax.plot([0, 100], [ref.weak * 100, ref.strong * 100], linestyle='--', color='grey', label='random (APGR 0.5)')
     ax.set_xlabel('% of requests sent to the strong model')
     ax.set_ylabel('accuracy of the routed answers, %')

@@ -14,7 +14,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     'explain': ('fastroute.gateway', 'cli_explain', 'print the decision trace for a request JSON read on stdin'),
     'mock': ('fastroute.mock', 'cli_mock', 'run an OpenAI-compatible upstream simulator'),
     'demo': ('fastroute.demo', 'cli_demo', 'start simulated upstreams and the router, send a traffic mix, report'),
-    'train': ('fastroute.classifier', 'cli_train', 'fit the complexity classifier on labelled prompts; write a model file'),
+    'train': (
+        'fastroute.classifier',
+        'cli_train',
+        'fit the complexity classifier on labelled prompts; write a model file',
+    ),
     'eval': ('fastroute.classifier', 'cli_eval', 'routing quality of a classifier model (APGR, CPT) beside baselines'),
     'simulate': ('fastroute.simulate', 'cli_simulate', 'replay traffic through a config; shares, cost, quality, diff'),
 }

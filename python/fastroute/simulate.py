@@ -163,7 +163,8 @@ class Replay:
     config: str
     cfg: Config
     outcomes: list[Outcome] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall clock of the decide loop
+    cpu_seconds: float = 0.0  # CPU time of the decide loop (the fair figure on a shared machine)
 
 
 def replay(config_path: str, traffic: Traffic) -> Replay:
@@ -178,6 +179,7 @@ def replay(config_path: str, traffic: Traffic) -> Replay:
     append = out.append
     decide = router.decide
     t0 = time.perf_counter()
+    c0 = time.process_time()
     for ln in traffic.lines:
         try:
             d = decide(ln.method, ln.path, ln.headers, ln.body)
@@ -186,7 +188,7 @@ def replay(config_path: str, traffic: Traffic) -> Replay:
             continue
         append(Outcome(d.status, d.route, d.pool, d.adapter, d.est_input_tokens, d.score))
     seconds = time.perf_counter() - t0
-    return Replay(config_path, cfg, out, seconds)
+    return Replay(config_path, cfg, out, seconds, time.process_time() - c0)
 
 
 def _cost(cfg: Config, model: str | None, tokens_in: int, tokens_out: int) -> float:
@@ -238,7 +240,9 @@ def report(r: Replay, traffic: Traffic, *, output_tokens: int, baseline: str | N
         f"the router's estimate, output tokens from the log or {output_tokens} per request"
     )
     labelled = [
-        (o, ln) for o, ln in zip(r.outcomes, traffic.lines, strict=True) if ln.weak is not None and ln.strong is not None
+        (o, ln)
+        for o, ln in zip(r.outcomes, traffic.lines, strict=True)
+        if ln.weak is not None and ln.strong is not None
     ]
     if labelled and base is not None:
         weak = [bool(ln.weak) for _, ln in labelled]
@@ -292,7 +296,9 @@ def cli_simulate_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_OUTPUT_TOKENS,
         help='output tokens assumed per request when the line has no output_tokens (default %(default)s)',
     )
-    p.add_argument('--baseline', default=None, help='model the all-one-model cost compares with (default: the priciest)')
+    p.add_argument(
+        '--baseline', default=None, help='model the all-one-model cost compares with (default: the priciest)'
+    )
     p.add_argument('--examples', type=int, default=3, help='example lines per diff cell (default 3)')
     p.add_argument(
         '--fail-if-moved',
@@ -330,7 +336,11 @@ def cli_simulate(args: argparse.Namespace) -> int:
         lines, _ = report(r, traffic, output_tokens=args.output_tokens, baseline=args.baseline)
         print('\n'.join(lines))
         rate = len(r.outcomes) / r.seconds if r.seconds > 0 else float('inf')
-        print(f'replay: {len(r.outcomes)} decisions in {r.seconds * 1000:.1f} ms ({rate:,.0f} requests/s, one core)')
+        cpu = len(r.outcomes) / r.cpu_seconds if r.cpu_seconds > 0 else float('inf')
+        print(
+            f'replay: {len(r.outcomes)} decisions in {r.seconds * 1000:.1f} ms ({rate:,.0f} requests/s wall clock, '
+            f'{cpu:,.0f} per CPU second, one core)'
+        )
         print()
     if len(replays) == 2:
         lines, moved = diff(replays[0], replays[1], traffic, examples=args.examples)

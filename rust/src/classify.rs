@@ -468,7 +468,10 @@ impl Features {
 
     /// The dense feature vector a trained model weighs, in `DENSE_FEATURES` order.
     #[must_use]
-    #[expect(clippy::cast_precision_loss, reason = "counts far below 2^24 matter; larger ones are logged")]
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "counts far below 2^24 matter; larger ones are logged"
+    )]
     pub fn dense(&self, tokens: u32) -> [f32; DENSE] {
         let ln = |v: u32| (v as f32).ln_1p();
         let words = self.words as f32 + 1.0;
@@ -817,7 +820,9 @@ mod tests {
             assert!(err.contains(want), "{key}: {err}");
             v[key] = old;
         }
-        assert!(Scorer::from_json(b"{}").unwrap_err().contains("not a classifier model file"));
+        assert!(Scorer::from_json(b"{}")
+            .unwrap_err()
+            .contains("not a classifier model file"));
         assert!(Scorer::from_json(b"[1, 2").is_err());
     }
 
@@ -851,7 +856,11 @@ mod timing {
             acc += f.gram_sum + f.words as f32;
         }
         let el = t.elapsed();
-        eprintln!("{name}: {} bytes: {:.2} us per observe ({acc})", text.len(), el.as_secs_f64() / f64::from(n) * 1e6);
+        eprintln!(
+            "{name}: {} bytes: {:.2} us per observe ({acc})",
+            text.len(),
+            el.as_secs_f64() / f64::from(n) * 1e6
+        );
     }
 
     #[test]
@@ -866,7 +875,9 @@ mod timing {
         run("words", &"abcd ".repeat(464), Grams::Off);
         let t = std::time::Instant::now();
         let mut x = 0u64;
-        for _ in 0..20000 { x += crate::tokens::Estimator::Fast.count(std::hint::black_box(text.as_bytes())) as u64; }
+        for _ in 0..20000 {
+            x += crate::tokens::Estimator::Fast.count(std::hint::black_box(text.as_bytes())) as u64;
+        }
         eprintln!("estimate: {:.2} us ({x})", t.elapsed().as_secs_f64() / 20000.0 * 1e6);
     }
 }

@@ -462,7 +462,11 @@ fn classifier_features(py: Python<'_>, bodies: Vec<Vec<u8>>, hash_bits: u32) -> 
 /// The names of the dense classifier features, in order; and the model format and version this build reads.
 #[pyfunction]
 fn classifier_feature_names() -> (Vec<&'static str>, &'static str, u32) {
-    (classify::DENSE_FEATURES.to_vec(), classify::MODEL_FORMAT, classify::MODEL_VERSION)
+    (
+        classify::DENSE_FEATURES.to_vec(),
+        classify::MODEL_FORMAT,
+        classify::MODEL_VERSION,
+    )
 }
 
 /// Does nothing: the baseline for timing the Python→Rust crossing.

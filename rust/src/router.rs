@@ -614,9 +614,10 @@ impl CompiledRouter {
                             Some(i) => idx(i),
                             None => {
                                 let cpath = || format!("{path}.classifier");
-                                let (_, bytes) = classifiers.iter().find(|(k, _)| *k == key.as_str()).ok_or_else(|| {
-                                    CompileError::new(cpath(), format!("model file `{key}` was not loaded"))
-                                })?;
+                                let (_, bytes) =
+                                    classifiers.iter().find(|(k, _)| *k == key.as_str()).ok_or_else(|| {
+                                        CompileError::new(cpath(), format!("model file `{key}` was not loaded"))
+                                    })?;
                                 let sc = Scorer::from_json(bytes)
                                     .map_err(|e| CompileError::new(cpath(), format!("model file `{key}`: {e}")))?;
                                 scorers.push(sc);
