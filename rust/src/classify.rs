@@ -60,27 +60,6 @@ pub enum Grams<'m> {
     Collect(&'m RefCell<Vec<u32>>, u32),
 }
 
-impl Grams<'_> {
-    #[inline]
-    fn hit(self, f: &mut Features, h: u32) {
-        f.gram_hits += 1;
-        match self {
-            Self::Off => {}
-            Self::Weights(table) => {
-                let mask = table.len().wrapping_sub(1);
-                if let Some(w) = table.get(h as usize & mask) {
-                    f.gram_sum += *w;
-                }
-            }
-            Self::Collect(out, mask) => {
-                if let Ok(mut v) = out.try_borrow_mut() {
-                    v.push(h & mask);
-                }
-            }
-        }
-    }
-}
-
 /// The murmur3 finalizer: spreads a word hash over all 32 bits.
 #[inline]
 const fn fmix(mut h: u32) -> u32 {
@@ -220,7 +199,14 @@ const IMPURE: usize = usize::MAX;
 /// The state of one `observe` call: the word being read and what came before it.
 struct Observer<'f, 'm> {
     f: &'f mut Features,
-    grams: Grams<'m>,
+    /// The weight table (`Grams::Weights`), else empty; `mask` = its length - 1.
+    table: &'m [f32],
+    mask: usize,
+    /// `Grams::Collect`'s buffer and mask.
+    collect: Option<(&'m RefCell<Vec<u32>>, u32)>,
+    /// N-gram hits and the sum of their weights, written to `f` at the end.
+    hits: u32,
+    sum: f32,
     /// Where the current word starts in the text, when all of it is raw ASCII letters and digits (so it can be
     /// compared with the cue words in place); `IMPURE` otherwise.
     word_start: usize,
@@ -290,6 +276,18 @@ impl Observer<'_, '_> {
         self.last = c;
     }
 
+    #[inline(always)]
+    fn hit(&mut self, h: u32) {
+        self.hits += 1;
+        if let Some(w) = self.table.get(h as usize & self.mask) {
+            self.sum += *w;
+        } else if let Some((out, mask)) = self.collect {
+            if let Ok(mut v) = out.try_borrow_mut() {
+                v.push(h & mask);
+            }
+        }
+    }
+
     /// The word read so far ends: its n-grams, and whether it is a cue word. `text` is the whole raw text.
     #[inline(always)]
     fn end_word(&mut self, text: &[u8]) {
@@ -298,13 +296,13 @@ impl Observer<'_, '_> {
         }
     }
 
-    #[inline(never)]
+    #[inline(always)]
     fn word_ends(&mut self, text: &[u8]) {
         let h = self.hash;
         self.f.words += 1;
-        self.grams.hit(self.f, unigram(h));
+        self.hit(unigram(h));
         if let Some(p) = self.prev_hash {
-            self.grams.hit(self.f, bigram(p, h));
+            self.hit(bigram(p, h));
         }
         self.prev_hash = Some(h);
         let (len, start) = (self.wlen, self.word_start);
@@ -359,9 +357,18 @@ impl Features {
     /// hits. Words are cue words only when written in plain ASCII (no escapes inside).
     pub fn observe(&mut self, text: &[u8], grams: Grams<'_>) {
         self.bytes = self.bytes.saturating_add(u32::try_from(text.len()).unwrap_or(u32::MAX));
+        let (table, collect): (&[f32], _) = match grams {
+            Grams::Off => (&[], None),
+            Grams::Weights(t) => (t, None),
+            Grams::Collect(out, mask) => (&[], Some((out, mask))),
+        };
         let mut o = Observer {
             f: self,
-            grams,
+            table,
+            mask: table.len().wrapping_sub(1),
+            collect,
+            hits: 0,
+            sum: 0.0,
             word_start: IMPURE,
             wlen: 0,
             hash: FNV_OFFSET,
@@ -464,6 +471,9 @@ impl Features {
             }
         }
         o.end_word(text);
+        let (hits, sum) = (o.hits, o.sum);
+        self.gram_hits += hits;
+        self.gram_sum += sum;
     }
 
     /// The dense feature vector a trained model weighs, in `DENSE_FEATURES` order.
