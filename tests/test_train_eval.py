@@ -157,6 +157,8 @@ def test_access_log_lines_with_outcomes_train(tmp_path: Path) -> None:
             entry = {'ts': 1.0, 'request_id': f'r{i}', 'path': '/v1/chat/completions', 'request': body}
             f.write(json.dumps({**entry, 'weak_correct': ex['weak_correct'], 'strong_correct': ex['strong_correct']}))
             f.write('\n')
+    with data.open('a') as f:  # a line logged without its prompt is skipped
+        f.write(json.dumps({'ts': 2.0, 'request_id': 'x', 'path': '/v1/chat/completions'}) + '\n')
     examples = load_examples(data)
     assert len(examples) == len(src) and all(e.group is None for e in examples)
     model = classifier.train(examples, hash_bits=9, l2s=(1e-2,), folds=2)

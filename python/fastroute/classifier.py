@@ -214,6 +214,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
 def load_examples(path: str | Path, *, need_labels: bool = True) -> list[Example]:
     """Labelled examples from a file shaped like the bundled training file (`prompt`, `weak_correct`,
     `strong_correct`, optional `subject`), or request bodies / access-log lines (`request`) with the two labels.
+    Access-log lines without `request` (prompt logging off) are skipped.
 
     Raises:
         DataError: a line without a prompt, or without labels when `need_labels`.
@@ -222,6 +223,8 @@ def load_examples(path: str | Path, *, need_labels: bool = True) -> list[Example
     out = []
     for line, obj in read_jsonl(path):
         body = body_of(obj, file, line)
+        if body is None and 'request_id' in obj:
+            continue  # an access-log line logged without its prompt (prompt logging off): nothing to learn
         if body is None:
             raise DataError(
                 'no prompt: give `prompt` (text) or `request`/`body` (a request object)', file=file, line=line
