@@ -19,8 +19,10 @@ class Router:
     """Compiled routes, tenants and splits. Immutable: compile a new one to change anything."""
 
     @staticmethod
-    def compile(spec: bytes) -> Router:
-        """Compile a validated config, given as the JSON bytes of `fastroute.config.Config`.
+    def compile(spec: bytes, classifiers: Mapping[str, bytes] | None = None) -> Router:
+        """Compile a validated config, given as the JSON bytes of `fastroute.config.Config`, with the
+        classifier model files its classify routes name (`{routes[i].classifier: model JSON bytes}`).
+        A classify route without `classifier` uses the built-in weights.
 
         Raises:
             fastroute.errors.ConfigError: the spec is unusable; `.path` names the config key
@@ -42,6 +44,9 @@ class Router:
     @property
     def header_names(self) -> tuple[str, ...]:
         """The lowercase header names decide() may read (the key header included)."""
+    @property
+    def classifier_keys(self) -> tuple[str, ...]:
+        """The classifier model keys (resolved model file paths) this router loaded."""
 
 @final
 class Decision:
@@ -73,11 +78,46 @@ class Decision:
     usage_injected: bool  # the body now asks the upstream for usage; the client did not
     max_tokens: int | None
     est_input_tokens: int
-    score: float | None
+    score: float | None  # the complexity score, when a classify route ran
+    threshold: float | None  # the threshold the score was compared with
     reasons: tuple[str, ...]
 
     def to_dict(self) -> dict[str, object]:
         """Every field as a plain dict (what `explain` prints), body as text or None."""
+
+@final
+class Classifier:
+    """A trained complexity classifier, loaded from model file JSON: scores bodies exactly as a router's
+    classify route does (fast token estimate). For `fastroute eval`."""
+
+    @staticmethod
+    def load(model: bytes) -> Classifier:
+        """Check and load a model file's JSON.
+
+        Raises:
+            ValueError: not a model this build can use; the message says what is wrong.
+        """
+
+    @property
+    def hash_bits(self) -> int:
+        """log2 of the n-gram table length."""
+
+    def score_many(self, bodies: list[bytes]) -> list[float]:
+        """The score in [0, 1] of each request body (JSON bytes), in order.
+
+        Raises:
+            fastroute.errors.RequestError: a body is not a valid request.
+        """
+
+def builtin_score(body: bytes) -> float:
+    """The built-in (untrained) complexity score of one request body."""
+
+def classifier_features(bodies: list[bytes], hash_bits: int) -> list[tuple[list[float], list[int]]]:
+    """The dense features (in `classifier_feature_names()` order) and the n-gram buckets hit, of each request
+    body: what a trained classifier weighs. For `fastroute train`."""
+
+def classifier_feature_names() -> tuple[list[str], str, int]:
+    """The names of the dense classifier features, in order; and the model format and version this build reads."""
 
 def noop() -> None:
     """Does nothing: the baseline for timing the Python→Rust crossing."""

@@ -19,6 +19,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         'cli_experiments',
         'list, show, pause, resume, promote, roll back, set the weight of experiments (admin API)',
     ),
+    'train': (
+        'fastroute.classifier',
+        'cli_train',
+        'fit the complexity classifier on labelled prompts; write a model file',
+    ),
+    'eval': ('fastroute.classifier', 'cli_eval', 'routing quality of a classifier model (APGR, CPT) beside baselines'),
+    'simulate': ('fastroute.simulate', 'cli_simulate', 'replay traffic through a config; shares, cost, quality, diff'),
 }
 
 

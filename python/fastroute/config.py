@@ -285,6 +285,12 @@ class Route(_Base):
     # `to.complex` when score >= threshold, else `to.simple`.
     classify: Literal['complexity'] | None = None
     threshold: float = 0.5
+    # The classifier's model file (docs/classifier.md); relative to the config file. None: the shipped default
+    # model. Resolved to an absolute path at load.
+    classifier: str | None = None
+    # Instead of `threshold`: the share of requests (0 < share < 1) this route should send to `to.complex`. The
+    # threshold is calibrated at load from the model file's calibration sample (its training prompts' scores).
+    target_share: float | None = None
     upstream_path: str | None = None  # path sent upstream; default: the request's own path
 
 
@@ -867,7 +873,7 @@ class _Resolver:
             server=self.server(cfg.server),
             models={name: self.model(name, m) for name, m in cfg.models.items()},
             tenants={name: self.tenant(name, t) for name, t in cfg.tenants.items()},
-            routes=[msgspec.structs.replace(r, match=_normalise_match(r.match)) for r in cfg.routes],
+            routes=[self.route(i, r) for i, r in enumerate(cfg.routes)],
             splits={name: self.split(s) for name, s in cfg.splits.items()},
         )
 
@@ -938,6 +944,33 @@ class _Resolver:
                     if key and not key.startswith('#'):
                         keep(_sha256(key), where)
         return msgspec.structs.replace(tenant, keys_sha256=digests, keys_env=[], keys_file=None)
+
+    def route(self, i: int, route: Route) -> Route:
+        route = msgspec.structs.replace(route, match=_normalise_match(route.match))
+        if route.classify is None:
+            return route
+        from fastroute import classifier
+
+        path = f'routes[{i}].classifier'
+        if route.classifier is None:
+            file = classifier.default_model_path()
+        else:
+            file = Path(route.classifier).expanduser()
+            file = file if file.is_absolute() else self.base_dir / file
+        try:
+            model = classifier.load_model(file)
+        except ValueError as e:
+            hint = '' if route.classifier is None else '; fix the path (relative to the config file) or retrain it'
+            self.problems.add(path, f'{e}{hint}')
+            return route
+        threshold = route.threshold
+        share = route.target_share
+        if share is not None and isinstance(share, int | float) and 0 < share < 1:
+            try:
+                threshold = model.threshold_for_share(share)
+            except ValueError as e:
+                self.problems.add(f'routes[{i}].target_share', str(e))
+        return msgspec.structs.replace(route, classifier=str(file), threshold=threshold)
 
     def split(self, split: Split) -> Split:
         sticky = [s.lower() if s.lower().startswith('header:') else s for s in _as_list(split.sticky)]
@@ -1441,10 +1474,20 @@ class _Checker:
                 self.model_ref(f'{path}.to.complex', r.to.complex)
             if not 0 <= r.threshold <= 1:
                 self.add(f'{path}.threshold', f'{r.threshold!r} is outside [0, 1]; the complexity score is in [0, 1]')
+            if r.target_share is not None:
+                if not 0 < r.target_share < 1:
+                    self.add(
+                        f'{path}.target_share',
+                        f'{r.target_share!r} is not a share strictly between 0 and 1 (e.g. 0.3: 30 % go to complex)',
+                    )
+
             extra = [k for k, on in (('split', r.split is not None), ('requested', r.requested)) if on]
             if extra:
                 self.add(path, f'a classify route also sets {" and ".join(extra)}; a route has exactly one target')
             return
+        for key, on in (('classifier', r.classifier is not None), ('target_share', r.target_share is not None)):
+            if on:
+                self.add(f'{path}.{key}', f'`{key}` needs `classify: complexity`')
         if isinstance(r.to, ClassifyTargets):
             self.add(f'{path}.to', '`to: {simple, complex}` needs `classify: complexity`; or give one model name')
             return
@@ -1641,9 +1684,19 @@ def compile_config(cfg: Config, *, file: str | None = None) -> Any:
     """
     from fastroute._core import Router
 
-    spec = msgspec.json.encode(resolve(cfg))
+    resolved = resolve(cfg)
+    spec = msgspec.json.encode(resolved)
+    classifiers: dict[str, bytes] = {}
+    for i, r in enumerate(resolved.routes):
+        if r.classify is not None and r.classifier is not None and r.classifier not in classifiers:
+            from fastroute import classifier
+
+            try:
+                classifiers[r.classifier] = classifier.load_model(r.classifier).raw
+            except ValueError as e:
+                raise ConfigError(str(e), file=file, path=f'routes[{i}].classifier') from None
     try:
-        return Router.compile(spec)
+        return Router.compile(spec, classifiers)
     except ConfigError as e:
         if e.file is None:
             e.file = file
@@ -1751,7 +1804,12 @@ def _describe_match(m: Match) -> str:
 
 def _describe_target(r: Route) -> str:
     if isinstance(r.to, ClassifyTargets):
-        return f'classify {r.classify}: score < {r.threshold:g} -> {r.to.simple}, else -> {r.to.complex}'
+        share = f' (target_share {r.target_share:g})' if r.target_share is not None else ''
+        model = Path(r.classifier).name if r.classifier else 'default model'
+        return (
+            f'classify {r.classify} [{model}]: score < {r.threshold:.4g}{share} -> {r.to.simple}, '
+            f'else -> {r.to.complex}'
+        )
     if r.split is not None:
         return f'split {r.split}'
     if r.requested:

@@ -19,6 +19,7 @@ pub mod spec;
 pub mod split;
 pub mod tokens;
 
+use crate::classify::Scorer;
 use crate::error::{CompileError, DecideError};
 use crate::request::Request;
 use crate::router::{CompiledRouter, MAX_HEADERS};
@@ -164,10 +165,19 @@ fn header_strs<'a>(objs: &'a HeaderObjs<'_>) -> PyResult<[Option<&'a str>; MAX_H
 
 #[pymethods]
 impl Router {
-    /// Compile a validated config, given as the JSON bytes of `fastroute.config.Config`.
+    /// Compile a validated config, given as the JSON bytes of `fastroute.config.Config`, with the
+    /// classifier model files its classify routes name (`{routes[i].classifier: model JSON bytes}`).
     #[staticmethod]
-    fn compile(py: Python<'_>, spec: &[u8]) -> PyResult<Self> {
-        let core = CompiledRouter::compile(spec).map_err(|e| config_error(py, e))?;
+    #[pyo3(signature = (spec, classifiers = None))]
+    fn compile(py: Python<'_>, spec: &[u8], classifiers: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let mut held: Vec<(String, Vec<u8>)> = Vec::new();
+        if let Some(c) = classifiers {
+            for (k, v) in c.iter() {
+                held.push((k.extract::<String>()?, v.extract::<Vec<u8>>()?));
+            }
+        }
+        let pairs: Vec<(&str, &[u8])> = held.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        let core = CompiledRouter::compile_with(spec, &pairs).map_err(|e| config_error(py, e))?;
         let models = core.models();
         let names = Names {
             headers: strs(py, core.header_names().iter().map(|s| &**s)),
@@ -238,6 +248,7 @@ impl Router {
             max_tokens: d.max_tokens,
             est_input_tokens: d.est_input_tokens,
             score: d.score.map(f64::from),
+            threshold: d.threshold.map(f64::from),
             source: Source {
                 router: slf.clone().unbind(),
                 method: method.clone().unbind(),
@@ -259,6 +270,12 @@ impl Router {
     #[getter]
     fn tenant_key_count(&self) -> usize {
         self.core.tenant_key_count()
+    }
+
+    /// The classifier model keys (resolved model file paths) this router loaded.
+    #[getter]
+    fn classifier_keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, self.core.classifier_keys().iter().map(|k| &**k))
     }
 
     /// The lowercase header names decide() may read (the key header first).
@@ -312,6 +329,8 @@ struct Decision {
     est_input_tokens: u32,
     #[pyo3(get)]
     score: Option<f64>,
+    #[pyo3(get)]
+    threshold: Option<f64>,
     source: Source,
     reasons: PyOnceLock<Py<PyTuple>>,
 }
@@ -362,6 +381,7 @@ impl Decision {
         d.set_item("max_tokens", self.max_tokens)?;
         d.set_item("est_input_tokens", self.est_input_tokens)?;
         d.set_item("score", self.score)?;
+        d.set_item("threshold", self.threshold)?;
         d.set_item("reasons", PyList::new(py, self.reasons(py)?.iter())?)?;
         Ok(d)
     }
@@ -383,6 +403,74 @@ impl Decision {
             self.est_input_tokens
         )
     }
+}
+
+/// A trained complexity classifier, loaded from model file JSON: scores bodies exactly as a router's
+/// classify route does (fast token estimate). For `fastroute eval`.
+#[pyclass(frozen, module = "fastroute._core")]
+struct Classifier {
+    scorer: Scorer,
+}
+
+#[pymethods]
+impl Classifier {
+    /// Check and load a model file's JSON; ValueError says what is wrong.
+    #[staticmethod]
+    fn load(model: &[u8]) -> PyResult<Self> {
+        let scorer = Scorer::from_json(model).map_err(pyo3::exceptions::PyValueError::new_err)?;
+        Ok(Self { scorer })
+    }
+
+    /// log2 of the n-gram table length.
+    #[getter]
+    fn hash_bits(&self) -> u32 {
+        self.scorer.hash_bits()
+    }
+
+    /// The score in [0, 1] of each request body (JSON bytes), in order.
+    fn score_many(&self, py: Python<'_>, bodies: Vec<Vec<u8>>) -> PyResult<Vec<f32>> {
+        bodies
+            .iter()
+            .map(|b| router::score_body(b, Some(&self.scorer), Estimator::Fast).map_err(|e| request_error(py, e)))
+            .collect()
+    }
+}
+
+/// The built-in (untrained) complexity score of one request body.
+#[pyfunction]
+fn builtin_score(py: Python<'_>, body: &[u8]) -> PyResult<f32> {
+    router::score_body(body, None, Estimator::Fast).map_err(|e| request_error(py, e))
+}
+
+/// The dense features (in `classifier_feature_names()` order) and the n-gram buckets hit, of each request
+/// body: what a trained classifier weighs. For `fastroute train`.
+#[pyfunction]
+fn classifier_features(py: Python<'_>, bodies: Vec<Vec<u8>>, hash_bits: u32) -> PyResult<Vec<(Vec<f32>, Vec<u32>)>> {
+    if !classify::HASH_BITS.contains(&hash_bits) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "hash_bits must be within {}..={}",
+            classify::HASH_BITS.start(),
+            classify::HASH_BITS.end()
+        )));
+    }
+    bodies
+        .iter()
+        .map(|b| {
+            router::body_features(b, hash_bits, Estimator::Fast)
+                .map(|(x, grams)| (x.to_vec(), grams))
+                .map_err(|e| request_error(py, e))
+        })
+        .collect()
+}
+
+/// The names of the dense classifier features, in order; and the model format and version this build reads.
+#[pyfunction]
+fn classifier_feature_names() -> (Vec<&'static str>, &'static str, u32) {
+    (
+        classify::DENSE_FEATURES.to_vec(),
+        classify::MODEL_FORMAT,
+        classify::MODEL_VERSION,
+    )
 }
 
 /// Does nothing: the baseline for timing the Python→Rust crossing.
@@ -423,6 +511,7 @@ fn scan_plain(body: &[u8]) -> Result<request::Body<'_>, DecideError> {
     let opts = request::ScanOptions {
         estimator: Estimator::Fast,
         features: false,
+        grams: classify::Grams::Off,
         metadata_keys: &[],
     };
     request::scan(body, &opts)
@@ -458,6 +547,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Router>()?;
     m.add_class::<Decision>()?;
+    m.add_class::<Classifier>()?;
+    m.add_function(wrap_pyfunction!(builtin_score, m)?)?;
+    m.add_function(wrap_pyfunction!(classifier_features, m)?)?;
+    m.add_function(wrap_pyfunction!(classifier_feature_names, m)?)?;
     m.add_function(wrap_pyfunction!(noop, m)?)?;
     m.add_function(wrap_pyfunction!(estimate_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(bucket, m)?)?;

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use memchr::memchr2;
 
-use crate::classify::Features;
+use crate::classify::{Features, Grams};
 use crate::error::DecideError;
 use crate::tokens::Estimator;
 
@@ -184,6 +184,8 @@ pub struct ScanOptions<'r> {
     /// Collect the complexity features of the text instead of estimating its tokens: the second pass a classify
     /// route asks for when it is reached (`est_tokens` is then not meaningful).
     pub features: bool,
+    /// What the feature pass does with hashed n-grams (a trained model's weights, or nothing).
+    pub grams: Grams<'r>,
     /// The `metadata.<key>` names rules read, in slot order.
     pub metadata_keys: &'r [Box<str>],
 }
@@ -662,7 +664,7 @@ impl<'a> Scanner<'a, '_, '_> {
     #[inline]
     fn text(&mut self, raw: &[u8], escaped: bool) {
         if self.opts.features {
-            self.features.observe(raw);
+            self.features.observe(raw, self.opts.grams);
         } else {
             let n = self.opts.estimator.count_raw(raw, escaped);
             self.tokens = self.tokens.saturating_add(n);
@@ -732,10 +734,19 @@ impl<'a> Scanner<'a, '_, '_> {
                 return Err(DecideError::field("messages", "`messages` must be an array of objects"));
             }
             self.tokens = self.tokens.saturating_add(TOKENS_PER_MESSAGE);
+            let features = self.opts.features;
+            let before = self.features.bytes;
+            let mut system = false;
+            if features {
+                self.features.turns += 1;
+            }
             if self.object_open()? {
                 loop {
                     let key = self.object_key()?;
-                    if key.is("content") {
+                    if features && key.is("role") && self.peek() == Some(b'"') {
+                        let role = self.string()?;
+                        system = role.raw == "system" || role.raw == "developer";
+                    } else if key.is("content") {
                         match self.peek() {
                             Some(b'"' | b'[' | b'n') => self.text_value(3)?,
                             _ => {
@@ -752,6 +763,9 @@ impl<'a> Scanner<'a, '_, '_> {
                         break;
                     }
                 }
+            }
+            if system {
+                self.features.system_bytes += self.features.bytes - before;
             }
             if !self.array_next()? {
                 return Ok(());
@@ -885,6 +899,7 @@ mod tests {
     const OPTS: ScanOptions<'static> = ScanOptions {
         estimator: Estimator::Fast,
         features: false,
+        grams: Grams::Off,
         metadata_keys: &[],
     };
 

@@ -305,6 +305,7 @@ mod tests {
     const OPTS: ScanOptions<'static> = ScanOptions {
         estimator: Estimator::Fast,
         features: false,
+        grams: crate::classify::Grams::Off,
         metadata_keys: &[],
     };
 

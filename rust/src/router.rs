@@ -12,7 +12,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::classify;
+use crate::classify::{self, Scorer};
 use crate::error::{CompileError, DecideError};
 use crate::request::{scan, Body, JStr, Request, ScanOptions};
 use crate::rewrite::{self, Plan};
@@ -49,7 +49,13 @@ enum Target {
     Model(u32),
     Split(u32),
     Requested,
-    Classify { simple: u32, complex: u32, threshold: f32 },
+    /// `scorer` indexes `CompiledRouter::scorers`; None is the built-in scorer.
+    Classify {
+        simple: u32,
+        complex: u32,
+        threshold: f32,
+        scorer: Option<u32>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -175,6 +181,8 @@ pub struct Decision<'a> {
     pub est_input_tokens: u32,
     /// Complexity score, when a classify route ran.
     pub score: Option<f32>,
+    /// The threshold the score was compared with.
+    pub threshold: Option<f32>,
 }
 
 impl Decision<'_> {
@@ -194,6 +202,7 @@ impl Decision<'_> {
             max_tokens: None,
             est_input_tokens: 0,
             score: None,
+            threshold: None,
         }
     }
 
@@ -243,6 +252,10 @@ pub struct CompiledRouter {
     metadata_keys: Vec<Box<str>>,
     tenant_names: Vec<Box<str>>,
     estimator: Estimator,
+    /// Trained classifier models, by the index in `Target::Classify::scorer`.
+    scorers: Vec<Scorer>,
+    /// Their keys (resolved model file paths), by the same index.
+    scorer_keys: Vec<Box<str>>,
 }
 
 /// Which routes can match a request path, in route order: for each exact path some route requires,
@@ -311,12 +324,24 @@ impl CompiledRouter {
     ///
     /// # Errors
     /// Invalid JSON or unknown keys (empty path), or any inconsistency, with its config path.
+    pub fn compile(spec_bytes: &[u8]) -> Result<Self, CompileError> {
+        Self::compile_with(spec_bytes, &[])
+    }
+
+    /// `compile`, with the classifier model files the spec's `routes[i].classifier` keys name, as
+    /// (key, model JSON) pairs. A route naming a key that is not given, or a model that does not
+    /// check out (`Scorer::from_json`), is an error at `routes[i].classifier`.
+    ///
+    /// # Errors
+    /// As `compile`.
     #[expect(
         clippy::too_many_lines,
         reason = "one linear walk over the config, section by section"
     )]
-    pub fn compile(spec_bytes: &[u8]) -> Result<Self, CompileError> {
+    pub fn compile_with(spec_bytes: &[u8], classifiers: &[(&str, &[u8])]) -> Result<Self, CompileError> {
         let cfg = spec::parse(spec_bytes)?;
+        let mut scorers: Vec<Scorer> = Vec::new();
+        let mut scorer_keys: Vec<Box<str>> = Vec::new();
         let model_ids: HashMap<&str, u32> = cfg
             .models
             .keys()
@@ -590,11 +615,30 @@ impl CompiledRouter {
                     if !(0.0..=1.0).contains(&r.threshold) {
                         return Err(CompileError::new(format!("{path}.threshold"), "must be within [0, 1]"));
                     }
+                    let scorer = match &r.classifier {
+                        None => None,
+                        Some(key) => Some(match scorer_keys.iter().position(|k| **k == **key) {
+                            Some(i) => idx(i),
+                            None => {
+                                let cpath = || format!("{path}.classifier");
+                                let (_, bytes) =
+                                    classifiers.iter().find(|(k, _)| *k == key.as_str()).ok_or_else(|| {
+                                        CompileError::new(cpath(), format!("model file `{key}` was not loaded"))
+                                    })?;
+                                let sc = Scorer::from_json(bytes)
+                                    .map_err(|e| CompileError::new(cpath(), format!("model file `{key}`: {e}")))?;
+                                scorers.push(sc);
+                                scorer_keys.push(key.as_str().into());
+                                idx(scorers.len() - 1)
+                            }
+                        }),
+                    };
                     Target::Classify {
                         simple: model(&ct.simple, &|| format!("{path}.to.simple"))?,
                         complex: model(&ct.complex, &|| format!("{path}.to.complex"))?,
                         #[expect(clippy::cast_possible_truncation, reason = "a threshold in [0, 1]")]
                         threshold: r.threshold as f32,
+                        scorer,
                     }
                 }
                 (Some(_), _, _) => {
@@ -654,6 +698,8 @@ impl CompiledRouter {
                 (spec::TokenEstimator::Exact, spec::Encoding::O200k) => Estimator::ExactO200k,
                 (spec::TokenEstimator::Exact, spec::Encoding::Cl100k) => Estimator::ExactCl100k,
             },
+            scorers,
+            scorer_keys,
         })
     }
 
@@ -703,6 +749,12 @@ impl CompiledRouter {
     #[must_use]
     pub fn tenant_key_count(&self) -> usize {
         self.keys.entries.len()
+    }
+
+    /// The classifier model keys (resolved model file paths) this router loaded, in load order.
+    #[must_use]
+    pub fn classifier_keys(&self) -> &[Box<str>] {
+        &self.scorer_keys
     }
 
     /// The estimator this router counts tokens with.
@@ -755,6 +807,7 @@ impl CompiledRouter {
         let opts = ScanOptions {
             estimator: self.estimator,
             features: false,
+            grams: crate::classify::Grams::Off,
             metadata_keys: &self.metadata_keys,
         };
         let body = scan(req.body, &opts)?;
@@ -866,12 +919,12 @@ impl CompiledRouter {
                         simple,
                         complex,
                         threshold,
+                        scorer,
                     } => {
-                        // NOTE: features are counted only here, by a second pass over the body, so requests
-                        // that never reach a classify route do not pay for them.
-                        let features = scan(req.body, &ScanOptions { features: true, ..opts })?.features;
-                        let score = classify::score(&features, body.est_tokens);
+                        let scorer = scorer.map(|s| &self.scorers[s as usize]);
+                        let score = classify_score(req.body, &opts, scorer, body.est_tokens)?;
                         d.score = Some(score);
+                        d.threshold = Some(threshold);
                         let (m, op, which) = if score >= threshold {
                             (complex, ">=", "complex")
                         } else {
@@ -879,8 +932,10 @@ impl CompiledRouter {
                         };
                         trace!(
                             trace,
-                            "classify complexity: score {score:.3} {op} {threshold} → {which} (model {})",
-                            self.models[m as usize].name
+                            "classify complexity: score {score:.4} {op} threshold {threshold:.4} → {which} (model {}; \
+                             classifier {})",
+                            self.models[m as usize].name,
+                            scorer.map_or("built-in", |_| "trained")
                         );
                         m
                     }
@@ -1001,6 +1056,82 @@ impl CompiledRouter {
         let (v, bucket) = s.split.pick(k);
         (s.first_variant + idx(v), bucket, source)
     }
+}
+
+/// The complexity score of a body whose token estimate is known: the feature pass over the body, then the
+/// trained `scorer` (None: the built-in weights). `decide` and `fastroute eval` both score through here.
+///
+/// # Errors
+/// The body does not scan (as `scan`).
+pub fn classify_score(
+    body: &[u8],
+    opts: &ScanOptions<'_>,
+    scorer: Option<&Scorer>,
+    est_tokens: u32,
+) -> Result<f32, DecideError> {
+    // NOTE: features are counted only here, by a second pass over the body, so requests that never reach a
+    // classify route do not pay for them.
+    let grams = scorer.map_or(classify::Grams::Off, Scorer::grams);
+    let features = scan(
+        body,
+        &ScanOptions {
+            features: true,
+            grams,
+            ..*opts
+        },
+    )?
+    .features;
+    Ok(match scorer {
+        Some(s) => s.score(&features, est_tokens),
+        None => classify::score_builtin(&features, est_tokens),
+    })
+}
+
+/// A body's complexity score outside a router: the token pass, then `classify_score` (what `decide` does at a
+/// classify route). For `fastroute eval`.
+///
+/// # Errors
+/// The body does not scan.
+pub fn score_body(body: &[u8], scorer: Option<&Scorer>, estimator: Estimator) -> Result<f32, DecideError> {
+    let opts = ScanOptions {
+        estimator,
+        features: false,
+        grams: classify::Grams::Off,
+        metadata_keys: &[],
+    };
+    let tokens = scan(body, &opts)?.est_tokens;
+    classify_score(body, &opts, scorer, tokens)
+}
+
+/// A body's dense feature vector and the n-gram buckets it hits (masked to `hash_bits`), exactly as
+/// `classify_score` sees them. For `fastroute train`; allocates.
+///
+/// # Errors
+/// The body does not scan.
+pub fn body_features(
+    body: &[u8],
+    hash_bits: u32,
+    estimator: Estimator,
+) -> Result<([f32; classify::DENSE], Vec<u32>), DecideError> {
+    let opts = ScanOptions {
+        estimator,
+        features: false,
+        grams: classify::Grams::Off,
+        metadata_keys: &[],
+    };
+    let tokens = scan(body, &opts)?.est_tokens;
+    let out = std::cell::RefCell::new(Vec::new());
+    let mask = 1u32.checked_shl(hash_bits).map_or(u32::MAX, |n| n - 1);
+    let features = scan(
+        body,
+        &ScanOptions {
+            features: true,
+            grams: classify::Grams::Collect(&out, mask),
+            ..opts
+        },
+    )?
+    .features;
+    Ok((features.dense(tokens), out.into_inner()))
 }
 
 #[cold]

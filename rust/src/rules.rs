@@ -600,6 +600,7 @@ mod tests {
         let opts = ScanOptions {
             estimator: Estimator::Fast,
             features: false,
+            grams: crate::classify::Grams::Off,
             metadata_keys: &it.metadata,
         };
         let b = scan(body.as_bytes(), &opts).unwrap();

@@ -387,9 +387,16 @@ pub struct Route {
     /// Classifier.
     #[serde(default)]
     pub classify: Option<Classify>,
-    /// Classify threshold.
+    /// Classify threshold (Python resolves `target_share` into it).
     #[serde(default = "half")]
     pub threshold: f64,
+    /// Classifier model key: the model file's resolved path, handed to `compile` with its bytes;
+    /// None keeps the built-in weights.
+    #[serde(default)]
+    pub classifier: Option<String>,
+    /// Share of requests meant for `to.complex` (calibrated into `threshold` by Python).
+    #[serde(default)]
+    pub target_share: Option<f64>,
     /// Path sent upstream.
     #[serde(default)]
     pub upstream_path: Option<String>,

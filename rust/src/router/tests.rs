@@ -376,6 +376,7 @@ fn core_timing() {
         let opts = ScanOptions {
             estimator: Estimator::Fast,
             features: false,
+            grams: crate::classify::Grams::Off,
             metadata_keys: &[],
         };
         let n = if size > 10_000 { 2000 } else { 200_000 };
@@ -456,7 +457,7 @@ proptest! {
         }
         let body = serde_json::to_vec(&obj).unwrap();
         let req = Request { method: "POST", path, headers: &values, body: &body };
-        let opts = ScanOptions { estimator: r.estimator, features: false, metadata_keys: &r.metadata_keys };
+        let opts = ScanOptions { estimator: r.estimator, features: false, grams: crate::classify::Grams::Off, metadata_keys: &r.metadata_keys };
         let scanned = scan(&body, &opts).unwrap();
         let facts = Facts { req: &req, body: &scanned, tenant: None, tenant_names: &r.tenant_names };
         let linear = r.first_match_linear(&facts);

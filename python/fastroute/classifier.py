@@ -1,0 +1,758 @@
+"""The trained complexity classifier: model files, routing-quality metrics, training and evaluation.
+
+A model file (JSON, format `fastroute-classifier`, version 1; see docs/classifier.md) holds the weights of
+a logistic model over the features `rust/src/classify.rs` computes: 16 dense features and a table of
+`2^hash_bits` hashed word unigram/bigram weights. Training reads the features through the same Rust code
+that scores live requests (`_core.classifier_features`), and evaluation scores through it too
+(`_core.Classifier`), so training and serving cannot disagree.
+
+`fastroute train` fits a model; `fastroute eval` reports the routing-quality figures of
+`data/routing/README.md` (decile sweep, APGR, CPT(50%), CPT(80%)) beside random and prompt-length routing.
+numpy is needed for both; matplotlib (the `plot` extra) only for `eval --plot`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.resources
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from fastroute import _core
+
+if TYPE_CHECKING:
+    import numpy as np
+
+MODEL_FORMAT = 'fastroute-classifier'
+MODEL_VERSION = 1
+DEFAULT_HASH_BITS = 16
+DEFAULT_L2 = (3e-5, 1e-4, 3e-4)
+DEFAULT_FOLDS = 5
+SEED = 0
+
+
+class DataError(ValueError):
+    """A training/eval/traffic file that cannot be used: names the file and line."""
+
+    def __init__(self, message: str, *, file: str, line: int | None = None) -> None:
+        self.file, self.line = file, line
+        where = f'{file}:{line}' if line is not None else file
+        super().__init__(f'{where}: {message}')
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def package_data(*parts: str) -> Path:
+    """A file shipped in `fastroute/data/`."""
+    return Path(str(importlib.resources.files('fastroute').joinpath('data', *parts)))
+
+
+def default_model_path() -> Path:
+    """The shipped default model (trained on the bundled MMLU file)."""
+    return package_data('classifier-default.json')
+
+
+def default_data_path() -> Path:
+    """The bundled training file: 7,007 MMLU prompts with weak/strong correctness (README beside it)."""
+    return package_data('routing', 'mmlu-train.jsonl')
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file read and checked: its bytes (what `Router.compile` takes) and its metadata."""
+
+    path: str
+    raw: bytes
+    meta: dict[str, Any]
+    classifier: Any  # _core.Classifier
+
+    @property
+    def calibration(self) -> list[float]:
+        cal = self.meta.get('calibration') or []
+        return [float(v) for v in cal]
+
+    def threshold_for_share(self, share: float) -> float:
+        """The threshold that sends `share` of the calibration sample to the complex model."""
+        return threshold_for_share(self.calibration, share)
+
+
+_MODEL_CACHE: dict[str, tuple[tuple[int, int], ModelFile]] = {}
+
+
+def load_model(path: str | Path) -> ModelFile:
+    """Read and check a model file (cached by path, size and mtime).
+
+    Raises:
+        ValueError: unreadable, not JSON, or not a model this build can use (the message says what).
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+        key = (st.st_mtime_ns, st.st_size)
+        hit = _MODEL_CACHE.get(str(p))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ValueError(f'cannot read model file {str(p)!r}: {e.strerror or e}') from None
+    try:
+        meta = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        raise ValueError(f'model file {str(p)!r} is not JSON: {e}') from None
+    if not isinstance(meta, dict):
+        raise ValueError(f'model file {str(p)!r} is not a JSON object')
+    try:
+        classifier = _core.Classifier.load(raw)
+    except ValueError as e:
+        raise ValueError(f'model file {str(p)!r}: {e}') from None
+    cal = meta.get('calibration')
+    if cal is not None and not (
+        isinstance(cal, list)
+        and len(cal) >= 2
+        and all(isinstance(v, int | float) and 0 <= v <= 1 for v in cal)
+        and all(a <= b for a, b in zip(cal, cal[1:], strict=False))
+    ):
+        raise ValueError(f'model file {str(p)!r}: `calibration` must be a non-decreasing list of scores in [0, 1]')
+    model = ModelFile(str(p), raw, {k: v for k, v in meta.items() if k not in ('ngrams',)}, classifier)
+    _MODEL_CACHE[str(p)] = (key, model)
+    return model
+
+
+def threshold_for_share(calibration: list[float], share: float) -> float:
+    """The score quantile at 1 - share of `calibration` (the sorted quantiles 0 %, …, 100 % of a sample's
+    scores), linearly interpolated: routing `score >= threshold` to the complex model sends about `share`."""
+    if len(calibration) < 2:
+        raise ValueError('the model file has no `calibration` sample; set `threshold` instead of `target_share`')
+    q = (1.0 - share) * (len(calibration) - 1)
+    lo = int(math.floor(q))
+    hi = min(lo + 1, len(calibration) - 1)
+    return calibration[lo] + (calibration[hi] - calibration[lo]) * (q - lo)
+
+
+@dataclass
+class Example:
+    body: bytes
+    weak: bool | None
+    strong: bool | None
+    group: str | None
+    length: int  # prompt characters (the length baseline)
+
+
+def chat_body(prompt: str) -> bytes:
+    """The request body a chat client would send for one user prompt."""
+    return msgspec.json.encode({'messages': [{'role': 'user', 'content': prompt}]})
+
+
+def _label(obj: dict[str, Any], key: str, file: str, line: int) -> bool | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int | float) and v in (0, 1):
+        return bool(v)
+    raise DataError(f'`{key}` must be true/false (or 0/1), got {v!r}', file=file, line=line)
+
+
+def body_of(obj: Any, file: str, line: int) -> bytes | None:
+    """The request body of one input line: `prompt` (text), `body`/`request` (a request object), or the line
+    itself when it is a request body (has `messages`, `prompt` as a list, or `input`). None: no body."""
+    if not isinstance(obj, dict):
+        raise DataError('expected a JSON object', file=file, line=line)
+    for key in ('body', 'request'):
+        if key in obj and obj[key] is not None:
+            b = obj[key]
+            if isinstance(b, dict):
+                return msgspec.json.encode(b)
+            if isinstance(b, str):
+                return b.encode()
+            raise DataError(f'`{key}` must be a request object', file=file, line=line)
+    prompt = obj.get('prompt')
+    if isinstance(prompt, str) and 'messages' not in obj:
+        return chat_body(prompt)
+    if 'messages' in obj or 'input' in obj or isinstance(prompt, list):
+        return msgspec.json.encode({k: v for k, v in obj.items() if k not in ('weak_correct', 'strong_correct')})
+    return None
+
+
+def _prompt_length(obj: dict[str, Any], body: bytes) -> int:
+    p = obj.get('prompt')
+    return len(p) if isinstance(p, str) else len(body)
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, decoded object) for every non-blank line.
+
+    Raises:
+        DataError: unreadable file or a line that is not JSON.
+    """
+    file = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f'cannot read: {e.strerror or e}', file=file) from None
+    out = []
+    dec = msgspec.json.Decoder()
+    for i, raw in enumerate(data.split(b'\n'), 1):
+        if not raw.strip():
+            continue
+        try:
+            out.append((i, dec.decode(raw)))
+        except msgspec.DecodeError as e:
+            raise DataError(f'not JSON: {e}', file=file, line=i) from None
+    return out
+
+
+def load_examples(path: str | Path, *, need_labels: bool = True) -> list[Example]:
+    """Labelled examples from a file shaped like the bundled training file (`prompt`, `weak_correct`,
+    `strong_correct`, optional `subject`), or request bodies / access-log lines (`request`) with the two labels.
+    Access-log lines without `request` (prompt logging off) are skipped.
+
+    Raises:
+        DataError: a line without a prompt, or without labels when `need_labels`.
+    """
+    file = str(path)
+    out = []
+    for line, obj in read_jsonl(path):
+        body = body_of(obj, file, line)
+        if body is None and 'request_id' in obj:
+            continue  # an access-log line logged without its prompt (prompt logging off): nothing to learn
+        if body is None:
+            raise DataError(
+                'no prompt: give `prompt` (text) or `request`/`body` (a request object)', file=file, line=line
+            )
+        weak, strong = _label(obj, 'weak_correct', file, line), _label(obj, 'strong_correct', file, line)
+        if need_labels and (weak is None or strong is None):
+            raise DataError('needs `weak_correct` and `strong_correct` (true/false)', file=file, line=line)
+        group = obj.get('subject')
+        out.append(Example(body, weak, strong, group if isinstance(group, str) else None, _prompt_length(obj, body)))
+    if not out:
+        raise DataError('no examples', file=file)
+    return out
+
+
+# -- metrics (data/routing/README.md) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Routing quality of one score vector: the curve and its summaries."""
+
+    points: list[tuple[float, float]]  # (share of strong calls, accuracy), sorted by share
+    weak: float  # W: weak-only accuracy
+    strong: float  # S: strong-only accuracy
+    apgr: float
+    cpt50: float  # share of strong calls to recover 50 % of the gap
+    cpt80: float
+
+    def pgr(self) -> list[tuple[float, float]]:
+        gap = self.strong - self.weak
+        return [(x, (y - self.weak) / gap if gap else 0.0) for x, y in self.points]
+
+
+def quality(
+    scores: list[float] | np.ndarray, weak: list[bool] | np.ndarray, strong: list[bool] | np.ndarray
+) -> Quality:
+    """The README's figures: a threshold at each of the 11 decile edges of the scores (min, 10 %, …, max;
+    strong when score >= edge, and when score > edge at the last), end points (0, W) and (1, S) added,
+    APGR = trapezoid area under PGR, CPT(p) = linear interpolation along the non-decreasing PGR curve."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=float)
+    w = np.asarray(weak, dtype=float)
+    st = np.asarray(strong, dtype=float)
+    if not (len(s) == len(w) == len(st)) or len(s) == 0:
+        raise ValueError('scores and labels must be non-empty and of the same length')
+    wa, sa = float(w.mean()), float(st.mean())
+    edges = np.quantile(s, np.linspace(0.0, 1.0, 11))
+    pts = set()
+    for i, e in enumerate(edges):
+        go = s > e if i == len(edges) - 1 else s >= e
+        pts.add((float(go.mean()), float(np.where(go, st, w).mean())))
+    xs = {x for x, _ in pts}
+    if 0.0 not in xs:
+        pts.add((0.0, wa))
+    if 1.0 not in xs:
+        pts.add((1.0, sa))
+    points = sorted(pts)
+    gap = sa - wa
+    x = np.array([p[0] for p in points])
+    pgr = np.array([(p[1] - wa) / gap if gap else 0.0 for p in points])
+    apgr = float(np.sum((x[1:] - x[:-1]) * (pgr[1:] + pgr[:-1]) / 2.0))
+    mono = np.maximum.accumulate(pgr)
+    return Quality(points, wa, sa, apgr, _cpt(x, mono, 0.5), _cpt(x, mono, 0.8))
+
+
+def _cpt(x: np.ndarray, pgr: np.ndarray, p: float) -> float:
+    for i in range(len(x)):
+        if pgr[i] >= p:
+            if i == 0:
+                return float(x[0])
+            return float(x[i - 1] + (p - pgr[i - 1]) / (pgr[i] - pgr[i - 1]) * (x[i] - x[i - 1]))
+    return float('nan')
+
+
+def random_quality(weak: Any, strong: Any, *, seeds: int = 20) -> tuple[float, float, float]:
+    """Mean (APGR, CPT50, CPT80) of seeded random scores."""
+    import numpy as np
+
+    qs = [quality(np.random.default_rng(SEED + i).random(len(weak)), weak, strong) for i in range(seeds)]
+    return (
+        float(np.mean([q.apgr for q in qs])),
+        float(np.mean([q.cpt50 for q in qs])),
+        float(np.mean([q.cpt80 for q in qs])),
+    )
+
+
+# -- features and fitting ---------------------------------------------------------------------------
+
+
+@dataclass
+class Design:
+    """The feature matrix of some examples: dense (n x 16) and sparse n-gram part (COO, row-normalised)."""
+
+    dense: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    vals: np.ndarray
+    n: int
+    dims: int
+
+    def subset(self, idx: np.ndarray) -> Design:
+        import numpy as np
+
+        pos = np.full(self.n, -1)
+        pos[idx] = np.arange(len(idx))
+        keep = pos[self.rows] >= 0
+        order = np.argsort(pos[self.rows[keep]], kind='stable')
+        return Design(
+            self.dense[idx],
+            pos[self.rows[keep]][order],
+            self.cols[keep][order],
+            self.vals[keep][order],
+            len(idx),
+            self.dims,
+        )
+
+
+def design(bodies: list[bytes], hash_bits: int) -> Design:
+    """Features of each body, computed by the Rust scorer's own code. A body hitting buckets b1..bk (with
+    repeats) gets value count(b)/√k in each bucket b: what the scorer's `Σ weights / √hits` computes."""
+    import numpy as np
+
+    feats = _core.classifier_features(bodies, hash_bits)
+    dense = np.array([f[0] for f in feats], dtype=float).reshape(len(bodies), -1)
+    dims = 1 << hash_bits
+    lens = np.array([len(f[1]) for f in feats])
+    r = np.repeat(np.arange(len(bodies)), lens)
+    c = np.concatenate([np.asarray(f[1], dtype=np.int64) for f in feats]) if len(r) else np.zeros(0, np.int64)
+    uk, cnt = np.unique(r * dims + c, return_counts=True)
+    rows, cols = uk // dims, uk % dims
+    vals = cnt / np.sqrt(np.maximum(lens[rows], 1))
+    return Design(dense, rows, cols, vals.astype(float), len(bodies), dims)
+
+
+@dataclass
+class Weights:
+    bias: float
+    dense: np.ndarray
+    ngrams: np.ndarray
+
+    def scores(self, d: Design) -> np.ndarray:
+        import numpy as np
+
+        z = self.bias + d.dense @ self.dense + np.bincount(d.rows, weights=d.vals * self.ngrams[d.cols], minlength=d.n)
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def _lbfgs(f: Any, x0: np.ndarray, *, iters: int = 300, memory: int = 10, tol: float = 1e-8) -> np.ndarray:
+    """Minimise a smooth convex `f(x) -> (value, gradient)`: L-BFGS with a backtracking (Armijo) line search."""
+    x = x0.copy()
+    fx, g = f(x)
+    hist: list[tuple[np.ndarray, np.ndarray, float]] = []
+    for _ in range(iters):
+        q = g.copy()
+        alphas = []
+        for s, y, rho in reversed(hist):
+            a = rho * float(s @ q)
+            alphas.append(a)
+            q -= a * y
+        if hist:
+            s, y, _ = hist[-1]
+            q *= float(s @ y) / float(y @ y)
+        for (s, y, rho), a in zip(hist, reversed(alphas), strict=True):
+            q += s * (a - rho * float(y @ q))
+        d = -q
+        gd = float(g @ d)
+        if gd >= 0:
+            d, gd, hist = -g, -float(g @ g), []
+        step = 1.0
+        while True:
+            xn = x + step * d
+            fn, gn = f(xn)
+            if fn <= fx + 1e-4 * step * gd or step < 1e-12:
+                break
+            step *= 0.5
+        s, y = xn - x, gn - g
+        sy = float(s @ y)
+        if sy > 1e-12:
+            hist = [*hist[-(memory - 1) :], (s, y, 1.0 / sy)]
+        done = abs(fx - fn) <= tol * max(1.0, abs(fx))
+        x, fx, g = xn, fn, gn
+        if done:
+            break
+    return x
+
+
+def fit(d: Design, y: np.ndarray, l2: float) -> Weights:
+    """L2-regularised logistic regression on soft labels `y` in [0, 1] (mean cross-entropy + l2/2·|w|², bias
+    unpenalised). Dense features are standardised for the fit and the scaling folded back into the weights."""
+    import numpy as np
+
+    mu = d.dense.mean(axis=0)
+    sd = d.dense.std(axis=0)
+    sd[sd == 0] = 1.0
+    xs = (d.dense - mu) / sd
+    k = xs.shape[1]
+    n = d.n
+
+    def f(w: np.ndarray) -> tuple[float, np.ndarray]:
+        wd, wg = w[1 : 1 + k], w[1 + k :]
+        z = w[0] + xs @ wd + np.bincount(d.rows, weights=d.vals * wg[d.cols], minlength=n)
+        p = 1.0 / (1.0 + np.exp(-z))
+        loss = float(np.mean(np.logaddexp(0.0, z) - y * z)) + l2 / 2 * float(wd @ wd + wg @ wg)
+        e = (p - y) / n
+        grad = np.concatenate(
+            [[e.sum()], xs.T @ e + l2 * wd, np.bincount(d.cols, weights=d.vals * e[d.rows], minlength=d.dims) + l2 * wg]
+        )
+        return loss, grad
+
+    w = _lbfgs(f, np.zeros(1 + k + d.dims))
+    dense = w[1 : 1 + k] / sd
+    return Weights(float(w[0] - dense @ mu), dense, w[1 + k :])
+
+
+def targets(examples: list[Example], idx: np.ndarray, *, by_group: bool) -> np.ndarray:
+    """The label the score estimates: P(strong right and weak wrong). With `by_group` (the training file's
+    `subject`), each example's label is its group's mean in `idx`, which denoises the one-bit outcomes (a
+    prompt's own outcome is mostly chance; its kind is not). The group is never a feature: live requests
+    have only their text."""
+    import numpy as np
+
+    win = np.array([float(bool(examples[i].strong) and not examples[i].weak) for i in idx])
+    if not by_group:
+        return win
+    groups = [examples[i].group for i in idx]
+    sums: dict[str | None, list[float]] = {}
+    for g, v in zip(groups, win, strict=True):
+        acc = sums.setdefault(g, [0.0, 0.0])
+        acc[0] += v
+        acc[1] += 1
+    return np.array([win[j] if g is None else sums[g][0] / sums[g][1] for j, g in enumerate(groups)])
+
+
+def folds_of(n: int, k: int, seed: int = SEED) -> list[np.ndarray]:
+    import numpy as np
+
+    return [np.sort(f) for f in np.array_split(np.random.default_rng(seed).permutation(n), k)]
+
+
+@dataclass
+class CvResult:
+    l2: float
+    apgr: float
+    cpt50: float
+    cpt80: float
+    oof: np.ndarray  # out-of-fold score of every example
+
+
+def cross_validate(
+    examples: list[Example], d: Design, l2: float, k: int, *, by_group: bool, log: Any = None
+) -> CvResult:
+    """k-fold CV: per-fold figures averaged, and the out-of-fold scores."""
+    import numpy as np
+
+    weak = np.array([bool(e.weak) for e in examples])
+    strong = np.array([bool(e.strong) for e in examples])
+    oof = np.zeros(d.n)
+    qs = []
+    folds = folds_of(d.n, k)
+    for i, te in enumerate(folds):
+        tr = np.concatenate([f for j, f in enumerate(folds) if j != i])
+        w = fit(d.subset(tr), targets(examples, tr, by_group=by_group), l2)
+        oof[te] = w.scores(d.subset(te))
+        qs.append(quality(oof[te], weak[te], strong[te]))
+        if log:
+            log(f'  l2={l2:g} fold {i + 1}/{k}: APGR {qs[-1].apgr:.3f}')
+    return CvResult(
+        l2,
+        float(np.mean([q.apgr for q in qs])),
+        float(np.mean([q.cpt50 for q in qs])),
+        float(np.mean([q.cpt80 for q in qs])),
+        oof,
+    )
+
+
+def train(
+    examples: list[Example],
+    *,
+    hash_bits: int = DEFAULT_HASH_BITS,
+    l2s: tuple[float, ...] = DEFAULT_L2,
+    folds: int = DEFAULT_FOLDS,
+    source: str = '',
+    log: Any = None,
+) -> dict[str, Any]:
+    """Pick the L2 strength by k-fold CV (best mean APGR), fit on everything, and return the model file's
+    contents: weights, the CV figures beside the baselines, and a calibration sample (101 quantiles of the
+    out-of-fold scores, for `target_share`)."""
+    import numpy as np
+
+    if len(examples) < 2 * folds:
+        raise ValueError(f'{len(examples)} examples are too few for {folds}-fold cross-validation')
+    d = design([e.body for e in examples], hash_bits)
+    by_group = any(e.group is not None for e in examples)
+    weak = np.array([bool(e.weak) for e in examples])
+    strong = np.array([bool(e.strong) for e in examples])
+    results = []
+    for l2 in l2s:
+        r = cross_validate(examples, d, l2, folds, by_group=by_group, log=log)
+        results.append(r)
+        if log:
+            log(f'l2={l2:g}: CV APGR {r.apgr:.4f}, CPT(50%) {r.cpt50:.1%}, CPT(80%) {r.cpt80:.1%}')
+    best = max(results, key=lambda r: r.apgr)
+    w = fit(d, targets(examples, np.arange(d.n), by_group=by_group), best.l2)
+    length = [
+        quality(np.array([examples[i].length for i in f], float), weak[f], strong[f]) for f in folds_of(d.n, folds)
+    ]
+    rnd = random_quality(weak, strong)
+    cal = np.quantile(best.oof, np.linspace(0, 1, 101))
+    digest = hashlib.sha256(b''.join(e.body for e in examples)).hexdigest()[:16]
+    return {
+        'format': MODEL_FORMAT,
+        'version': MODEL_VERSION,
+        'features': list(_core.classifier_feature_names()[0]),
+        'hash_bits': hash_bits,
+        'bias': _r(w.bias),
+        'dense': [_r(v) for v in w.dense],
+        'label': 'P(strong model right and weak model wrong)' + (', smoothed by subject' if by_group else ''),
+        'trained': {
+            'source': source,
+            'examples': len(examples),
+            'data_sha256_16': digest,
+            'l2': best.l2,
+            'l2_grid': list(l2s),
+            'folds': folds,
+            'seed': SEED,
+        },
+        'cv': {
+            'apgr': round(best.apgr, 4),
+            'cpt50': round(best.cpt50, 4),
+            'cpt80': round(best.cpt80, 4),
+            'by_l2': {f'{r.l2:g}': round(r.apgr, 4) for r in results},
+            'length_baseline': {
+                'apgr': round(float(np.mean([q.apgr for q in length])), 4),
+                'cpt50': round(float(np.mean([q.cpt50 for q in length])), 4),
+                'cpt80': round(float(np.mean([q.cpt80 for q in length])), 4),
+            },
+            'random_baseline': {'apgr': round(rnd[0], 4), 'cpt50': round(rnd[1], 4), 'cpt80': round(rnd[2], 4)},
+        },
+        'calibration': [round(float(v), 6) for v in cal],
+        'ngrams': [_r(v) for v in w.ngrams],
+    }
+
+
+def _r(v: float) -> float:
+    return float(f'{float(v):.6g}')
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+
+def _need_numpy() -> bool:
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        print('fastroute: numpy is needed for this command: pip install numpy', file=sys.stderr)
+        return False
+    return True
+
+
+def cli_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        '--data',
+        default=None,
+        help='JSONL: prompt (or request/body) with weak_correct and strong_correct; default: the bundled MMLU file',
+    )
+    p.add_argument('-o', '--out', required=True, help='the model file to write (JSON)')
+    p.add_argument('--hash-bits', type=int, default=DEFAULT_HASH_BITS, help='n-gram table size, log2 (default 16)')
+    p.add_argument(
+        '--l2',
+        default=','.join(f'{v:g}' for v in DEFAULT_L2),
+        help='comma-separated L2 strengths; CV picks one (default %(default)s)',
+    )
+    p.add_argument('--folds', type=int, default=DEFAULT_FOLDS, help='cross-validation folds (default 5)')
+    p.add_argument('--limit', type=int, default=None, help='use only the first N examples (quick runs)')
+    p.add_argument('-q', '--quiet', action='store_true', help='no progress lines')
+
+
+def cli_train(args: argparse.Namespace) -> int:
+    if not _need_numpy():
+        return 2
+    data = args.data or str(default_data_path())
+    try:
+        l2s = tuple(float(v) for v in str(args.l2).split(',') if v.strip())
+        if not l2s or any(not (v > 0 and math.isfinite(v)) for v in l2s):
+            raise ValueError
+    except ValueError:
+        print(f'fastroute train: --l2 {args.l2!r}: give positive numbers, e.g. 1e-4,3e-4', file=sys.stderr)
+        return 2
+    if not 8 <= args.hash_bits <= 22 or args.folds < 2:
+        print('fastroute train: --hash-bits must be within 8..22 and --folds at least 2', file=sys.stderr)
+        return 2
+    try:
+        examples = load_examples(data)
+    except DataError as e:
+        print(f'fastroute train: {e}', file=sys.stderr)
+        return 1
+    if args.limit:
+        examples = examples[: args.limit]
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    try:
+        model = train(examples, hash_bits=args.hash_bits, l2s=l2s, folds=args.folds, source=Path(data).name, log=log)
+    except ValueError as e:
+        print(f'fastroute train: {e}', file=sys.stderr)
+        return 1
+    try:
+        Path(args.out).write_bytes(json.dumps(model, separators=(',', ':')).encode() + b'\n')
+    except OSError as e:
+        print(f'fastroute train: cannot write {args.out}: {e.strerror or e}', file=sys.stderr)
+        return 1
+    cv = model['cv']
+    print(f'wrote {args.out}: {len(examples)} examples, l2 {model["trained"]["l2"]:g}')
+    print(
+        _table([('classifier (CV)', cv), ('prompt length', cv['length_baseline']), ('random', cv['random_baseline'])])
+    )
+    return 0
+
+
+def _table(rows: list[tuple[str, dict[str, float]]]) -> str:
+    out = [f'{"router":<22} {"APGR":>7} {"CPT(50%)":>9} {"CPT(80%)":>9}']
+    for name, q in rows:
+        out.append(f'{name:<22} {q["apgr"]:>7.4f} {q["cpt50"]:>9.1%} {q["cpt80"]:>9.1%}')
+    return '\n'.join(out)
+
+
+def cli_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--data', default=None, help='JSONL shaped like the training file; default: the bundled MMLU file')
+    p.add_argument('--model', default=None, help='model file; default: the shipped default model')
+    p.add_argument('--scores-out', default=None, help="write each prompt's score, one per line, in input order")
+    p.add_argument('--plot', default=None, help='draw the cost/quality curves to this PNG (needs matplotlib)')
+    p.add_argument('--curve', action='store_true', help="also print the classifier's curve points")
+
+
+def cli_eval(args: argparse.Namespace) -> int:
+    if not _need_numpy():
+        return 2
+    import numpy as np
+
+    data = args.data or str(default_data_path())
+    model_path = args.model or str(default_model_path())
+    try:
+        model = load_model(model_path)
+    except ValueError as e:
+        print(f'fastroute eval: {e}', file=sys.stderr)
+        return 1
+    try:
+        examples = load_examples(data)
+    except DataError as e:
+        print(f'fastroute eval: {e}', file=sys.stderr)
+        return 1
+    try:
+        scores = np.array(model.classifier.score_many([e.body for e in examples]), dtype=float)
+    except ValueError as e:
+        print(f'fastroute eval: {data}: a request body does not parse: {e}', file=sys.stderr)
+        return 1
+    weak = np.array([bool(e.weak) for e in examples])
+    strong = np.array([bool(e.strong) for e in examples])
+    q = quality(scores, weak, strong)
+    ql = quality(np.array([e.length for e in examples], float), weak, strong)
+    rnd = random_quality(weak, strong)
+    print(f'data {data}: {len(examples)} prompts; weak-only accuracy W {q.weak:.1%}, strong-only S {q.strong:.1%}')
+    print(f'model {model_path}')
+    trained = model.meta.get('trained', {})
+    if isinstance(trained, dict) and trained.get('data_sha256_16'):
+        same = trained['data_sha256_16'] == hashlib.sha256(b''.join(e.body for e in examples)).hexdigest()[:16]
+        if same:
+            print('note: the model was trained on this very file, so these figures are in-sample (optimistic);')
+            print('      the cross-validated figures from training are:')
+            print(_table([('classifier (CV)', model.meta.get('cv', {}))]))
+    print(
+        _table(
+            [
+                ('classifier', {'apgr': q.apgr, 'cpt50': q.cpt50, 'cpt80': q.cpt80}),
+                ('prompt length', {'apgr': ql.apgr, 'cpt50': ql.cpt50, 'cpt80': ql.cpt80}),
+                ('random (20 seeds)', {'apgr': rnd[0], 'cpt50': rnd[1], 'cpt80': rnd[2]}),
+            ]
+        )
+    )
+    if args.curve:
+        print('strong calls  accuracy  PGR')
+        for (x, y), (_, g) in zip(q.points, q.pgr(), strict=True):
+            print(f'{x:>11.1%} {y:>9.1%} {g:>6.3f}')
+    if args.scores_out:
+        try:
+            Path(args.scores_out).write_text(''.join(f'{s:.6f}\n' for s in scores))
+        except OSError as e:
+            print(f'fastroute eval: cannot write {args.scores_out}: {e.strerror or e}', file=sys.stderr)
+            return 1
+        print(f'wrote {len(scores)} scores to {args.scores_out}')
+    if args.plot:
+        return _plot(args.plot, [('classifier', q), ('prompt length', ql)], q)
+    return 0
+
+
+def _plot(path: str, curves: list[tuple[str, Quality]], ref: Quality) -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('fastroute eval: --plot needs matplotlib: pip install "fastroute[plot]"', file=sys.stderr)
+        return 2
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, q in curves:
+        ax.plot(
+            [x * 100 for x, _ in q.points],
+            [y * 100 for _, y in q.points],
+            marker='o',
+            label=f'{name} (APGR {q.apgr:.3f})',
+        )
+    ax.plot([0, 100], [ref.weak * 100, ref.strong * 100], linestyle='--', color='grey', label='random (APGR 0.5)')
+    ax.set_xlabel('% of requests sent to the strong model')
+    ax.set_ylabel('accuracy of the routed answers, %')
+    ax.set_title('cost / quality of routing')
+    ax.grid(alpha=0.3)
+    ax.legend(loc='lower right')
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        print(f'fastroute eval: cannot write {path}: {e.strerror or e}', file=sys.stderr)
+        return 1
+    finally:
+        plt.close(fig)
+    print(f'wrote the curve to {path}')
+    return 0

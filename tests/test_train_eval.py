@@ -1,0 +1,165 @@
+"""Training and evaluation of the complexity classifier: the README's metrics, `fastroute train` / `eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastroute import _core, classifier
+from fastroute.classifier import DataError, default_data_path, load_examples, quality, threshold_for_share
+from fastroute.cli import main
+
+
+@pytest.fixture(scope='module')
+def mmlu() -> list[classifier.Example]:
+    return load_examples(default_data_path())
+
+
+def test_quality_hand_computed() -> None:
+    # W = 0.5, S = 1. Decile edges 0.1, 0.13, ..., 0.4 give the points (1, 1), (.75, 1), (.5, 1), (.25, .75),
+    # and (0, .5) at the last edge (score > max): PGR 1, 1, 1, .5, 0.
+    q = quality([0.1, 0.2, 0.3, 0.4], [1, 1, 0, 0], [1, 1, 1, 1])
+    assert (q.weak, q.strong) == (0.5, 1.0)
+    assert q.points == [(0.0, 0.5), (0.25, 0.75), (0.5, 1.0), (0.75, 1.0), (1.0, 1.0)]
+    assert q.apgr == pytest.approx(0.25 * 0.25 + 0.25 * 0.75 + 0.25 + 0.25)
+    assert q.cpt50 == pytest.approx(0.25)
+    assert q.cpt80 == pytest.approx(0.25 + 0.3 / 0.5 * 0.25)
+
+
+def test_quality_makes_the_curve_non_decreasing_for_cpt() -> None:
+    # The best prompt to send strong scores lowest: PGR dips below 0 first, CPT reads the running maximum.
+    q = quality([0.9, 0.1, 0.2, 0.3], [1, 0, 0, 1], [0, 1, 1, 1])
+    pgr = [g for _, g in q.pgr()]
+    assert pgr[0] == 0 and pgr[-1] == 1 and min(pgr) < 0
+    assert 0 < q.cpt50 <= q.cpt80 <= 1
+
+
+def test_the_readme_figures_on_the_bundled_file(mmlu: list[classifier.Example]) -> None:
+    weak = [bool(e.weak) for e in mmlu]
+    strong = [bool(e.strong) for e in mmlu]
+    assert len(mmlu) == 7007
+    q = quality([e.length for e in mmlu], weak, strong)
+    assert q.weak == pytest.approx(0.675, abs=0.0005) and q.strong == pytest.approx(0.807, abs=0.0005)
+    assert q.apgr == pytest.approx(0.57, abs=0.005)
+    assert q.cpt50 == pytest.approx(0.38, abs=0.005) and q.cpt80 == pytest.approx(0.74, abs=0.005)
+    apgr, cpt50, cpt80 = classifier.random_quality(weak, strong)
+    assert apgr == pytest.approx(0.50, abs=0.02) and cpt50 == pytest.approx(0.505, abs=0.03)
+
+
+def test_threshold_for_share_interpolates_the_calibration_quantiles() -> None:
+    cal = [i / 100 for i in range(101)]  # uniform scores
+    assert threshold_for_share(cal, 0.3) == pytest.approx(0.7)
+    assert threshold_for_share([0.0, 1.0], 0.25) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match='calibration'):
+        threshold_for_share([], 0.3)
+
+
+def test_trained_model_round_trips_and_rust_scores_what_numpy_fitted(
+    mmlu: list[classifier.Example], tmp_path: Path
+) -> None:
+    part = mmlu[::20]  # 351 prompts of every subject
+    model = classifier.train(part, hash_bits=10, l2s=(1e-3,), folds=3)
+    assert model['features'] == list(_core.classifier_feature_names()[0])
+    assert len(model['ngrams']) == 1024 and len(model['calibration']) == 101
+    file = tmp_path / 'm.json'
+    file.write_text(json.dumps(model))
+    loaded = classifier.load_model(file)
+    bodies = [e.body for e in mmlu[1::50]]
+    rust = np.array(loaded.classifier.score_many(bodies))
+    w = classifier.Weights(model['bias'], np.array(model['dense']), np.array(model['ngrams']))
+    fitted = w.scores(classifier.design(bodies, 10))
+    assert np.allclose(rust, fitted, atol=1e-4), np.abs(rust - fitted).max()
+    default = np.array(classifier.load_model(classifier.default_model_path()).classifier.score_many(bodies))
+    assert not np.allclose(rust, default, atol=1e-3)
+
+
+def test_train_is_deterministic(mmlu: list[classifier.Example]) -> None:
+    part = mmlu[::40]
+    a = classifier.train(part, hash_bits=9, l2s=(1e-3,), folds=2)
+    b = classifier.train(part, hash_bits=9, l2s=(1e-3,), folds=2)
+    assert a == b
+
+
+def test_train_and_eval_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / 'train.jsonl'
+    lines = default_data_path().read_text().splitlines()[::25]
+    data.write_text('\n'.join(lines) + '\n')
+    out = tmp_path / 'model.json'
+    argv = ['train', '--data', str(data), '-o', str(out), '--hash-bits', '10', '--l2', '1e-3', '--folds', '3', '-q']
+    assert main(argv) == 0
+    assert 'APGR' in capsys.readouterr().out
+    scores = tmp_path / 'scores.txt'
+    assert main(['eval', '--data', str(data), '--model', str(out), '--scores-out', str(scores), '--curve']) == 0
+    text = capsys.readouterr().out
+    for word in ('APGR', 'CPT(50%)', 'CPT(80%)', 'prompt length', 'random', 'in-sample'):
+        assert word in text, text
+    assert len(scores.read_text().splitlines()) == len(lines)
+
+
+def test_eval_cli_on_the_bundled_file_with_the_default_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scores = tmp_path / 'scores.txt'
+    assert main(['eval', '--scores-out', str(scores)]) == 0
+    text = capsys.readouterr().out
+    assert '7007 prompts' in text and 'APGR' in text
+    values = [float(v) for v in scores.read_text().splitlines()]
+    assert len(values) == 7007 and all(0 <= v <= 1 for v in values)
+
+
+def test_eval_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / 'd.jsonl'
+    data.write_text('\n'.join(default_data_path().read_text().splitlines()[::70]) + '\n')
+    png = tmp_path / 'curve.png'
+    assert main(['eval', '--data', str(data), '--plot', str(png)]) == 0
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize(
+    ('content', 'want'),
+    [
+        ('{"prompt": "hi", "weak_correct": true, "strong_correct": true}\n{not json\n', ':2: not JSON'),
+        ('{"prompt": "hi", "weak_correct": true}\n', ':1: needs `weak_correct` and `strong_correct`'),
+        ('{"weak_correct": true, "strong_correct": false}\n', ':1: no prompt'),
+        ('[1, 2]\n', ':1: expected a JSON object'),
+        ('{"prompt": "x", "weak_correct": "yes", "strong_correct": true}\n', ':1: `weak_correct` must be'),
+    ],
+)
+def test_bad_data_files_name_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, want: str
+) -> None:
+    data = tmp_path / 'bad.jsonl'
+    data.write_text(content)
+    with pytest.raises(DataError, match='bad.jsonl'):
+        load_examples(data)
+    assert main(['eval', '--data', str(data)]) == 1
+    err = capsys.readouterr().err
+    assert want in err and 'Traceback' not in err, err
+    assert main(['train', '--data', str(data), '-o', str(tmp_path / 'm.json')]) == 1
+
+
+def test_eval_with_a_bad_model_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / 'm.json'
+    bad.write_text('{"format": "fastroute-classifier", "version": 99}')
+    assert main(['eval', '--model', str(bad)]) == 1
+    assert 'm.json' in capsys.readouterr().err
+
+
+def test_access_log_lines_with_outcomes_train(tmp_path: Path) -> None:
+    src = default_data_path().read_text().splitlines()[::60]
+    data = tmp_path / 'log.jsonl'
+    with data.open('w') as f:
+        for i, line in enumerate(src):
+            ex = json.loads(line)
+            body = {'model': 'x', 'messages': [{'role': 'user', 'content': ex['prompt']}]}
+            entry = {'ts': 1.0, 'request_id': f'r{i}', 'path': '/v1/chat/completions', 'request': body}
+            f.write(json.dumps({**entry, 'weak_correct': ex['weak_correct'], 'strong_correct': ex['strong_correct']}))
+            f.write('\n')
+    with data.open('a') as f:  # a line logged without its prompt is skipped
+        f.write(json.dumps({'ts': 2.0, 'request_id': 'x', 'path': '/v1/chat/completions'}) + '\n')
+    examples = load_examples(data)
+    assert len(examples) == len(src) and all(e.group is None for e in examples)
+    model = classifier.train(examples, hash_bits=9, l2s=(1e-2,), folds=2)
+    assert model['trained']['examples'] == len(src)
