@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import hashlib
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,33 +30,16 @@ import time
 from pathlib import Path
 
 import httpx
+import localprocs
+from localprocs import free_port, wait_http
 
 PY = sys.executable
 TOKEN = 'bench-shadow-token'
 KEYS = {'plain': 'sk-bench-plain', 'shadowed': 'sk-bench-shadowed'}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return int(s.getsockname()[1])
-
-
 def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, FR_BENCH_ADMIN=TOKEN, PYTHONUNBUFFERED='1')
-    with open(log, 'wb') as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def wait(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise SystemExit(f'{url} did not answer within {timeout}s')
+    return localprocs.spawn(argv, log, {'FR_BENCH_ADMIN': TOKEN})
 
 
 def config(primary: int, shadow: int, admin: int, share: float) -> str:
@@ -144,13 +125,13 @@ def main() -> int:
                 tmp / 's.log',
             )
         )
-        wait(f'http://127.0.0.1:{primary}/health')
-        wait(f'http://127.0.0.1:{shadow}/health')
+        wait_http(f'http://127.0.0.1:{primary}/health')
+        wait_http(f'http://127.0.0.1:{shadow}/health')
         cfg = tmp / 'fastroute.yaml'
         cfg.write_text(config(primary, shadow, admin, args.share))
         serve = [PY, '-m', 'fastroute.cli', 'serve', '-c', str(cfg), '--listen', f'127.0.0.1:{listen}']
         procs.append(spawn([*serve, '--log-level', 'warning'], tmp / 'fr.log'))
-        wait(f'http://127.0.0.1:{listen}/healthz')
+        wait_http(f'http://127.0.0.1:{listen}/healthz')
         res = asyncio.run(run(args, f'http://127.0.0.1:{listen}/v1/chat/completions'))
         stats = httpx.get(
             f'http://127.0.0.1:{admin}/admin/experiment',
@@ -158,12 +139,7 @@ def main() -> int:
             headers={'authorization': f'Bearer {TOKEN}'},
         ).json()['shadow']
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(5)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+        localprocs.stop_all(procs)
     load = os.getloadavg()[0]
     print(
         f'\nshadow bench: {args.share:g} % mirrored, {args.rounds} rounds x {args.requests} requests per tenant, '

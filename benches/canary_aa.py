@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import hashlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,32 +25,15 @@ import time
 from pathlib import Path
 
 import httpx
+import localprocs
+from localprocs import free_port, wait_http
 
 PY = sys.executable
 TOKEN = 'bench-aa-token'
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return int(s.getsockname()[1])
-
-
 def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, FR_AA_ADMIN=TOKEN, PYTHONUNBUFFERED='1')
-    with open(log, 'wb') as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def wait(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise SystemExit(f'{url} did not answer within {timeout}s')
+    return localprocs.spawn(argv, log, {'FR_AA_ADMIN': TOKEN})
 
 
 def key(i: int) -> str:
@@ -114,12 +95,12 @@ def main() -> int:
         mock += ['--model', 'llama-3-13b', '--adapters', adapters, '--ttft-ms', '5', '--tps', '2000']
         mock += ['--error-rate', str(args.error_rate), '--log-level', 'warning', '--seed', '7']
         procs.append(spawn(mock, tmp / 'mock.log'))
-        wait(f'http://127.0.0.1:{upstream}/health')
+        wait_http(f'http://127.0.0.1:{upstream}/health')
         cfg = tmp / 'fastroute.yaml'
         cfg.write_text(config(args.canaries, upstream, admin))
         serve = [PY, '-m', 'fastroute.cli', 'serve', '-c', str(cfg), '--listen', f'127.0.0.1:{listen}']
         procs.append(spawn([*serve, '--log-level', 'warning'], tmp / 'fr.log'))
-        wait(f'http://127.0.0.1:{listen}/healthz')
+        wait_http(f'http://127.0.0.1:{listen}/healthz')
         statuses = asyncio.run(
             traffic(f'http://127.0.0.1:{listen}/v1/chat/completions', args.canaries, args.requests, args.concurrency)
         )
@@ -128,12 +109,7 @@ def main() -> int:
             f'http://127.0.0.1:{admin}/admin/experiments', headers={'authorization': f'Bearer {TOKEN}'}
         ).json()
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(5)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+        localprocs.stop_all(procs)
     exps = view['experiments']
     rolled = [e for e in exps if e['state']['status'] == 'rolled_back']
     max_evidence: dict[str, float] = {}

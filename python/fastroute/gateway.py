@@ -522,6 +522,12 @@ async def proxy(ctx: Ctx, method: str) -> None:
         await send(ctx, method, upath, headers, send_body)
 
 
+def _moved_pool(ctx: Ctx, body: bytes) -> tuple[Pool, list[tuple[str, str]], bytes]:
+    """The walk moved on to another model: its pool, and the headers and body rebuilt for it. Cold path."""
+    pool = ctx.pool
+    return pool, upstream_headers(ctx), ctx.walk.body_for(pool, body)  # type: ignore[union-attr,arg-type,return-value]
+
+
 async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]], body: bytes) -> None:
     """Phase 4 (non-streaming): send, read the whole answer, relay status, headers and body. A failure, or a
     status in the model's `retry.on_status`, goes to `on_upstream_error` for the next candidate."""
@@ -540,8 +546,7 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
             if ep is None:
                 return
             if ctx.pool is not pool:
-                pool = ctx.pool
-                headers, body = upstream_headers(ctx), ctx.walk.body_for(pool, body)  # type: ignore[union-attr,arg-type]
+                pool, headers, body = _moved_pool(ctx, body)
             continue
         ctx.upstream_ns += perf_counter_ns() - t
         ep.outstanding -= 1  # type: ignore[union-attr]
@@ -553,8 +558,7 @@ async def send(ctx: Ctx, method: str, upath: str, headers: list[tuple[str, str]]
             if ep is None:
                 return
             if ctx.pool is not pool:
-                pool = ctx.pool
-                headers, body = upstream_headers(ctx), ctx.walk.body_for(pool, body)  # type: ignore[union-attr,arg-type]
+                pool, headers, body = _moved_pool(ctx, body)
             continue
         break
     ep.win.n += 1  # type: ignore[union-attr]  # ep.ok(), inlined
@@ -646,8 +650,7 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
             if ep is None:
                 return
             if ctx.pool is not pool:
-                pool = ctx.pool
-                headers, body = upstream_headers(ctx), ctx.walk.body_for(pool, body)  # type: ignore[union-attr,arg-type]
+                pool, headers, body = _moved_pool(ctx, body)
             continue
         break
     ctx.upstream_ns = perf_counter_ns() - overhead_at

@@ -508,13 +508,7 @@ fn bucket(salt: &str, key: &str) -> f64 {
 }
 
 fn scan_plain(body: &[u8]) -> Result<request::Body<'_>, DecideError> {
-    let opts = request::ScanOptions {
-        estimator: Estimator::Fast,
-        features: false,
-        grams: classify::Grams::Off,
-        metadata_keys: &[],
-    };
-    request::scan(body, &opts)
+    request::scan(body, &request::ScanOptions::tokens(Estimator::Fast))
 }
 
 /// `body` with its `model` set to `model` and/or its `adapter_id` to `adapter_id` (None: unchanged).

@@ -190,6 +190,19 @@ pub struct ScanOptions<'r> {
     pub metadata_keys: &'r [Box<str>],
 }
 
+impl ScanOptions<'_> {
+    /// The token pass with `estimator`: no features, no n-grams, no metadata.
+    #[must_use]
+    pub const fn tokens(estimator: Estimator) -> Self {
+        Self {
+            estimator,
+            features: false,
+            grams: Grams::Off,
+            metadata_keys: &[],
+        }
+    }
+}
+
 /// What one pass over the body found. Borrowed from the body; built on the stack.
 #[derive(Debug, Clone)]
 pub struct Body<'a> {
@@ -896,12 +909,7 @@ impl<'a> Scanner<'a, '_, '_> {
 mod tests {
     use super::*;
 
-    const OPTS: ScanOptions<'static> = ScanOptions {
-        estimator: Estimator::Fast,
-        features: false,
-        grams: Grams::Off,
-        metadata_keys: &[],
-    };
+    const OPTS: ScanOptions<'static> = ScanOptions::tokens(Estimator::Fast);
 
     fn ok(body: &str) -> Body<'_> {
         scan(body.as_bytes(), &OPTS).unwrap()

@@ -302,12 +302,7 @@ mod tests {
     use crate::request::{scan, ScanOptions};
     use crate::tokens::Estimator;
 
-    const OPTS: ScanOptions<'static> = ScanOptions {
-        estimator: Estimator::Fast,
-        features: false,
-        grams: crate::classify::Grams::Off,
-        metadata_keys: &[],
-    };
+    const OPTS: ScanOptions<'static> = ScanOptions::tokens(Estimator::Fast);
 
     fn rw(body: &str, model: Option<&str>, adapter: Option<&str>) -> Option<String> {
         rw_usage(body, model, adapter, false)

@@ -805,10 +805,8 @@ impl CompiledRouter {
 
         // Phase 2: the body.
         let opts = ScanOptions {
-            estimator: self.estimator,
-            features: false,
-            grams: crate::classify::Grams::Off,
             metadata_keys: &self.metadata_keys,
+            ..ScanOptions::tokens(self.estimator)
         };
         let body = scan(req.body, &opts)?;
         d.requested_model = body.model;
@@ -1093,12 +1091,7 @@ pub fn classify_score(
 /// # Errors
 /// The body does not scan.
 pub fn score_body(body: &[u8], scorer: Option<&Scorer>, estimator: Estimator) -> Result<f32, DecideError> {
-    let opts = ScanOptions {
-        estimator,
-        features: false,
-        grams: classify::Grams::Off,
-        metadata_keys: &[],
-    };
+    let opts = ScanOptions::tokens(estimator);
     let tokens = scan(body, &opts)?.est_tokens;
     classify_score(body, &opts, scorer, tokens)
 }
@@ -1113,12 +1106,7 @@ pub fn body_features(
     hash_bits: u32,
     estimator: Estimator,
 ) -> Result<([f32; classify::DENSE], Vec<u32>), DecideError> {
-    let opts = ScanOptions {
-        estimator,
-        features: false,
-        grams: classify::Grams::Off,
-        metadata_keys: &[],
-    };
+    let opts = ScanOptions::tokens(estimator);
     let tokens = scan(body, &opts)?.est_tokens;
     let out = std::cell::RefCell::new(Vec::new());
     let mask = 1u32.checked_shl(hash_bits).map_or(u32::MAX, |n| n - 1);

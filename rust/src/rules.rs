@@ -598,10 +598,8 @@ mod tests {
             .map(|h| hdr.iter().find(|(k, _)| k.eq_ignore_ascii_case(h)).map(|(_, v)| *v))
             .collect();
         let opts = ScanOptions {
-            estimator: Estimator::Fast,
-            features: false,
-            grams: crate::classify::Grams::Off,
             metadata_keys: &it.metadata,
+            ..ScanOptions::tokens(Estimator::Fast)
         };
         let b = scan(body.as_bytes(), &opts).unwrap();
         let req = Request {
