@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -70,6 +71,8 @@ PY = sys.executable
 VENV_BIN = Path(sys.executable).parent
 FASTROUTE = shutil.which('fastroute', path=str(VENV_BIN)) or shutil.which('fastroute')
 WRK = shutil.which('wrk')
+STRACE = shutil.which('strace')
+CALLGRIND_CONTROL = shutil.which('callgrind_control')
 OHA = shutil.which('oha') or next(
     (str(p) for p in (Path.home() / '.cargo/bin/oha', Path('/tmp/oha-target/release/oha')) if p.exists()), None
 )
@@ -400,7 +403,184 @@ def start_slow_upstream(procs: Procs, tmp: Path, cpus: str | None, use_mock: boo
     return port, 'slow-m', 'built-in aiohttp SSE server (head at once, first event at 100 ms, then every 20 ms)'
 
 
-def main() -> int:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), from /proc."""
+    raw = Path(f'/proc/{pid}/stat').read_text()
+    fields = raw[raw.rindex(')') + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def strace_counts(pid: int, run) -> dict[str, int]:
+    """System calls of `pid` (all its threads) while `run()` runs: {name: calls}."""
+    out = tempfile.NamedTemporaryFile(suffix='.strace', delete=False)
+    out.close()
+    tracer = subprocess.Popen(
+        [STRACE, '-c', '-f', '-o', out.name, '-p', str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    time.sleep(0.5)
+    try:
+        run()
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(10)
+    calls: dict[str, int] = {}
+    for line in Path(out.name).read_text().splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[0][0].isdigit() and not line.lstrip().startswith('-'):
+            with contextlib.suppress(ValueError):
+                calls[f[-1]] = int(f[3])
+    os.unlink(out.name)
+    return calls
+
+
+def callgrind_total(pid: int, out_glob: Path) -> float:
+    """Dump `pid`'s callgrind counters now and return the instructions counted since the last zeroing."""
+    before = set(out_glob.parent.glob(out_glob.name))
+    subprocess.run([CALLGRIND_CONTROL, '-d', str(pid)], capture_output=True, timeout=120, check=True)
+    new = sorted(set(out_glob.parent.glob(out_glob.name)) - before, key=lambda p: p.stat().st_mtime)
+    if not new:
+        raise RuntimeError('callgrind wrote no dump')
+    for line in new[-1].read_text(errors='replace').splitlines():
+        if line.startswith(('summary:', 'totals:')):
+            return float(line.split()[1])
+    raise RuntimeError(f'no totals in {new[-1]}')
+
+
+def callgrind_profile(args: argparse.Namespace, tmp: Path, cfg: dict, up_cpus: str | None) -> list[dict]:
+    """fastroute under callgrind: instructions per request, N requests minus an idle stretch of the same length.
+    Instruction counts do not depend on the load of the machine."""
+    port = cfg['server']['listen'].rsplit(':', 1)[1]
+    cfg_path = tmp / 'fastroute-callgrind.yaml'
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp / 'cg.out.%p'
+    cmd = ['valgrind', '--tool=callgrind', f'--callgrind-out-file={out}', FASTROUTE, 'serve', '-c', str(cfg_path)]
+    cmd += ['--workers', '1', '--log-level', 'warning', '--server', args.servers.split(',')[0]]
+    with open(tmp / 'callgrind.log', 'wb') as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    rows = []
+    try:
+        nginxctl.wait_port(int(port), timeout=300, proc=proc)
+        url = f'http://127.0.0.1:{port}{CHAT_PATH}'
+        pattern = tmp / f'cg.out.{proc.pid}*'
+        n = args.requests
+        for kind, body in (('JSON', nginxctl.REQUEST_BODY), ('SSE', nginxctl.STREAM_REQUEST_BODY)):
+            body_file = tmp / f'cg-{kind}.json'
+            body_file.write_bytes(body)
+            run_oha(url, body_file, up_cpus, rate=None, seconds=600, n=200, conns=1)  # warm-up
+            for rnd in range(args.rounds or 3):
+                subprocess.run([CALLGRIND_CONTROL, '-z', str(proc.pid)], capture_output=True, timeout=120, check=True)
+                t0 = time.monotonic()
+                res = run_oha(url, body_file, up_cpus, rate=None, seconds=1200, n=n, conns=1)
+                busy_s = time.monotonic() - t0
+                total = callgrind_total(proc.pid, pattern)
+                subprocess.run([CALLGRIND_CONTROL, '-z', str(proc.pid)], capture_output=True, timeout=120, check=True)
+                time.sleep(min(busy_s, 10.0))
+                idle = callgrind_total(proc.pid, pattern) * busy_s / min(busy_s, 10.0)
+                row = {'kind': kind, 'instr': (total - idle) / n, 'idle': idle / n, 'errors': res['errors']}
+                rows.append(row)
+                print(
+                    f'# callgrind {kind} round {rnd + 1}: {row["instr"]:,.0f} instructions/req '
+                    f'(idle {row["idle"]:,.0f}/req subtracted), {row["errors"]} errors',
+                    file=sys.stderr,
+                )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return rows
+
+
+def profile(args: argparse.Namespace) -> int:
+    """`--profile`: fastroute alone, same upstream and config as the full run, one answer kind at a time (JSON,
+    SSE). CPU time of the worker per request over a fixed number of requests (oha -n N -c 8); with `--strace`,
+    its system calls per request; with `--callgrind`, instructions per request under callgrind (1 in flight;
+    N requests minus an idle stretch as long), which do not move with the load of the machine, so they compare
+    one change with another where time cannot."""
+    tools = (('nginx', nginxctl.NGINX), ('oha', OHA), ('fastroute', FASTROUTE))
+    missing = [n for n, p in tools if not p]
+    if args.strace and not STRACE:
+        missing.append('strace')
+    if args.callgrind and not CALLGRIND_CONTROL:
+        missing.append('valgrind')
+    if missing:
+        print(f'missing: {", ".join(missing)}', file=sys.stderr)
+        return 2
+    pin = not args.no_pin and nginxctl.cpu_count() >= 2
+    cpu_proxy, cpu_load = ('0', '1') if pin else (None, None)
+    n = args.requests
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix='fr-profile-'))
+    rows: list[dict] = []
+    cg_rows: list[dict] = []
+    syscalls: dict[str, str] = {}
+    try:
+        up, up_port, up_sse = nginxctl.start_upstream(mkdir(tmp / 'upstream'), cpus=cpu_load)
+        procs.add(up)
+        port = nginxctl.free_port()
+        cfg = json.loads(fastroute_config(port, up_port, up_sse, None, 'slow-m'))
+        for extra in args.config_set or []:
+            key, _, value = extra.partition('=')
+            node = cfg
+            *path, last = key.split('.')
+            for k in path:
+                node = node.setdefault(k, {})
+            node[last] = json.loads(value)
+        if args.callgrind:
+            cfg['server']['listen'] = f'127.0.0.1:{port}'
+            cg_rows = callgrind_profile(args, tmp, cfg, cpu_load)
+        else:
+            server = args.servers.split(',')[0]
+            proc, port = start_fastroute(procs, tmp, cpu_proxy, json.dumps(cfg), port, 'profile', server)
+            problem = check_answer(port, nginxctl.REQUEST_BODY, nginxctl.CHAT_BODY)
+            if problem:
+                raise SystemExit(f'fastroute: {problem}')
+            worker = proc.pid
+            url = f'http://127.0.0.1:{port}{CHAT_PATH}'
+            for kind, body in (('JSON', nginxctl.REQUEST_BODY), ('SSE', nginxctl.STREAM_REQUEST_BODY)):
+                body_file = tmp / f'{kind}.json'
+                body_file.write_bytes(body)
+                run_oha(url, body_file, cpu_load, rate=None, seconds=60, n=2000, conns=8)  # warm-up
+                for rnd in range(args.rounds or 3):
+                    c0 = cpu_seconds(worker)
+                    res = run_oha(url, body_file, cpu_load, rate=None, seconds=120, n=n, conns=8)
+                    row = {'kind': kind, 'cpu_us': (cpu_seconds(worker) - c0) * 1e6 / n, 'rps': res['rps']}
+                    rows.append(row)
+                    print(
+                        f'# {kind} round {rnd + 1}: {row["cpu_us"]:.1f} CPU µs/req, {row["rps"]:,.0f} req/s, '
+                        f'{res["errors"]} errors',
+                        file=sys.stderr,
+                    )
+                if args.strace:
+                    m = max(n // 4, 1)
+                    load = functools.partial(run_oha, url, body_file, cpu_load, rate=None, seconds=120, n=m, conns=8)
+                    calls = strace_counts(worker, load)
+                    top = sorted(calls.items(), key=lambda kv: -kv[1])
+                    syscalls[kind] = ', '.join(f'{k} {v / m:.2f}' for k, v in top if k != 'total' and v / m >= 0.01)
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f'fastroute worker per request, {args.rounds or 3} round(s), medians (load average {os.getloadavg()[0]:.1f}):'
+    )
+    print()
+    print(f'| answer | CPU µs/req (oha -c 8, n={n:,}) | req/s | instructions/req (callgrind, 1 in flight) |')
+    print('|---|---:|---:|---:|')
+    for kind in ('JSON', 'SSE'):
+        rs = [r for r in rows if r['kind'] == kind]
+        cg = [r['instr'] for r in cg_rows if r['kind'] == kind]
+        print(
+            f'| {kind} | {med([r["cpu_us"] for r in rs]):.1f} | {med([r["rps"] for r in rs]):,.0f} | {med(cg):,.0f} |'
+        )
+    for kind, text in syscalls.items():
+        print(f'\n{kind} system calls per request: {text}')
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='1 round, shorter runs (a smoke test, not figures)')
     ap.add_argument('--rounds', type=int, default=None)
@@ -415,13 +595,37 @@ def main() -> int:
     ap.add_argument('--rate', type=int, default=1000, help='fixed rate for the latency runs (req/s)')
     ap.add_argument('--out', default=str(ROOT / 'bench-results'))
     ap.add_argument('--sse-upstream', type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument(
+        '--profile',
+        action='store_true',
+        help='fastroute alone: CPU (and with --callgrind instructions) per request of the worker, JSON and SSE',
+    )
+    ap.add_argument('--requests', type=int, default=20000, help='--profile: requests per measurement')
+    ap.add_argument('--strace', action='store_true', help='--profile: also count system calls per request')
+    ap.add_argument('--callgrind', action='store_true', help='--profile: instructions per request under callgrind')
+    ap.add_argument(
+        '--set',
+        dest='config_set',
+        action='append',
+        metavar='KEY=JSON',
+        help='--profile: change the generated config, e.g. metrics.enabled=false (repeatable)',
+    )
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.profile:
+        return profile(args)
     if args.sse_upstream:
         import uvloop
 
         uvloop.run(sse_server(args.sse_upstream, 100, 20, 20))
         return 0
+    return run_all(args)
 
+
+def run_all(args: argparse.Namespace) -> int:
     missing = [n for n, p in (('nginx', nginxctl.NGINX), ('wrk', WRK), ('oha', OHA)) if not p or not Path(p).exists()]
     if missing:
         print(

@@ -507,6 +507,10 @@ class UpstreamStream:
 
     # -- the reader
 
+    def ended(self) -> bool:
+        """The body is complete and all of it was read: `read_chunk` would return None."""
+        return self._eof and not self._buf and self._error is None
+
     async def read_chunk(self) -> bytes | None:
         """What arrived since the last call (a bytes-like buffer), or None at the end.
 
