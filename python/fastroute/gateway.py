@@ -654,8 +654,10 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
             continue
         break
     ctx.upstream_ns = perf_counter_ns() - overhead_at
-    task = asyncio.current_task()
-    watch = asyncio.ensure_future(ctx.proto.client_disconnect())
+    task = asyncio.current_task(ep.loop)  # type: ignore[union-attr]  # (with the loop: no getpid call)
+    watch = ctx.proto.client_disconnect()
+    if not isinstance(watch, asyncio.Future):  # granian's is an awaitable, the native server's a future
+        watch = asyncio.ensure_future(watch)
 
     def on_disconnect(_f: object) -> None:
         task.cancel()  # type: ignore[union-attr]
