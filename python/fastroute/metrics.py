@@ -75,24 +75,25 @@ def cleanup_multiprocess() -> None:
 
 
 class _Hist:
-    """Observations waiting to be flushed into one histogram child."""
+    """Observations waiting to be flushed into one histogram child.
 
-    __slots__ = ('bounds', 'child', 'counts', 'n', 'total')
+    The request path (`observe.Observer._count`) inlines `observe`: `counts[bisect_left(bounds, v)] += 1` and
+    `total += v`."""
+
+    __slots__ = ('bounds', 'child', 'counts', 'total')
 
     def __init__(self, child: Any, bounds: tuple[float, ...]) -> None:
         self.child = child
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
-        self.n = 0
 
     def observe(self, v: float) -> None:
         self.counts[bisect_left(self.bounds, v)] += 1
         self.total += v
-        self.n += 1
 
     def flush(self) -> None:
-        if not self.n:
+        if not any(self.counts):
             return
         # NOTE: prometheus-client's Histogram keeps one value per bucket (`_buckets`, counted non-cumulatively
         # and summed at collect) and `_sum`; adding whole counts here is what `observe` would have done n times.
@@ -104,7 +105,6 @@ class _Hist:
                 self.counts[i] = 0
         child._sum.inc(self.total)
         self.total = 0.0
-        self.n = 0
 
 
 class _Count:
@@ -208,8 +208,10 @@ class Metrics:
         self.small: list[_Count | _Hist] = []  # accumulators besides the series
         self._fallback: dict[tuple[str, str], _Count] = {}
         self._limited: dict[tuple[str, str], _Count] = {}
-        self._aborts: dict[str, _Count] = {}
+        self._aborts: dict[str, _Count] = {}  # model name as given -> its counter
         self._estimated: dict[str, _Count] = {}
+        self._aborts_by_label: dict[str, _Count] = {}  # label value ('other' for a name not in the config)
+        self._estimated_by_label: dict[str, _Count] = {}
         self.overhead_acc = _Hist(self.overhead, OVERHEAD_BUCKETS)
         self.backend_errors = _Count(self.limit_backend_errors)
         self.dropped = _Count(self.log_dropped)
@@ -256,12 +258,22 @@ class Metrics:
         self._one(self._limited, (t, limit), lambda: self.limited.labels(t, limit)).v += 1
 
     def aborted(self, model: str, names: Names) -> None:
-        m = names.model(model)
-        self._one(self._aborts, m, lambda: self.aborts.labels(m)).v += 1
+        c = self._aborts.get(model)  # keyed by the model as given: one lookup on the request path
+        if c is None:
+            m = names.model(model)
+            c = self._aborts[model] = self._one(self._aborts_by_label, m, lambda: self.aborts.labels(m))
+        elif self._timer is None:
+            self._arm()
+        c.v += 1
 
     def estimated(self, model: str, names: Names) -> None:
-        m = names.model(model)
-        self._one(self._estimated, m, lambda: self.usage_estimated.labels(m)).v += 1
+        c = self._estimated.get(model)
+        if c is None:
+            m = names.model(model)
+            c = self._estimated[model] = self._one(self._estimated_by_label, m, lambda: self.usage_estimated.labels(m))
+        elif self._timer is None:
+            self._arm()
+        c.v += 1
 
     def _arm(self) -> None:
         if self._timer is None:

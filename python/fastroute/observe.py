@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from fastroute import dashboard as _dashboard  # noqa: F401  (registers /metrics
 from fastroute import metrics as _metrics
 from fastroute.accesslog import Entry, writer_for
 from fastroute.limits import LimitError, limiter_for
-from fastroute.metrics import Names
+from fastroute.metrics import LATENCY_BUCKETS, OVERHEAD_BUCKETS, TTFT_BUCKETS, Names
 from fastroute.spend import Prices, StreamUsage, body_usage
 
 if TYPE_CHECKING:
@@ -151,17 +152,31 @@ class Observer:
         if s is None:
             s = m.series_for(key, names)
         s.requests.v += 1
-        s.duration.observe(latency_ns / 1e9)
-        m.overhead_acc.observe(overhead_ns / 1e9)
+        # NOTE: `_Hist.observe` inlined (bisect into the bucket counts, add to the sum): a method call per
+        # histogram cost more than the observation itself (callgrind: metrics 15k -> ~11k instructions/request)
+        v = latency_ns / 1e9
+        h = s.duration
+        h.counts[bisect_left(LATENCY_BUCKETS, v)] += 1
+        h.total += v
+        v = overhead_ns / 1e9
+        h = m.overhead_acc
+        h.counts[bisect_left(OVERHEAD_BUCKETS, v)] += 1
+        h.total += v
         if d is None:
             return
         s.decisions.v += 1
         if d.variant is not None:
             s.variant.v += 1
         if ctx.endpoint is not None:
-            s.upstream.observe(ctx.upstream_ns / 1e9)
+            v = ctx.upstream_ns / 1e9
+            h = s.upstream
+            h.counts[bisect_left(LATENCY_BUCKETS, v)] += 1
+            h.total += v
             if ctx.ttft_ns and d.stream:  # streams only: a whole answer's first byte is its last
-                s.ttft.observe((ctx.ttft_ns - ctx.t0) / 1e9)
+                v = (ctx.ttft_ns - ctx.t0) / 1e9
+                h = s.ttft
+                h.counts[bisect_left(TTFT_BUCKETS, v)] += 1
+                h.total += v
         if tin or tout:
             s.tokens_in.v += tin
             s.tokens_out.v += tout
