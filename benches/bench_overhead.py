@@ -26,19 +26,22 @@ CPU sharing (default): the proxy under test on CPU 0; wrk/oha and the upstream n
 `--no-pin` leaves everything to the scheduler. Output: a markdown table, printed and written to
 bench-results/overhead-<timestamp>.md.
 
-Latest figures (2026-11-26 03:51, full run, pinned, --servers native,granian, loop client; load average 2.0-3.2 on
-2 CPUs from other work, so only the same-run ratios mean much; bench-results/overhead-20261126-035157.md):
+--profile: fastroute alone, same upstream and config: CPU time of the worker per request (oha -n N -c 8),
+with --strace its system calls per request, with --callgrind instructions per request under callgrind (1 in
+flight; independent of the machine's load). --set KEY=JSON changes the generated config.
 
-  target                 max req/s JSON  CPU us/req JSON  max req/s SSE  CPU us/req SSE  p50 @1  p50/p99 @1k (ms)
-  (a) direct                     42,502               12         39,758              13   0.052  0.124 / 2.94
-  (b) nginx proxy                12,991               38         12,791              38   0.162  0.246 / 3.77
-  (c) minimal aiohttp             1,567              499          1,426             534   0.750  3.455 / 47.7
-  (d) fastroute, native           4,897              152          3,926             183   0.285  0.457 / 5.13
-  (e) fastroute, granian          4,521              176          2,951             263   0.416  0.794 / 6.66
-  added over direct: nginx 0.11 ms p50 @1, 0.12 / 0.83 ms p50/p99 @1k; fastroute native 0.23 ms, 0.33 / 2.19 ms
-  (2.1x / 2.7x / 2.6x nginx's), granian 0.37 ms, 0.67 / 3.73 ms (3.3x / 5.5x / 4.5x). fastroute / minimal max
-  req/s: native JSON 3.1x, SSE 2.8x; granian 2.9x, 2.1x. Streaming: first event 101.8 ms direct, 102.1 ms through
-  fastroute (native), median gap 20.2 ms: no buffering in any proxy.
+Latest figures (2026-11-26 07:40 and 07:57, full runs, pinned, load average 5.3-8.4 from other work; all figures
+and the runs before: benches/README.md):
+
+  target            req/s JSON     CPU us/req JSON  req/s SSE      CPU us/req SSE  p50 @1       p50 @1k    p99 @1k
+  (a) direct        28,141/27,487  12/13            25,607/21,523  11/13           0.036/0.037  0.150/0.109  1.14/2.65
+  (b) nginx proxy   8,334/9,553    37/35            6,912/8,204    46/39           0.173/0.164  0.220/0.235  6.66/6.97
+  (c) minimal       983/1,269      415/418          971/1,388      459/373         0.511/0.513  11.5/2.57    113/125
+  (d) fastroute     3,521/3,364    118/161          3,040/2,630    136/173         0.235/0.254  1.01/1.60    8.83/10.3
+  fastroute added / nginx added: p50 @1 1.4x/1.7x, p99 @1k 1.4x/1.8x; p50 @1k 12x (the proxy pinned to CPU 0 waited
+  for its turn among 5-8 runnable processes; not a measure of the proxy). Before/after this round's cuts
+  (--profile; CPU interleaved in one run): instructions/request JSON 235.7k -> 228.0k, SSE 289.5k -> 273.9k; system calls 4.97 -> 4.28 and
+  7.39 -> 4.25; CPU us/request 107 -> 102 and 139 -> 115.
 """
 
 from __future__ import annotations
