@@ -40,8 +40,8 @@ and the runs before: benches/README.md):
   (d) fastroute     3,521/3,364    118/161          3,040/2,630    136/173         0.235/0.254  1.01/1.60    8.83/10.3
   fastroute added / nginx added: p50 @1 1.4x/1.7x, p99 @1k 1.4x/1.8x; p50 @1k 12x (the proxy pinned to CPU 0 waited
   for its turn among 5-8 runnable processes; not a measure of the proxy). Before/after this round's cuts
-  (--profile; CPU interleaved in one run): instructions/request JSON 235.7k -> 228.0k, SSE 289.5k -> 273.9k; system calls 4.97 -> 4.28 and
-  7.39 -> 4.25; CPU us/request 107 -> 102 and 139 -> 115.
+  (--profile; CPU interleaved in one run): instructions/request JSON 235.7k -> 228.0k, SSE 289.5k -> 273.9k;
+  system calls 4.97 -> 4.28 and 7.39 -> 4.25; CPU us/request 107 -> 102 and 139 -> 115.
 """
 
 from __future__ import annotations
