@@ -150,6 +150,7 @@ impl Glob {
     }
 
     /// Whether `s` matches. Linear-ish: backtracks only to the last `*`.
+    #[inline]
     #[must_use]
     pub fn matches(&self, s: &str) -> bool {
         match self {

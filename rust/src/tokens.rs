@@ -153,10 +153,10 @@ fn find_backslash(text: &[u8]) -> usize {
 #[allow(unsafe_code)]
 mod simd {
     use std::arch::x86_64::{
-        __m256i, _mm256_add_epi64, _mm256_alignr_epi8, _mm256_and_si256, _mm256_cmpeq_epi8, _mm256_cmpgt_epi8,
-        _mm256_extract_epi64, _mm256_loadu_si256, _mm256_movemask_epi8, _mm256_or_si256, _mm256_permute2x128_si256,
-        _mm256_sad_epu8, _mm256_set1_epi8, _mm256_setr_epi8, _mm256_setzero_si256, _mm256_shuffle_epi8,
-        _mm256_srli_epi16, _mm256_sub_epi8, _mm256_xor_si256,
+        __m256i, _mm256_add_epi64, _mm256_adds_epu8, _mm256_alignr_epi8, _mm256_and_si256, _mm256_cmpeq_epi8,
+        _mm256_cmpgt_epi8, _mm256_extract_epi64, _mm256_loadu_si256, _mm256_movemask_epi8, _mm256_or_si256,
+        _mm256_permute2x128_si256, _mm256_sad_epu8, _mm256_set1_epi8, _mm256_setr_epi8, _mm256_setzero_si256,
+        _mm256_shuffle_epi8, _mm256_srli_epi16, _mm256_sub_epi8, _mm256_xor_si256,
     };
 
     use super::{pair_index, run_weight_scalar, BYTE_PAIR_WEIGHT, CLASS, LOWER, PAIR_WEIGHT};
@@ -170,16 +170,36 @@ mod simd {
         std::arch::is_x86_feature_detected!("avx2")
     }
 
-    /// ASCII byte ranges, in order, and the class of each: a byte's range is the number of bounds at or below it.
-    const BOUNDS: [u8; 9] = [0x20, 0x21, 0x30, 0x3a, 0x41, 0x5b, 0x61, 0x7b, 0x7f];
+    /// ASCII splits into 10 ranges of one class each (0x00-0x1f, 0x20, 0x21-0x2f, 0x30-0x39, 0x3a-0x40, 0x41-0x5a,
+    /// 0x5b-0x60, 0x61-0x7a, 0x7b-0x7e, 0x7f), numbered in order. A byte's range is its row's (high nibble's) first
+    /// range, plus one for each of the row's two thresholds its low nibble is above.
+    const ROW_BASE: [u8; 16] = [0, 0, 1, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0];
+    const ROW_T1: [u8; 16] = [15, 15, 0, 9, 0, 10, 0, 10, 15, 15, 15, 15, 15, 15, 15, 15];
+    const ROW_T2: [u8; 16] = [15, 15, 15, 15, 15, 15, 15, 14, 15, 15, 15, 15, 15, 15, 15, 15];
+    const RANGE_LOWS: [u8; 10] = [0x00, 0x20, 0x21, 0x30, 0x3a, 0x41, 0x5b, 0x61, 0x7b, 0x7f];
+
+    const fn range_of(b: u8) -> usize {
+        let (row, lo) = ((b >> 4) as usize, b & 15);
+        ROW_BASE[row] as usize + (lo > ROW_T1[row]) as usize + (lo > ROW_T2[row]) as usize
+    }
+
+    /// The class of each range; checked at compile time against `class_of` for every ASCII byte but the backslash
+    /// (which never reaches the vector path).
     const RANGE_CLASS: [u8; 10] = {
         let mut t = [0u8; 10];
-        let lows = [0x00u8, 0x20, 0x21, 0x30, 0x3a, 0x41, 0x5b, 0x61, 0x7b, 0x7f];
         let mut i = 0;
         while i < 10 {
-            t[i] = super::class_of(lows[i]);
+            t[i] = super::class_of(RANGE_LOWS[i]);
             assert!(t[i] < 8, "an ASCII class outside 0..8");
             i += 1;
+        }
+        let mut b = 0u8;
+        while b < 0x80 {
+            assert!(
+                b == b'\\' || t[range_of(b)] == super::class_of(b),
+                "the nibble ranges disagree with class_of"
+            );
+            b += 1;
         }
         t
     };
@@ -220,13 +240,31 @@ mod simd {
 
     /// The class of every byte of `v` (all ASCII, no backslash), and the class times 8.
     #[target_feature(enable = "avx2")]
-    fn classes(v: __m256i, class: __m256i, class8: __m256i) -> (__m256i, __m256i) {
-        let mut range = _mm256_setzero_si256();
-        for b in BOUNDS {
-            // A compare yields -1 where `v >= b`; subtracting counts the bounds passed.
-            range = _mm256_sub_epi8(range, _mm256_cmpgt_epi8(v, _mm256_set1_epi8((b - 1) as i8)));
-        }
-        (_mm256_shuffle_epi8(class, range), _mm256_shuffle_epi8(class8, range))
+    fn classes(v: __m256i, t: &Tables) -> (__m256i, __m256i) {
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), t.nibble);
+        let lo = _mm256_and_si256(v, t.nibble);
+        let row = |table| _mm256_shuffle_epi8(table, hi);
+        // A compare yields -1 where the low nibble is above the threshold; subtracting adds one.
+        let range = _mm256_sub_epi8(
+            _mm256_sub_epi8(row(t.base), _mm256_cmpgt_epi8(lo, row(t.t1))),
+            _mm256_cmpgt_epi8(lo, row(t.t2)),
+        );
+        (
+            _mm256_shuffle_epi8(t.class, range),
+            _mm256_shuffle_epi8(t.class8, range),
+        )
+    }
+
+    /// Every lookup table, loaded into vectors once per call.
+    struct Tables {
+        nibble: __m256i,
+        base: __m256i,
+        t1: __m256i,
+        t2: __m256i,
+        class: __m256i,
+        class8: __m256i,
+        low: [__m256i; 3],
+        high: [__m256i; 3],
     }
 
     /// Sum of the pair weights inside `run` (`run.len() >= 32`), equal to [`run_weight_scalar`].
@@ -244,14 +282,23 @@ mod simd {
             class_t[i] = c;
             class8_t[i] = c * 8;
         }
-        let (class_t, class8_t) = (table(&class_t), table(&class8_t));
-        let lows = [table(&LOW[0]), table(&LOW[1]), table(&LOW[2])];
-        let highs = [table(&HIGH[0]), table(&HIGH[1]), table(&HIGH[2])];
-        let nibble = _mm256_set1_epi8(0x0f);
+        let t = Tables {
+            nibble: _mm256_set1_epi8(0x0f),
+            base: table(&ROW_BASE),
+            t1: table(&ROW_T1),
+            t2: table(&ROW_T2),
+            class: table(&class_t),
+            class8: table(&class8_t),
+            low: [table(&LOW[0]), table(&LOW[1]), table(&LOW[2])],
+            high: [table(&HIGH[0]), table(&HIGH[1]), table(&HIGH[2])],
+        };
         let backslash = _mm256_set1_epi8(b'\\' as i8);
         let bias = _mm256_set1_epi8(i8::MIN);
         let zero = _mm256_setzero_si256();
-        let qs = [_mm256_set1_epi8(0), _mm256_set1_epi8(1), _mm256_set1_epi8(2)];
+        // Added with unsigned saturation to an index in 0..16, 0x70 keeps its low nibble and its top bit clear; to
+        // an index of 16 or more (or one below 0, wrapped), it sets the top bit, which makes a shuffle give 0.
+        let in_range = _mm256_set1_epi8(0x70);
+        let (sixteen, thirty_two) = (_mm256_set1_epi8(16), _mm256_set1_epi8(32));
 
         let (mut sum_lo, mut sum_hi) = (zero, zero);
         let mut blocks = 0i64;
@@ -269,7 +316,7 @@ mod simd {
                 o += 32;
                 continue;
             }
-            let (c, c8) = classes(v, class_t, class8_t);
+            let (c, c8) = classes(v, &t);
             // The previous byte's class × 8 in each lane: the last byte of the block before, then this block's.
             let before = prev8.unwrap_or(_mm256_set1_epi8((LOWER * 8) as i8));
             let p8 = _mm256_alignr_epi8::<15>(c8, _mm256_permute2x128_si256::<0x21>(before, c8));
@@ -282,14 +329,16 @@ mod simd {
                 }
             }
             let idx = _mm256_or_si256(p8, c);
-            let lo4 = _mm256_and_si256(idx, nibble);
-            let q = _mm256_and_si256(_mm256_srli_epi16::<4>(idx), nibble);
-            let (mut wl, mut wh) = (zero, zero);
-            for ((qk, lk), hk) in qs.iter().zip(&lows).zip(&highs) {
-                let m = _mm256_cmpeq_epi8(q, *qk);
-                wl = _mm256_or_si256(wl, _mm256_and_si256(m, _mm256_shuffle_epi8(*lk, lo4)));
-                wh = _mm256_or_si256(wh, _mm256_and_si256(m, _mm256_shuffle_epi8(*hk, lo4)));
-            }
+            let i0 = _mm256_adds_epu8(idx, in_range);
+            let i1 = _mm256_adds_epu8(_mm256_sub_epi8(idx, sixteen), in_range);
+            let i2 = _mm256_adds_epu8(_mm256_sub_epi8(idx, thirty_two), in_range);
+            let look = |tables: &[__m256i; 3]| {
+                _mm256_or_si256(
+                    _mm256_or_si256(_mm256_shuffle_epi8(tables[0], i0), _mm256_shuffle_epi8(tables[1], i1)),
+                    _mm256_shuffle_epi8(tables[2], i2),
+                )
+            };
+            let (wl, wh) = (look(&t.low), look(&t.high));
             sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(wl, zero));
             sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(_mm256_xor_si256(wh, bias), zero));
             blocks += 1;
