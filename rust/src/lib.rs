@@ -156,9 +156,9 @@ fn rewritten_body<'py>(py: Python<'py>, plan: &rewrite::Plan<'_>, raw: &[u8]) ->
     Ok(obj.cast_into::<PyBytes>()?)
 }
 
-fn header_strs<'a>(objs: &'a HeaderObjs<'_>) -> PyResult<[Option<&'a str>; MAX_HEADERS]> {
+fn header_strs<'a>(objs: &'a HeaderObjs<'_>, n: usize) -> PyResult<[Option<&'a str>; MAX_HEADERS]> {
     let mut values: [Option<&str>; MAX_HEADERS] = [None; MAX_HEADERS];
-    for (v, o) in values.iter_mut().zip(objs) {
+    for (v, o) in values.iter_mut().zip(objs).take(n) {
         if let Some(s) = o {
             *v = Some(s.to_str()?);
         }
@@ -214,7 +214,7 @@ impl Router {
         let py = slf.py();
         let this = slf.get();
         let objs = this.fetch_headers(headers)?;
-        let values = header_strs(&objs)?;
+        let values = header_strs(&objs, this.names.headers.len())?;
         let raw = body.as_bytes();
         let d = this
             .run(method.to_str()?, path.to_str()?, &values, raw, None)
@@ -349,7 +349,7 @@ impl Decision {
             let router = s.router.get();
             let headers = s.headers.bind(py);
             let objs = router.fetch_headers(headers)?;
-            let values = header_strs(&objs)?;
+            let values = header_strs(&objs, router.names.headers.len())?;
             let mut lines = Vec::new();
             let method = s.method.bind(py).to_str()?;
             let path = s.path.bind(py).to_str()?;

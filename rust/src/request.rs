@@ -176,8 +176,9 @@ mod simd {
         // Control-character lanes and all bytes (for their top bits) of the blocks passed so far.
         let (mut control, mut wide) = (_mm256_setzero_si256(), _mm256_setzero_si256());
         let mask = |v: __m256i| _mm256_movemask_epi8(v).cast_unsigned();
-        let mut o = 0;
-        while let Some(chunk) = s.get(o..o + 32) {
+        let blocks = s.chunks_exact(32);
+        let tail = blocks.remainder();
+        for (n, chunk) in blocks.enumerate() {
             // SAFETY: `chunk` is 32 readable bytes; the load is unaligned.
             let v = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
             let ends = mask(_mm256_or_si256(
@@ -190,16 +191,16 @@ mod simd {
                 let k = ends.trailing_zeros();
                 let before = (1u32 << k) - 1;
                 return (
-                    o + k as usize,
+                    32 * n + k as usize,
                     mask(control) != 0 || mask(c) & before != 0,
                     mask(wide) != 0 || mask(v) & before != 0,
                 );
             }
             control = _mm256_or_si256(control, c);
             wide = _mm256_or_si256(wide, v);
-            o += 32;
         }
-        let (off, c, w) = plain_run_scalar(&s[o..]);
+        let o = s.len() - tail.len();
+        let (off, c, w) = plain_run_scalar(tail);
         (o + off, c || mask(control) != 0, w || mask(wide) != 0)
     }
 

@@ -241,6 +241,11 @@ impl Cond {
             Self::InputTokens(b) => b.contains(i64::from(f.body.est_tokens)),
             Self::MaxTokens(b) => f.body.max_tokens.is_some_and(|v| b.contains(v)),
             Self::Stream(s) => f.body.stream == *s,
+            Self::Metadata { slot, value, .. } => match f.body.metadata[*slot] {
+                None => false,
+                Some(v) if !v.escaped => v.raw == &**value,
+                Some(_) => self.eval_other(f),
+            },
             _ => self.eval_other(f),
         }
     }

@@ -301,19 +301,20 @@ mod simd {
         let (sixteen, thirty_two) = (_mm256_set1_epi8(16), _mm256_set1_epi8(32));
 
         let (mut sum_lo, mut sum_hi) = (zero, zero);
-        let mut blocks = 0i64;
+        let mut vector_blocks = 0i64;
         let mut acc = 0i64;
         // Class × 8 of the previous block's bytes, when that block went through the vector path.
         let mut prev8: Option<__m256i> = None;
-        let mut o = 0;
-        while let Some(chunk) = run.get(o..o + 32) {
+        let blocks = run.chunks_exact(32);
+        let end = run.len() - blocks.remainder().len();
+        for (n, chunk) in blocks.enumerate() {
+            let o = 32 * n;
             // SAFETY: `chunk` is 32 readable bytes; the load is unaligned.
             let v = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
             let odd = _mm256_movemask_epi8(_mm256_or_si256(v, _mm256_cmpeq_epi8(v, backslash)));
             if odd != 0 {
                 acc += run_weight_scalar(&run[o.saturating_sub(1)..o + 32]);
                 prev8 = None;
-                o += 32;
                 continue;
             }
             let (c, c8) = classes(v, &t);
@@ -341,12 +342,11 @@ mod simd {
             let (wl, wh) = (look(&t.low), look(&t.high));
             sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(wl, zero));
             sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(_mm256_xor_si256(wh, bias), zero));
-            blocks += 1;
+            vector_blocks += 1;
             prev8 = Some(c8);
-            o += 32;
         }
-        if o < run.len() {
-            acc += run_weight_scalar(&run[o.saturating_sub(1)..]);
+        if end < run.len() {
+            acc += run_weight_scalar(&run[end.saturating_sub(1)..]);
         }
         let lanes = |v: __m256i| {
             _mm256_extract_epi64::<0>(v)
@@ -355,7 +355,7 @@ mod simd {
                 + _mm256_extract_epi64::<3>(v)
         };
         // High bytes were biased by 128 to sum them unsigned.
-        acc + lanes(sum_lo) + 256 * (lanes(sum_hi) - 128 * 32 * blocks)
+        acc + lanes(sum_lo) + 256 * (lanes(sum_hi) - 128 * 32 * vector_blocks)
     }
 
     #[cfg(test)]
