@@ -33,15 +33,15 @@ compare the two sums on random bytes); one AVX2 pass finds a string's end and ch
 bytes (was memchr2 plus a fold); the rewritten body is written once, straight into the new `bytes`; the simple
 route conditions are inlined into the route loop.
 
-`make bench` after this pass, load average ~9 (other builds running), so medians are high and swing:
-noop 0.063 µs; 2 KB: msgspec 1.85 µs, decide 3.97 / 2.46 / 5.26 µs for 5 / 50 / 500 routes (50 routes min
-2.24 µs); 200 B: msgspec 1.16 µs, decide 3.04 / 1.89 / 4.62 µs; 100 KB: msgspec 51.2 µs, decide 47.6 / 28.4 /
-31.4 µs. In the same process, interleaved (21 rounds of 20k calls each), the build before this pass against this
+`make bench` after this pass (load average ~5.3 from other builds; medians): noop 0.069 µs; 2 KB: msgspec 1.86 µs,
+decide 2.19 / 2.40 / 4.94 µs for 5 / 50 / 500 routes (50 routes min 2.27 µs); 200 B: msgspec 1.17 µs, decide 1.71 /
+1.99 / 4.54 µs; 100 KB: msgspec 45.7 µs, decide 28.0 / 27.8 / 32.0 µs. (The same bench before this pass, at load
+0.7: 2 KB / 50 routes 2.73 µs.) In the same process, interleaved (21 rounds of 20k calls each), the build before this pass against this
 pass's builds, same load: 2 KB / 50 routes median 0.82-0.84x (three runs; the final build 0.84x), 2 KB / 500 routes
 0.79-0.84x, 200 B / 5 routes 0.98-1.00x.
 
 Conclusions: 100 KB meets its target with room (~30-50 µs, below one msgspec parse). 2 KB / 50 routes / 10k keys
-does not yet meet < 2 µs on this loaded machine: median 2.46 µs = 1.33x msgspec (was 1.50x). Where its 21.4k
+does not yet meet < 2 µs: median 2.40 µs = 1.29x msgspec in the same run (was 1.50x). Where its 21.4k
 instructions go now: token estimate 4.0k (AVX2 blocks ~2 instructions per byte), SHA-256 3.5k (valgrind only:
 natively 1.6 % of samples), string scan 2.8k, route evaluation 2.0k (40 candidates), the rest of decide 1.5k, body
 scan loop and keys 2.2k, copies 0.9k, then the crossing, header lookups and `Decision` building. Natively (perf, 2 KB
