@@ -36,9 +36,9 @@ route conditions are inlined into the route loop.
 `make bench` after this pass (load average ~5.3 from other builds; medians): noop 0.069 µs; 2 KB: msgspec 1.86 µs,
 decide 2.19 / 2.40 / 4.94 µs for 5 / 50 / 500 routes (50 routes min 2.27 µs); 200 B: msgspec 1.17 µs, decide 1.71 /
 1.99 / 4.54 µs; 100 KB: msgspec 45.7 µs, decide 28.0 / 27.8 / 32.0 µs. (The same bench before this pass, at load
-0.7: 2 KB / 50 routes 2.73 µs.) In the same process, interleaved (21 rounds of 20k calls each), the build before this pass against this
-pass's builds, same load: 2 KB / 50 routes median 0.82-0.84x (three runs; the final build 0.84x), 2 KB / 500 routes
-0.79-0.84x, 200 B / 5 routes 0.98-1.00x.
+0.7: 2 KB / 50 routes 2.73 µs.) In the same process, interleaved (21 rounds of 20k calls each), the build before
+this pass against this pass's builds, same load: 2 KB / 50 routes median 0.82-0.84x (three runs; the final build
+0.84x), 2 KB / 500 routes 0.79-0.84x, 200 B / 5 routes 0.98-1.00x.
 
 Conclusions: 100 KB meets its target with room (~30-50 µs, below one msgspec parse). 2 KB / 50 routes / 10k keys
 does not yet meet < 2 µs: median 2.40 µs = 1.29x msgspec in the same run (was 1.50x). Where its 21.4k
