@@ -11,53 +11,41 @@ Baselines in the same run: `_core.noop()` (the bare crossing) and `msgspec.json.
 Targets (issue 2): 2 KB / 50 routes / 10k keys median < 2 µs including the crossing;
 100 KB < 100 µs.
 
-Last results (route index and body-copy pass, after the issue 2 performance pass; 2 shared cores under load
-from other jobs, load average 1.7-2.6, so wall-clock medians swing 1.5-2x between runs; the instruction counts
-are the stable comparison).
+Instructions per decide (`benches/callgrind_decide.py`: callgrind, a loop of N calls minus a loop of 0, release
+build; the crossing is included; SHA-256 runs its portable path under valgrind, SHA-NI natively). "before" is the
+start of the SIMD pass (c1e30a4), "after" its end, both measured the same day with the same harness:
 
-Instructions per decide, callgrind (`python` calling `decide` in a loop, N=2000 minus N=0, release build;
-includes the crossing and the loop; SHA-256 runs the soft path under valgrind, SHA-NI natively). "issue 2" is
-the previous pass's result, "before"/"after" this pass, both measured now:
+    body     routes   before    after
+    200 B       5     14.1k     13.9k
+    200 B      50     17.2k     16.2k    (-6 %)
+    200 B     500     48.1k     39.2k    (-18 %)
+    2 KB        5     23.0k     19.1k    (-17 %)
+    2 KB       50     26.1k     21.4k    (-18 %)
+    2 KB      500     56.9k     44.4k    (-22 %)
+    100 KB      5    695k      412k      (-41 %)
+    100 KB     50    698k      414k      (-41 %)
+    100 KB    500    729k      437k      (-40 %)
+    msgspec.json.decode: 9.6k / 17.2k / 513k; one `_core.noop()` loop iteration: 0.4k
 
-    body     routes   issue 2   before    after
-    200 B       5     14.2k     14.5k     14.6k   (+0.6 %: one path lookup to skip one route)
-    200 B      50     18.3k     18.1k     17.8k
-    200 B     500     54.8k     54.5k     52.0k
-    2 KB        5     25.7k     25.3k     23.5k
-    2 KB       50     28.8k     28.9k     26.9k   (-7 %)
-    2 KB      500     65.9k     65.4k     60.9k   (-7 %)
-    100 KB     50    701k      699k      699k
-    msgspec.json.decode 2 KB: 17.7k; _core.noop() loop: 0.9k (issue 2 pass)
+What changed: plain-ASCII runs of text are summed 32 bytes a time with AVX2 (runtime-detected; the scalar table
+loop stays for other CPUs and for blocks with non-ASCII bytes or escapes, and the estimates are identical: tests
+compare the two sums on random bytes); one AVX2 pass finds a string's end and checks it for control and non-ASCII
+bytes (was memchr2 plus a fold); the rewritten body is written once, straight into the new `bytes`; the simple
+route conditions are inlined into the route loop.
 
-What changed: (1) a path index built at compile time — for each exact path a route requires, the ordered
-candidate routes (those requiring it plus those requiring no exact path); decide looks the request path up once
-(ahash) and evaluates only the candidates, in route order (the trace still explains every route). Here 1 route in
-5 requires an exact path the request does not have, so route evaluation drops ~0.35k at 50 routes and ~4k at 500.
-(2) The rewritten body (up to 64 KiB) is written into a reused per-thread buffer and copied once into the
-`bytes`, instead of `PyBytes::new_with`, which zeroes the buffer first: -2.1k (`rep stosb`, counted per byte by
-valgrind; natively it is a few tens of ns) +0.23k for the copy. 100 KB bodies keep `new_with`.
+`make bench` after this pass (load average ~5.3 from other builds; medians): noop 0.069 µs; 2 KB: msgspec 1.86 µs,
+decide 2.19 / 2.40 / 4.94 µs for 5 / 50 / 500 routes (50 routes min 2.27 µs); 200 B: msgspec 1.17 µs, decide 1.71 /
+1.99 / 4.54 µs; 100 KB: msgspec 45.7 µs, decide 28.0 / 27.8 / 32.0 µs. (The same bench before this pass, at load
+0.7: 2 KB / 50 routes 2.73 µs.) In the same process, interleaved (21 rounds of 20k calls each), the build before
+this pass against this pass's builds, same load: 2 KB / 50 routes median 0.82-0.84x (three runs; the final build
+0.84x), 2 KB / 500 routes 0.79-0.84x, 200 B / 5 routes 0.98-1.00x.
 
-`make bench` after this pass (load average 1.7-2.2; medians / mins):
-
-    baseline  _core.noop()                    0.064 µs
-    body      msgspec.json.decode    decide 5 / 50 / 500 routes (median)     decide 50 routes (min)
-    200 B     2.15 µs                3.32 / 3.59 / 4.80 µs                   1.83 µs
-    2 KB      1.81 µs                4.48 / 2.72 / 5.58 µs                   2.59 µs
-    100 KB    67.9 µs                76.4 / 81.9 / 47.2 µs                   43.4 µs
-
-Previous `make bench` (issue 2 pass, quietest run, load average 1.1): noop 0.064 µs; 2 KB msgspec 1.89 µs,
-decide 4.21 / 4.84 / 6.24 µs (min 2.68 µs); 200 B msgspec 1.18 µs, decide 2.96 / 3.70 / 5.57 µs; 100 KB msgspec
-45.5 µs, decide 70.4 / 45.8 / 76.5 µs. The cases run one after another, so load shifts between them (the 5-route
-medians above are above the 50-route ones only for that reason; their instruction counts are lower).
-
-Conclusions: 100 KB meets its target (~45-80 µs < 100 µs, about one msgspec parse). 2 KB / 50 routes / 10k keys
-does not yet meet < 2 µs: median 2.72 µs = 1.50x the msgspec median of the same run (min 2.59 µs). Where the
-2 KB / 50-route decide goes now (callgrind, per decide, 26.9k): token estimate 7.3k (3.7 instructions per text
-byte), SHA-256 of the key 3.5k under valgrind (SHA-NI natively), string scan and validation 2.9k (raw_string,
-memchr, from_utf8), route evaluation 3.2k (40 candidate routes of 50), scan loop and keys 2.0k, decide 1.5k, the rest
-crossing, header lookups and `Decision` building. Next steps: a SIMD pass (runtime-detected SSSE3/AVX2) for the
-estimator and string validation, which together are ~40 % of the instructions; an index on header values or
-`model` would cut route evaluation further only for specs whose routes mostly test those.
+Conclusions: 100 KB meets its target with room (~30-50 µs, below one msgspec parse). 2 KB / 50 routes / 10k keys
+does not yet meet < 2 µs: median 2.40 µs = 1.29x msgspec in the same run (was 1.50x). Where its 21.4k
+instructions go now: token estimate 4.0k (AVX2 blocks ~2 instructions per byte), SHA-256 3.5k (valgrind only:
+natively 1.6 % of samples), string scan 2.8k, route evaluation 2.0k (40 candidates), the rest of decide 1.5k, body
+scan loop and keys 2.2k, copies 0.9k, then the crossing, header lookups and `Decision` building. Natively (perf, 2 KB
+/ 50 routes) no part is above ~12 %: the next gains need fewer Python objects per call or fewer routes evaluated.
 """
 
 from __future__ import annotations

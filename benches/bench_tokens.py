@@ -7,19 +7,17 @@ Input: 1 MiB of mixed text, the token corpus (tests/fixtures/tokens: prose, code
 numbers, MMLU prompts; half the non-ASCII samples \\u-escaped) concatenated, as raw JSON-string content. Each case
 reports its throughput in `extra_info['gb_per_s']` (median) and `extra_info['gb_per_s_best']` (best round).
 
-Last results (release build, 2 shared cores at load average ~1-3; two runs):
+Last results (release build, 2 shared cores at load average ~9; two runs): fast, 1 MiB mixed: median 0.72 and
+1.02 GB/s, best 1.43 GB/s; exact o200k_base and cl100k_base ~1.3-1.8 MB/s.
 
-    fast, 1 MiB mixed        median 1.06-1.09 GB/s, best 1.31-1.33 GB/s   (was 0.30-0.82, best 0.83-0.99, devrel)
-    exact o200k_base         ~4.5 MB/s (about 250x slower)
-    exact cl100k_base        ~5 MB/s
-
-Same process, old class-table loop against the new one, alternating rounds (a scratch harness over the corpus):
-mixed corpus 1.17x (median 0.77 vs 0.67 GB/s at the time, best 1.22), prose 2.0x (3.0-3.15 vs 1.58 GB/s). The
-estimate is unchanged (the Rust tests check it equals the features dotted with the weights, on the corpus and on
-random and escape-heavy bytes). Conclusion: the 1 GB/s target is met on the mixed corpus, with little margin on
-this loaded machine; prose runs at ~3 GB/s. The mixed corpus is escape-bound (a backslash every ~24 bytes: half
-the non-ASCII samples are \\u-escaped), each escape costing a branchy decode; the scanner skips the backslash search
-for strings it saw no escape in.
+Plain-ASCII runs are summed 32 bytes at a time with AVX2 when the CPU has it (scalar pair-table loop otherwise, and
+for blocks with non-ASCII bytes or escapes); the estimate is unchanged (the Rust tests check the vector sum equals
+the scalar one and the estimate equals the features dotted with the weights). The old build against the new one,
+interleaved in one process (31 rounds each, load ~9): prose 2.1x (1.93 -> 4.03 GB/s median); the mixed corpus
+0.91x, 1.55x, 1.25x in three runs (bests 1.08-1.15x): it is escape-bound (a backslash every ~24 bytes: half the
+non-ASCII samples are \\u-escaped), so its runs are mostly too short for the vector path and its instruction
+count is about the same (callgrind, -1 %). The 1 GB/s target: median 1.02 GB/s in one run and 0.72 in the other at
+load ~9 (the previous pass measured 1.06-1.09 at load 1-3); not re-measured on a quiet machine.
 """
 
 from __future__ import annotations

@@ -198,7 +198,19 @@ impl Plan<'_> {
     /// Write the rewritten body into `out`, which must be exactly `self.len()` bytes
     /// (e.g. a Python bytes object allocated at that size). One pass, memcpy between edits.
     pub fn write(&self, body: &[u8], out: &mut [u8]) {
-        let mut w = Writer { out, at: 0 };
+        let mut at = 0;
+        self.write_with(body, |b| {
+            if let Some(dst) = out.get_mut(at..at + b.len()) {
+                dst.copy_from_slice(b);
+            }
+            at += b.len();
+        });
+    }
+
+    /// The rewritten body as consecutive pieces handed to `sink`, in order (`self.len()` bytes in all), for a
+    /// caller that writes them into memory of its own.
+    pub fn write_with(&self, body: &[u8], sink: impl FnMut(&[u8])) {
+        let mut w = Writer { sink };
         let mut from = 0;
         for e in self.edits.iter().flatten() {
             w.put(&body[from..e.start()]);
@@ -234,18 +246,14 @@ impl Plan<'_> {
     }
 }
 
-struct Writer<'o> {
-    out: &'o mut [u8],
-    at: usize,
+struct Writer<F: FnMut(&[u8])> {
+    sink: F,
 }
 
-impl Writer<'_> {
+impl<F: FnMut(&[u8])> Writer<F> {
     #[inline]
     fn put(&mut self, b: &[u8]) {
-        if let Some(dst) = self.out.get_mut(self.at..self.at + b.len()) {
-            dst.copy_from_slice(b);
-        }
-        self.at += b.len();
+        (self.sink)(b);
     }
 
     fn string(&mut self, s: &str) {

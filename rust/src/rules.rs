@@ -150,6 +150,7 @@ impl Glob {
     }
 
     /// Whether `s` matches. Linear-ish: backtracks only to the last `*`.
+    #[inline]
     #[must_use]
     pub fn matches(&self, s: &str) -> bool {
         match self {
@@ -224,8 +225,33 @@ pub struct Facts<'a, 'b> {
 
 impl Cond {
     /// Whether the condition holds. Borrowing only; cost proportional to the tree.
+    // NOTE: the leaf tests that are a compare or two are inlined into the caller (the route loop); the rest go
+    // through `eval_other`, which needs a stack frame (~25 fewer instructions per simple route, callgrind).
+    #[inline]
     #[must_use]
     pub fn eval(&self, f: &Facts<'_, '_>) -> bool {
+        match self {
+            Self::PathExact(p) => f.req.path == &**p,
+            Self::PathPrefix(p) => f.req.path.starts_with(&**p),
+            Self::Header {
+                slot,
+                test: HeaderTest::Equals(e),
+                ..
+            } => f.req.header(*slot).is_some_and(|v| **e == *v),
+            Self::InputTokens(b) => b.contains(i64::from(f.body.est_tokens)),
+            Self::MaxTokens(b) => f.body.max_tokens.is_some_and(|v| b.contains(v)),
+            Self::Stream(s) => f.body.stream == *s,
+            Self::Metadata { slot, value, .. } => match f.body.metadata[*slot] {
+                None => false,
+                Some(v) if !v.escaped => v.raw == &**value,
+                Some(_) => self.eval_other(f),
+            },
+            _ => self.eval_other(f),
+        }
+    }
+
+    #[inline(never)]
+    fn eval_other(&self, f: &Facts<'_, '_>) -> bool {
         match self {
             Self::PathExact(p) => f.req.path == &**p,
             Self::PathPrefix(p) => f.req.path.starts_with(&**p),
@@ -233,8 +259,12 @@ impl Cond {
             Self::Header { slot, test, .. } => test.eval(f.req.header(*slot)),
             Self::Tenant(ids) => f.tenant.is_some_and(|t| ids.contains(&t)),
             Self::Model(globs) => f.body.model.is_some_and(|m| {
-                let m = m.decode();
-                globs.iter().any(|g| g.matches(&m))
+                if m.escaped {
+                    let m = m.decode();
+                    globs.iter().any(|g| g.matches(&m))
+                } else {
+                    globs.iter().any(|g| g.matches(m.raw))
+                }
             }),
             Self::InputTokens(b) => b.contains(i64::from(f.body.est_tokens)),
             Self::MaxTokens(b) => f.body.max_tokens.is_some_and(|v| b.contains(v)),
