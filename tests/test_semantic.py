@@ -13,12 +13,11 @@ import httpx
 import numpy as np
 import pytest
 from conftest import REPO, fastroute_cmd, subprocess_env
-from obs_support import KEYS, start_observed, total, wait_for
-
 from fastroute import semantic
 from fastroute.classifier import default_data_path
 from fastroute.config import load_config, loads_config
 from fastroute.errors import ConfigError
+from obs_support import KEYS, start_observed, total, wait_for
 
 FIXTURE = REPO / 'tests' / 'fixtures' / 'semantic-reference.json'
 
@@ -189,7 +188,9 @@ def test_gateway_decides_with_the_semantic_score_in_budget_and_falls_back_past_i
     assert r.status_code == 200 and 'x-fastroute-classifier' not in r.headers
 
     m = wait_for(
-        lambda: (m := fr.metrics()) and total(m, 'fastroute_semantic_total', route='tiny', outcome='over_budget') >= 4
+        lambda: (
+            (m := fr.metrics()) and total(m, 'fastroute_semantic_total', route='tiny', outcome='over_budget') >= 4 and m
+        )
     )
     assert total(m, 'fastroute_semantic_total', route='tiny', outcome='over_budget') == 4
     assert total(m, 'fastroute_semantic_total', route='roomy', outcome='in_budget') == 2

