@@ -194,3 +194,30 @@ def test_gateway_decides_with_the_semantic_score_in_budget_and_falls_back_past_i
     )
     assert total(m, 'fastroute_semantic_total', route='tiny', outcome='over_budget') == 4
     assert total(m, 'fastroute_semantic_total', route='roomy', outcome='in_budget') == 2
+
+
+def test_the_worker_answers_busy_at_once_when_its_queue_is_full() -> None:
+    import asyncio
+    import time
+
+    route = semantic.SemanticRoute(
+        'r', semantic.load_semantic(semantic.default_semantic_path()), 0.5, 30.0, None
+    )  # a roomy budget: only `busy` may stop a job here
+    worker = semantic.Worker(depth=1)
+    body = json.dumps({'messages': [{'role': 'user', 'content': 'a long question about history ' * 300}]}).encode()
+
+    async def main() -> list[tuple[str, float]]:
+        async def one() -> tuple[str, float]:
+            t = time.monotonic()
+            outcome, score, err = await worker.score(route, body)
+            assert err is None
+            assert (score is not None) == (outcome == semantic.Outcome.IN_BUDGET)
+            return outcome, time.monotonic() - t
+
+        return await asyncio.gather(*(one() for _ in range(4)))
+
+    got = asyncio.run(main())
+    outcomes = [o for o, _ in got]
+    assert outcomes.count(semantic.Outcome.IN_BUDGET) >= 1 and outcomes.count(semantic.Outcome.BUSY) >= 2, got
+    slowest_ok = max(dt for o, dt in got if o == semantic.Outcome.IN_BUDGET)
+    assert all(dt < slowest_ok for o, dt in got if o == semantic.Outcome.BUSY), got  # busy did not wait

@@ -1825,9 +1825,15 @@ def _describe_target(r: Route) -> str:
     if isinstance(r.to, ClassifyTargets):
         share = f' (target_share {r.target_share:g})' if r.target_share is not None else ''
         model = Path(r.classifier).name if r.classifier else 'default model'
+        sem = r.semantic
+        semantic = (
+            f'; semantic [{Path(sem.classifier).name}] within {sem.budget_ms:g} ms: score < {sem.threshold:.4g}'
+            if sem is not None and sem.classifier is not None and sem.threshold is not None
+            else ''
+        )
         return (
             f'classify {r.classify} [{model}]: score < {r.threshold:.4g}{share} -> {r.to.simple}, '
-            f'else -> {r.to.complex}'
+            f'else -> {r.to.complex}{semantic}'
         )
     if r.split is not None:
         return f'split {r.split}'

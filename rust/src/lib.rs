@@ -356,7 +356,8 @@ impl Decision {
             let mut lines = Vec::new();
             let method = s.method.bind(py).to_str()?;
             let path = s.path.bind(py).to_str()?;
-            if let Err(e) = router.run(method, path, &values, s.body.bind(py).as_bytes(), Some(&mut lines), s.scored) {
+            let body = s.body.bind(py).as_bytes();
+            if let Err(e) = router.run(method, path, &values, body, Some(&mut lines), s.scored) {
                 lines.push(format!("request error: {e}"));
             }
             Ok(PyTuple::new(py, lines)?.unbind())
