@@ -54,12 +54,12 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_train_and_eval_semantic_on_a_slice(tmp_path: Path) -> None:
-    lines = default_data_path().read_text().splitlines()[:160]
+    lines = default_data_path().read_text().splitlines()[:60]
     data = tmp_path / 'slice.jsonl'
     data.write_text('\n'.join(lines) + '\n')
     cache = tmp_path / 'cache'
     out = tmp_path / 'sem.json'
-    r = _run('train', '--semantic', '--data', str(data), '-o', str(out), '--folds', '4', '--cache-dir', str(cache),
+    r = _run('train', '--semantic', '--data', str(data), '-o', str(out), '--folds', '3', '--cache-dir', str(cache),
              cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     for row in ('semantic (CV)', 'fast classifier (CV)', 'prompt length', 'random'):
@@ -68,7 +68,7 @@ def test_train_and_eval_semantic_on_a_slice(tmp_path: Path) -> None:
     assert model['format'] == 'fastroute-semantic-classifier' and model['version'] == 1
     assert model['embedding']['model'] == 'all-MiniLM-L6-v2' and model['embedding']['dim'] == 384
     assert len(model['weights']) == 384 and len(model['calibration']) == 101
-    assert model['trained']['examples'] == 160
+    assert model['trained']['examples'] == 60
     for key in ('apgr', 'cpt50', 'cpt80'):
         assert 0 <= model['cv'][key] <= 1 and 0 <= model['cv']['fast_classifier'][key] <= 1
     assert len(list(cache.glob('emb-*.npy'))) == 1  # the embeddings are cached ...
@@ -80,7 +80,7 @@ def test_train_and_eval_semantic_on_a_slice(tmp_path: Path) -> None:
     assert 'in-sample' in r.stdout and 'semantic' in r.stdout and 'fast classifier' in r.stdout, r.stdout
     assert len(list(cache.glob('emb-*.npy'))) == 1  # ... and reused by eval (same prompts, same model)
     got = np.array([float(v) for v in scores.read_text().split()])
-    assert got.shape == (160,) and ((got > 0) & (got < 1)).all()
+    assert got.shape == (60,) and ((got > 0) & (got < 1)).all()
     # the file's weights reproduce the written scores from the cached embeddings
     emb = np.load(next(cache.glob('emb-*.npy')))
     want = 1 / (1 + np.exp(-(emb @ np.array(model['weights']) + model['bias'])))

