@@ -48,9 +48,9 @@ def test_prompt_text_takes_every_message_and_the_completion_prompt() -> None:
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        fastroute_cmd(*args), capture_output=True, text=True, env=subprocess_env(), cwd=cwd, timeout=600
-    )
+    # one BLAS thread: on 2 shared cores, OpenBLAS's spinning threads make these small problems several times slower
+    env = subprocess_env({'OPENBLAS_NUM_THREADS': '1'})
+    return subprocess.run(fastroute_cmd(*args), capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
 def test_train_and_eval_semantic_on_a_slice(tmp_path: Path) -> None:
