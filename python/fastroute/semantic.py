@@ -792,8 +792,8 @@ def add_cli_args(p: Any) -> None:
 
 def _one_thread_unless_set() -> None:
     """The CLI embeds with one BLAS thread unless OPENBLAS_NUM_THREADS says otherwise: on a few shared cores
-    OpenBLAS's spinning threads made embedding and the fit several times slower (measured: 48 s vs 5 s wall
-    for `train --semantic` on 60 prompts, 2 loaded cores)."""
+    OpenBLAS's spinning threads made embedding and the fit several times slower (measured: 60 s vs 6.6 s wall
+    for `train --semantic` and `eval --semantic` on 60 prompts, 2 loaded cores)."""
     if 'OPENBLAS_NUM_THREADS' not in os.environ:
         blas_threads(1)
 
