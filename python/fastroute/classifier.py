@@ -601,6 +601,9 @@ def cli_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--folds', type=int, default=DEFAULT_FOLDS, help='cross-validation folds (default 5)')
     p.add_argument('--limit', type=int, default=None, help='use only the first N examples (quick runs)')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress lines')
+    from fastroute.semantic import add_cli_args
+
+    add_cli_args(p)
 
 
 def cli_train(args: argparse.Namespace) -> int:
@@ -628,6 +631,11 @@ def cli_train(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
+
+    if getattr(args, 'semantic', False):
+        from fastroute import semantic
+
+        return semantic.cli_train(args, None if args.l2 == ','.join(f'{v:g}' for v in DEFAULT_L2) else l2s, log)
 
     try:
         model = train(examples, hash_bits=args.hash_bits, l2s=l2s, folds=args.folds, source=Path(data).name, log=log)
@@ -660,6 +668,9 @@ def cli_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--scores-out', default=None, help="write each prompt's score, one per line, in input order")
     p.add_argument('--plot', default=None, help='draw the cost/quality curves to this PNG (needs matplotlib)')
     p.add_argument('--curve', action='store_true', help="also print the classifier's curve points")
+    from fastroute.semantic import add_cli_args
+
+    add_cli_args(p)
 
 
 def cli_eval(args: argparse.Namespace) -> int:
@@ -667,6 +678,10 @@ def cli_eval(args: argparse.Namespace) -> int:
         return 2
     import numpy as np
 
+    if getattr(args, 'semantic', False):
+        from fastroute import semantic
+
+        return semantic.cli_eval(args)
     data = args.data or str(default_data_path())
     model_path = args.model or str(default_model_path())
     try:

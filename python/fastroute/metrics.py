@@ -201,6 +201,12 @@ class Metrics:
         self.limit_backend_errors = Counter(
             'fastroute_limits_backend_errors', 'Redis failures of the limits (traffic went on with local counters)'
         )
+        self.semantic = Counter(
+            'fastroute_semantic',
+            'Semantic classifier runs by route and outcome (in_budget decided; over_budget, busy, error: the fast '
+            "classifier's decision stood)",
+            ('route', 'outcome'),
+        )
         self.log_dropped = Counter(
             'fastroute_access_log_dropped_lines', 'Access-log lines dropped because the disk did not keep up'
         )
@@ -212,6 +218,7 @@ class Metrics:
         self._estimated: dict[str, _Count] = {}
         self._aborts_by_label: dict[str, _Count] = {}  # label value ('other' for a name not in the config)
         self._estimated_by_label: dict[str, _Count] = {}
+        self._semantic: dict[tuple[str, str], _Count] = {}
         self.overhead_acc = _Hist(self.overhead, OVERHEAD_BUCKETS)
         self.backend_errors = _Count(self.limit_backend_errors)
         self.dropped = _Count(self.log_dropped)
@@ -275,6 +282,10 @@ class Metrics:
             self._arm()
         c.v += 1
 
+    def semantic_outcome(self, route: str, outcome: str, names: Names) -> None:
+        r, o = names.route(route), outcome if outcome in _SEMANTIC_OUTCOMES else OTHER
+        self._one(self._semantic, (r, o), lambda: self.semantic.labels(r, o)).v += 1
+
     def _arm(self) -> None:
         if self._timer is None:
             try:
@@ -296,6 +307,8 @@ class Metrics:
         for acc in self.small:
             acc.flush()
 
+
+_SEMANTIC_OUTCOMES = frozenset({'in_budget', 'over_budget', 'busy', 'error'})
 
 # A fallback's cause is a word from the resilience layer's code (never client input); anything else is `other`.
 _CAUSE = re.compile(r'[a-z][a-z0-9_]{0,31}\Z')

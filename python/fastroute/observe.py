@@ -197,6 +197,11 @@ class Observer:
         if self.metrics:
             _metrics.get().limit_refused(tenant, err.limit, self.names)
 
+    def semantic_outcome(self, route: str, outcome: str) -> None:
+        """A semantic classifier run: in_budget, over_budget, busy or error (fastroute.semantic.Outcome)."""
+        if self.metrics:
+            _metrics.get().semantic_outcome(route, outcome, self.names)
+
 
 def _tokens(ctx: Ctx, d: Decision) -> tuple[int, int, bool]:
     """(input, output, estimated): the upstream's usage, else the input estimate and a rough output count."""

@@ -106,6 +106,7 @@ impl Router {
         values: &'a [Option<&'a str>],
         body: &'a [u8],
         trace: Option<&mut Vec<String>>,
+        scored: Option<(f32, f32)>,
     ) -> Result<router::Decision<'a>, DecideError> {
         let req = Request {
             method,
@@ -113,7 +114,7 @@ impl Router {
             headers: &values[..self.names.headers.len().min(MAX_HEADERS)],
             body,
         };
-        self.core.decide(&req, trace)
+        self.core.decide_scored(&req, trace, scored)
     }
 }
 
@@ -203,13 +204,16 @@ impl Router {
         Ok(Self { core, names })
     }
 
-    /// Decide where one request goes. Reads only the headers the rules name.
+    /// Decide where one request goes. Reads only the headers the rules name. `scored`: a classify
+    /// route's (score, threshold) computed by the caller (the semantic classifier) instead of the core.
+    #[pyo3(signature = (method, path, headers, body, scored=None))]
     fn decide(
         slf: &Bound<'_, Self>,
         method: &Bound<'_, PyString>,
         path: &Bound<'_, PyString>,
         headers: &Bound<'_, PyAny>,
         body: &Bound<'_, PyBytes>,
+        scored: Option<(f32, f32)>,
     ) -> PyResult<Decision> {
         let py = slf.py();
         let this = slf.get();
@@ -217,7 +221,7 @@ impl Router {
         let values = header_strs(&objs, this.names.headers.len())?;
         let raw = body.as_bytes();
         let d = this
-            .run(method.to_str()?, path.to_str()?, &values, raw, None)
+            .run(method.to_str()?, path.to_str()?, &values, raw, None, scored)
             .map_err(|e| request_error(py, e))?;
         let n = &this.names;
         let requested_model = d.requested_model.map(|m| PyString::new(py, &m.decode()).unbind());
@@ -258,6 +262,7 @@ impl Router {
                 path: path.clone().unbind(),
                 headers: headers.clone().unbind(),
                 body: body.clone().unbind(),
+                scored,
             },
             reasons: PyOnceLock::new(),
         })
@@ -295,6 +300,7 @@ struct Source {
     path: Py<PyString>,
     headers: Py<PyAny>,
     body: Py<PyBytes>,
+    scored: Option<(f32, f32)>,
 }
 
 /// The outcome of one `decide` call. Frozen.
@@ -353,7 +359,8 @@ impl Decision {
             let mut lines = Vec::new();
             let method = s.method.bind(py).to_str()?;
             let path = s.path.bind(py).to_str()?;
-            if let Err(e) = router.run(method, path, &values, s.body.bind(py).as_bytes(), Some(&mut lines)) {
+            let body = s.body.bind(py).as_bytes();
+            if let Err(e) = router.run(method, path, &values, body, Some(&mut lines), s.scored) {
                 lines.push(format!("request error: {e}"));
             }
             Ok(PyTuple::new(py, lines)?.unbind())

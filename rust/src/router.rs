@@ -769,11 +769,26 @@ impl CompiledRouter {
     ///
     /// # Errors
     /// The body is not a JSON object, is malformed, or a known field has the wrong type.
-    #[expect(clippy::too_many_lines, reason = "the phases of one decision, in order")]
+    #[inline]
     pub fn decide<'a>(
         &'a self,
         req: &Request<'a>,
+        trace: Option<&mut Vec<String>>,
+    ) -> Result<Decision<'a>, DecideError> {
+        self.decide_scored(req, trace, None)
+    }
+
+    /// `decide`, with a classify route's score and threshold given by the caller (the semantic
+    /// classifier's, computed outside the core) instead of computed from the body.
+    ///
+    /// # Errors
+    /// As `decide`.
+    #[expect(clippy::too_many_lines, reason = "the phases of one decision, in order")]
+    pub fn decide_scored<'a>(
+        &'a self,
+        req: &Request<'a>,
         mut trace: Option<&mut Vec<String>>,
+        scored: Option<(f32, f32)>,
     ) -> Result<Decision<'a>, DecideError> {
         let mut d = Decision::empty();
 
@@ -920,7 +935,10 @@ impl CompiledRouter {
                         scorer,
                     } => {
                         let scorer = scorer.map(|s| &self.scorers[s as usize]);
-                        let score = classify_score(req.body, &opts, scorer, body.est_tokens)?;
+                        let (score, threshold, by) = match scored {
+                            Some((s, t)) => (s, t, "semantic "),
+                            None => (classify_score(req.body, &opts, scorer, body.est_tokens)?, threshold, ""),
+                        };
                         d.score = Some(score);
                         d.threshold = Some(threshold);
                         let (m, op, which) = if score >= threshold {
@@ -930,10 +948,10 @@ impl CompiledRouter {
                         };
                         trace!(
                             trace,
-                            "classify complexity: score {score:.4} {op} threshold {threshold:.4} → {which} (model {}; \
+                            "classify complexity: {by}score {score:.4} {op} threshold {threshold:.4} → {which} (model {}; \
                              classifier {})",
                             self.models[m as usize].name,
-                            scorer.map_or("built-in", |_| "trained")
+                            if scored.is_some() { "semantic" } else { scorer.map_or("built-in", |_| "trained") }
                         );
                         m
                     }

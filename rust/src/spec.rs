@@ -400,6 +400,9 @@ pub struct Route {
     /// Path sent upstream.
     #[serde(default)]
     pub upstream_path: Option<String>,
+    /// The semantic classifier's settings: read by Python (`fastroute.semantic`), ignored here.
+    #[serde(default)]
+    pub semantic: Option<serde::de::IgnoredAny>,
 }
 
 fn half() -> f64 {
