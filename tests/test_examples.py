@@ -44,3 +44,12 @@ def test_example_compiles(path: Path) -> None:
     cfg = load_config(path, environ={})
     router = compile_config(cfg, file=str(path))
     assert router.route_count == len(cfg.routes)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=[p.name for p in CONFIGS])
+def test_fastroute_check_passes_on_each_example(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI compiles with the route's classifier model files loaded (as `serve` does), not the bare spec."""
+    from fastroute.cli import main
+
+    assert main(['check', str(path)]) == 0, capsys.readouterr().err
+    assert str(path) in capsys.readouterr().out

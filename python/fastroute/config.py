@@ -1756,7 +1756,7 @@ def cli_check(args: argparse.Namespace) -> int:
         compiled = None
         if router_cls is not None:
             try:
-                compiled = router_cls.compile(msgspec.json.encode(loaded.config))
+                compiled = compile_config(loaded.config, file=file)  # with the classifier model files
             except ConfigError as e:
                 issue = ConfigIssue(e.message, file=file, path=e.path, line=_line_of(e.path or '', loaded.lines))
                 print(_issue_line(issue), file=sys.stderr)
