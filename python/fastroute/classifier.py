@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 MODEL_FORMAT = 'fastroute-classifier'
-MODEL_VERSION = 1
+MODEL_VERSION = 2
 DEFAULT_HASH_BITS = 16
 DEFAULT_L2 = (3e-5, 1e-4, 3e-4)
 DEFAULT_FOLDS = 5
