@@ -127,9 +127,9 @@ const fn alnum_bytes(x: u64) -> u64 {
 /// The 8 bytes at `i` (little-endian), zero-padded past the end of `text`.
 #[inline(always)]
 fn load8(text: &[u8], i: usize) -> u64 {
-    if let Some(s) = text.get(i..i + 8) {
+    if i + 8 <= text.len() {
         let mut b = [0u8; 8];
-        b.copy_from_slice(s);
+        b.copy_from_slice(&text[i..i + 8]);
         u64::from_le_bytes(b)
     } else {
         let mut b = [0u8; 8];
@@ -385,6 +385,12 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
     fn word_ends(&mut self) {
         let w = mix(self.hash, self.pend);
         (self.hash, self.pend, self.npend, self.wlen) = (WORD_SEED, 0, 0, 0);
+        self.word(w);
+    }
+
+    /// A word with hash `w` has been read: its n-grams, and whether it is a cue word.
+    #[inline(always)]
+    fn word(&mut self, w: u64) {
         self.hit(unigram(w));
         if self.words != 0 {
             self.hit(bigram(self.prev, w));
@@ -422,45 +428,55 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
                 self.last = b;
                 loop {
                     let mut x = load8(text, i);
+                    let mut stop = !alnum_bytes(x) & HIGH;
+                    if stop & 0x80 != 0 {
+                        // No word here: skip another plain separator (0 past the end is none), or leave.
+                        if PLAIN_SEP[usize::from(x as u8)] {
+                            i += 1;
+                            while text.get(i).is_some_and(|&c| PLAIN_SEP[usize::from(c)]) {
+                                i += 1;
+                            }
+                            continue;
+                        }
+                        break;
+                    }
                     if (x as u8).is_ascii_digit() {
                         self.f.numbers += 1;
                     }
                     let mut h = WORD_SEED;
                     let mut len = 0u32;
-                    loop {
-                        let stop = !alnum_bytes(x) & HIGH;
-                        let lower = x | CASE;
-                        if stop == 0 {
-                            h = mix(h, lower);
-                            i += 8;
-                            len += 8;
-                            x = load8(text, i);
-                            continue;
-                        }
-                        let k = stop.trailing_zeros() / 8;
-                        i += k as usize;
-                        self.pend = lower & ((1u64 << (8 * k)) - 1);
-                        self.npend = k;
-                        self.wlen = len + k;
+                    while stop == 0 {
+                        h = mix(h, x | CASE);
+                        i += 8;
+                        len += 8;
+                        x = load8(text, i);
+                        stop = !alnum_bytes(x) & HIGH;
+                    }
+                    let k = stop.trailing_zeros() / 8;
+                    i += k as usize;
+                    let pend = (x | CASE) & ((1u64 << (8 * k)) - 1);
+                    // The byte after the word (0 past the end of the text).
+                    let c = (x >> (8 * k)) as u8;
+                    if c == b'\\' && text.get(i + 1) == Some(&b'n') {
+                        // A line break (the commonest escape): the word ends, a line starts.
+                        self.word(mix(h, pend));
+                        self.f.lines += 1;
+                        self.line_start = true;
+                        self.last = b'\n';
+                        i += 2;
                         break;
                     }
-                    self.hash = h;
-                    match text.get(i) {
-                        // The word goes on into a non-ASCII byte or an escape (the slow paths below).
-                        Some(&c) if c >= 0x80 || c == b'\\' => break,
-                        Some(&c) => {
-                            self.word_ends();
-                            if PLAIN_SEP[usize::from(c)] && text.get(i + 1).is_some_and(|&d| ALNUM[usize::from(d)]) {
-                                i += 1;
-                                continue;
-                            }
-                            break;
-                        }
-                        None => {
-                            self.word_ends();
-                            break;
-                        }
+                    if c >= 0x80 || c == b'\\' {
+                        // The word goes on into a non-ASCII byte or an escape: the slow paths below.
+                        (self.hash, self.pend, self.npend, self.wlen) = (h, pend, k, len + k);
+                        break;
                     }
+                    self.word(mix(h, pend));
+                    // A plain separator (line_start is false here); then most often the next word.
+                    if !PLAIN_SEP[usize::from(c)] {
+                        break;
+                    }
+                    i += 1;
                 }
                 continue;
             }
