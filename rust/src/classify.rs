@@ -79,14 +79,12 @@ const fn mix(h: u64, chunk: u64) -> u64 {
 
 /// The bucket hash of a unigram, from its word hash: the high half of a multiply.
 #[inline(always)]
-#[expect(clippy::cast_possible_truncation, reason = "the high half")]
 const fn unigram(w: u64) -> u32 {
     (w.wrapping_mul(UNI) >> 32) as u32
 }
 
 /// The bucket hash of a bigram, from the two word hashes (ordered: the previous one is rotated).
 #[inline(always)]
-#[expect(clippy::cast_possible_truncation, reason = "the high half")]
 const fn bigram(prev: u64, w: u64) -> u32 {
     ((prev.rotate_left(17) ^ w).wrapping_mul(BI) >> 32) as u32
 }
@@ -194,7 +192,6 @@ const BY: u64 = word_hash(b"by");
 
 /// The bloom filter's bit of a word hash: (word, bit) from hash bits 58..64 and 52..58.
 #[inline(always)]
-#[expect(clippy::cast_possible_truncation, reason = "6-bit fields")]
 const fn bloom_slot(h: u64) -> (usize, u64) {
     ((h >> 58) as usize, 1 << ((h >> 52) & 63))
 }
