@@ -413,8 +413,8 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
         while i < n {
             let b = text[i];
             if self.wlen == 0 && ALNUM[usize::from(b)] {
-                // A raw ASCII word starts: hash it 8 bytes at a time. While each word is followed by one plain
-                // separator and another raw ASCII word (most prose), go on from word to word in this loop.
+                // A raw ASCII word starts: hash it 8 bytes at a time. While words are separated by plain
+                // separators (most prose), go on from word to word in this loop; a `\n` escape ends it too.
                 if self.line_start {
                     self.line_start = false;
                     if is_list_marker(&text[i..]) {
@@ -523,7 +523,10 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
             }
         }
         self.end_word();
-        self.f.gram_hits += (2 * self.words).saturating_sub(1);
+        self.f.gram_hits = self
+            .f
+            .gram_hits
+            .saturating_add(self.words.saturating_mul(2).saturating_sub(1));
         self.f.words += self.words;
         self.f.gram_sum += self.sum;
     }
