@@ -137,30 +137,6 @@ fn load8(text: &[u8], i: usize) -> u64 {
     }
 }
 
-/// Bit `k` set when byte `p + k` of `text` (k < 64) is an ASCII letter or digit; bytes past the end are not.
-#[inline(always)]
-fn alnum_mask(text: &[u8], p: usize) -> u64 {
-    let mut b = [0u8; 64];
-    let rest = text.get(p..).unwrap_or_default();
-    if rest.len() >= 64 {
-        b.copy_from_slice(&rest[..64]);
-    } else {
-        b[..rest.len()].copy_from_slice(rest);
-    }
-    alnum_mask64(&b)
-}
-
-/// `alnum_mask` of 64 bytes, 8 at a time (`alnum_bytes`; a multiply gathers the 8 flag bits into one byte).
-#[inline(always)]
-fn alnum_mask64(b: &[u8; 64]) -> u64 {
-    let mut m = 0u64;
-    for (k, c) in b.chunks_exact(8).enumerate() {
-        let x = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        m |= ((alnum_bytes(x) >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * k);
-    }
-    m
-}
-
 const REASONING: &[&[u8]] = &[
     b"explain",
     b"analyze",
@@ -293,9 +269,6 @@ struct Observer<'f, 'm, const COLLECT: bool> {
     ticks: u32,
     line_start: bool,
     last: u8,
-    /// Tests: take the previous word loop (`words_swar`).
-    #[cfg(test)]
-    swar: bool,
 }
 
 impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
@@ -316,8 +289,6 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
             ticks: 0,
             line_start: true,
             last: 0,
-            #[cfg(test)]
-            swar: false,
         }
     }
 
@@ -434,132 +405,6 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
         }
     }
 
-    /// Raw ASCII words from `i` (a letter or digit; no word is being read) while plain separators part them
-    /// (most prose): each word's end is found from a 64-byte letter/digit bit mask (`alnum_mask`), its bytes
-    /// hashed 8 at a time. Returns where the byte loop goes on: after a `\n` escape that ends a word, at a byte
-    /// a word goes on into (non-ASCII, an escape: the word's state is kept), or at the first byte that is neither
-    /// a plain separator nor a word's start.
-    #[inline(always)]
-    fn words(&mut self, text: &[u8], mut i: usize) -> usize {
-        let mut base = i;
-        let mut am = alnum_mask(text, base);
-        loop {
-            if i - base >= 64 {
-                base = i;
-                am = alnum_mask(text, base);
-            }
-            // The word's end: the first byte that is no letter or digit (bits shifted in from the top are ones).
-            let mut e = i + (!(am >> (i - base))).trailing_zeros() as usize;
-            while e == base + 64 {
-                base = e;
-                am = alnum_mask(text, base);
-                e += (!am).trailing_zeros() as usize;
-            }
-            let mut x = load8(text, i);
-            if (x as u8).is_ascii_digit() {
-                self.f.numbers += 1;
-            }
-            let mut h = WORD_SEED;
-            let mut j = i;
-            while e - j >= 8 {
-                h = mix(h, x | CASE);
-                j += 8;
-                x = load8(text, j);
-            }
-            let k = e - j;
-            let pend = (x | CASE) & ((1u64 << (8 * k)) - 1);
-            // The byte after the word (0 past the end of the text).
-            let c = (x >> (8 * k)) as u8;
-            if c == b'\\' && text.get(e + 1) == Some(&b'n') {
-                // A line break (the commonest escape): the word ends, a line starts.
-                self.word(mix(h, pend));
-                self.f.lines += 1;
-                self.line_start = true;
-                self.last = b'\n';
-                return e + 2;
-            }
-            if c >= 0x80 || c == b'\\' {
-                // The word goes on into a non-ASCII byte or an escape: the byte loop goes on with it.
-                let len = u32::try_from(e - i).unwrap_or(u32::MAX);
-                #[expect(clippy::cast_possible_truncation, reason = "k < 8")]
-                let npend = k as u32;
-                (self.hash, self.pend, self.npend, self.wlen) = (h, pend, npend, len);
-                return e;
-            }
-            self.word(mix(h, pend));
-            // A plain separator (line_start is false here), maybe more; then most often the next word.
-            if !PLAIN_SEP[usize::from(c)] {
-                return e;
-            }
-            i = e + 1;
-            loop {
-                match text.get(i) {
-                    Some(&c) if ALNUM[usize::from(c)] => break,
-                    Some(&c) if PLAIN_SEP[usize::from(c)] => i += 1,
-                    _ => return i,
-                }
-            }
-        }
-    }
-
-    /// The word loop of the previous version (8-byte SWAR letter/digit tests per word), kept to check `words`
-    /// against.
-    #[cfg(test)]
-    fn words_swar(&mut self, text: &[u8], mut i: usize) -> usize {
-        loop {
-            let mut x = load8(text, i);
-            let mut stop = !alnum_bytes(x) & HIGH;
-            if stop & 0x80 != 0 {
-                // No word here: skip another plain separator (0 past the end is none), or leave.
-                if PLAIN_SEP[usize::from(x as u8)] {
-                    i += 1;
-                    while text.get(i).is_some_and(|&c| PLAIN_SEP[usize::from(c)]) {
-                        i += 1;
-                    }
-                    continue;
-                }
-                return i;
-            }
-            if (x as u8).is_ascii_digit() {
-                self.f.numbers += 1;
-            }
-            let mut h = WORD_SEED;
-            let mut len = 0u32;
-            while stop == 0 {
-                h = mix(h, x | CASE);
-                i += 8;
-                len += 8;
-                x = load8(text, i);
-                stop = !alnum_bytes(x) & HIGH;
-            }
-            let k = stop.trailing_zeros() / 8;
-            i += k as usize;
-            let pend = (x | CASE) & ((1u64 << (8 * k)) - 1);
-            // The byte after the word (0 past the end of the text).
-            let c = (x >> (8 * k)) as u8;
-            if c == b'\\' && text.get(i + 1) == Some(&b'n') {
-                // A line break (the commonest escape): the word ends, a line starts.
-                self.word(mix(h, pend));
-                self.f.lines += 1;
-                self.line_start = true;
-                self.last = b'\n';
-                i += 2;
-                return i;
-            }
-            if c >= 0x80 || c == b'\\' {
-                // The word goes on into a non-ASCII byte or an escape: the slow paths below.
-                (self.hash, self.pend, self.npend, self.wlen) = (h, pend, k, len + k);
-                return i;
-            }
-            self.word(mix(h, pend));
-            // A plain separator (line_start is false here); then most often the next word.
-            if !PLAIN_SEP[usize::from(c)] {
-                return i;
-            }
-            i += 1;
-        }
-    }
-
     /// Count `text` (see `Features::observe`).
     #[inline(always)]
     fn run(&mut self, text: &[u8]) {
@@ -578,12 +423,58 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
                 }
                 self.ticks = 0;
                 self.last = b;
-                #[cfg(test)]
-                if self.swar {
-                    i = self.words_swar(text, i);
-                    continue;
+                loop {
+                    let mut x = load8(text, i);
+                    let mut stop = !alnum_bytes(x) & HIGH;
+                    if stop & 0x80 != 0 {
+                        // No word here: skip another plain separator (0 past the end is none), or leave.
+                        if PLAIN_SEP[usize::from(x as u8)] {
+                            i += 1;
+                            while text.get(i).is_some_and(|&c| PLAIN_SEP[usize::from(c)]) {
+                                i += 1;
+                            }
+                            continue;
+                        }
+                        break;
+                    }
+                    if (x as u8).is_ascii_digit() {
+                        self.f.numbers += 1;
+                    }
+                    let mut h = WORD_SEED;
+                    let mut len = 0u32;
+                    while stop == 0 {
+                        h = mix(h, x | CASE);
+                        i += 8;
+                        len += 8;
+                        x = load8(text, i);
+                        stop = !alnum_bytes(x) & HIGH;
+                    }
+                    let k = stop.trailing_zeros() / 8;
+                    i += k as usize;
+                    let pend = (x | CASE) & ((1u64 << (8 * k)) - 1);
+                    // The byte after the word (0 past the end of the text).
+                    let c = (x >> (8 * k)) as u8;
+                    if c == b'\\' && text.get(i + 1) == Some(&b'n') {
+                        // A line break (the commonest escape): the word ends, a line starts.
+                        self.word(mix(h, pend));
+                        self.f.lines += 1;
+                        self.line_start = true;
+                        self.last = b'\n';
+                        i += 2;
+                        break;
+                    }
+                    if c >= 0x80 || c == b'\\' {
+                        // The word goes on into a non-ASCII byte or an escape: the slow paths below.
+                        (self.hash, self.pend, self.npend, self.wlen) = (h, pend, k, len + k);
+                        break;
+                    }
+                    self.word(mix(h, pend));
+                    // A plain separator (line_start is false here); then most often the next word.
+                    if !PLAIN_SEP[usize::from(c)] {
+                        break;
+                    }
+                    i += 1;
                 }
-                i = self.words(text, i);
                 continue;
             }
             if PLAIN_SEP[usize::from(b)] && (b != b' ' || !self.line_start) {
@@ -1168,92 +1059,6 @@ mod tests {
             assert_eq!(got, want, "{text:?}");
             assert_eq!(got_hits, want_hits, "{text:?}");
         }
-    }
-
-    /// `observe` through the previous word loop (`words_swar`): features and bucket hits.
-    fn observe_swar(text: &[u8], bits: u32) -> (Features, Vec<u32>) {
-        let out = RefCell::new(Vec::new());
-        let mut f = Features::default();
-        f.bytes = u32::try_from(text.len()).unwrap_or(u32::MAX);
-        let mut o = Observer::<true>::new(&mut f, &NO_WEIGHTS, Some((&out, (1 << bits) - 1)));
-        o.swar = true;
-        o.run(text);
-        (f, out.into_inner())
-    }
-
-    fn same_as_swar(text: &[u8]) {
-        let (want, want_hits) = observe_swar(text, 16);
-        let got_hits = hits(std::str::from_utf8(text).unwrap_or_default(), 16);
-        let mut got = Features::default();
-        got.observe(text, Grams::Off);
-        assert_eq!(got, want, "{:?}", String::from_utf8_lossy(text));
-        assert_eq!(got_hits, want_hits, "{:?}", String::from_utf8_lossy(text));
-    }
-
-    #[test]
-    fn alnum_mask_agrees_with_a_byte_test() {
-        let mut seed = 0x1234_5678_9abc_def1u64;
-        let mut text = [0u8; 100];
-        for _ in 0..2_000 {
-            for b in &mut text {
-                seed = seed
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                *b = (seed >> 56) as u8;
-            }
-            for p in [0, 1, 36, 63, 64, 99, 100, 101] {
-                let want = (0..64).fold(0u64, |m, k| {
-                    m | u64::from(text.get(p + k).is_some_and(u8::is_ascii_alphanumeric)) << k
-                });
-                assert_eq!(alnum_mask(&text, p), want, "at {p}");
-            }
-        }
-    }
-
-    #[test]
-    fn mask_walk_matches_the_swar_loop() {
-        // Random text, alone and shifted so that words cross the 64-byte blocks at every offset.
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        for n in 0..5_000 {
-            let text = random_text(&mut seed);
-            same_as_swar(text.as_bytes());
-            same_as_swar(format!("{}{text}", "x ".repeat(n % 40)).as_bytes());
-        }
-        // Words of every length from 1 to 140 at every offset around a block edge, ending the text or followed
-        // by each kind of byte the walk treats apart.
-        let tails = [
-            "",
-            " ",
-            ", and",
-            "\\n",
-            "\\nnext",
-            "\\u00e9t\u{e9}",
-            "\u{e9}t\u{e9}",
-            "?",
-            "\\",
-            " \\t",
-            "-x",
-            " é",
-        ];
-        for len in 1..=140 {
-            let word: String = (0..len).map(|k| char::from(b"aB3zQ9m"[k % 7])).collect();
-            for lead in 0..72 {
-                for tail in tails {
-                    same_as_swar(format!("{}{word}{tail}", "a".repeat(lead).replace("aa", "a ")).as_bytes());
-                }
-            }
-        }
-        // Real prompts: each raw line of the bundled MMLU file (escapes as written), and the whole file.
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/python/fastroute/data/routing/mmlu-train.jsonl"
-        );
-        let data = std::fs::read(path).unwrap_or_default();
-        assert!(data.len() > 1_000_000, "{path} is missing or short");
-        for line in data.split(|&c| c == b'\n') {
-            same_as_swar(line);
-        }
-        same_as_swar(&data);
     }
 
     #[test]
