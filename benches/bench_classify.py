@@ -23,6 +23,9 @@ python calling decide 200 times minus 0 times, divided by 200; format version 2 
     replay: 327,056 / 337,409 decisions per CPU second (7007 MMLU prompts, median of 5)
 
 Version 1 hashing, same bench (load average 1.6): +15.04 µs / +102k at 2182 B, +148.92 µs / +887k at 21235 B.
+Latest run, same code (load average ~2.3, medians of 9): 2182 B 2.72 -> 8.62 µs (+5.90 µs), 21235 B 19.55 ->
+66.21 µs (+46.67 µs); replay 350,008 per CPU second; callgrind +77.8k / +602k (decide alone 33.7k / 256k).
+A word walk from 64-byte letter/digit masks was measured and reverted (no gain without SIMD; docs/classifier.md).
 The classifier targets are not met (see docs/classifier.md, "Speed"); the replay target is.
 """
 
