@@ -158,7 +158,7 @@ def test_classifier_keys_are_checked(route: str, path: str, want: str) -> None:
 
 def test_features_binding_matches_the_feature_names() -> None:
     names, fmt, version = _core.classifier_feature_names()
-    assert (fmt, version) == ('fastroute-classifier', 1) and len(names) == 16
+    assert (fmt, version) == ('fastroute-classifier', 2) and len(names) == 16
     [(dense, grams)] = _core.classifier_features([chat_body('Explain why 2 + 2 = 4?')], 12)
     assert len(dense) == len(names) and len(grams) == 2 * 5 - 1 and all(0 <= g < 4096 for g in grams)
     with pytest.raises(ValueError, match='hash_bits'):

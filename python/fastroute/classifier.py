@@ -1,6 +1,6 @@
 """The trained complexity classifier: model files, routing-quality metrics, training and evaluation.
 
-A model file (JSON, format `fastroute-classifier`, version 1; see docs/classifier.md) holds the weights of
+A model file (JSON, format `fastroute-classifier`, version 2; see docs/classifier.md) holds the weights of
 a logistic model over the features `rust/src/classify.rs` computes: 16 dense features and a table of
 `2^hash_bits` hashed word unigram/bigram weights. Training reads the features through the same Rust code
 that scores live requests (`_core.classifier_features`), and evaluation scores through it too
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 MODEL_FORMAT = 'fastroute-classifier'
-MODEL_VERSION = 1
+MODEL_VERSION = 2
 DEFAULT_HASH_BITS = 16
 DEFAULT_L2 = (3e-5, 1e-4, 3e-4)
 DEFAULT_FOLDS = 5

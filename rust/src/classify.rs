@@ -60,29 +60,81 @@ pub enum Grams<'m> {
     Collect(&'m RefCell<Vec<u32>>, u32),
 }
 
-/// The murmur3 finalizer: spreads a word hash over all 32 bits.
-#[inline]
-const fn fmix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+// Word hashing. A word's lowercased bytes are packed little-endian into 8-byte chunks; each full chunk is mixed
+// into the running hash (`mix`) and the last, partial one (zero-padded: no word byte is zero) finishes it. Raw
+// ASCII words are hashed a chunk at a time straight from the text (`alnum_bytes` finds where a word ends within
+// 8 bytes, without a branch per byte); bytes decoded from escapes and non-ASCII bytes are pushed one at a time
+// into the same chunks (`Observer::push`), so a word hashes alike however it is written. A word of at most 7
+// bytes is one multiply of its bytes (a bijection), so two such words never share a hash.
+const WORD_SEED: u64 = 0x243f_6a88_85a3_08d3;
+const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+const UNI: u64 = 0xff51_afd7_ed55_8ccd;
+const BI: u64 = 0xc4ce_b9fe_1a85_ec53;
+
+/// Mix one 8-byte chunk into a word hash (the rotation brings the well-mixed high half down).
+#[inline(always)]
+const fn mix(h: u64, chunk: u64) -> u64 {
+    (h ^ chunk).wrapping_mul(MIX).rotate_left(32)
 }
 
-const FNV_OFFSET: u32 = 0x811c_9dc5;
-const FNV_PRIME: u32 = 0x0100_0193;
-
-/// The bucket hash of a unigram, from its FNV-1a word hash.
-#[inline]
-const fn unigram(h: u32) -> u32 {
-    fmix(h)
+/// The bucket hash of a unigram, from its word hash: the high half of a multiply.
+#[inline(always)]
+const fn unigram(w: u64) -> u32 {
+    (w.wrapping_mul(UNI) >> 32) as u32
 }
 
-/// The bucket hash of a bigram, from the two word hashes.
-#[inline]
-const fn bigram(prev: u32, h: u32) -> u32 {
-    fmix(prev.wrapping_mul(0x9e37_79b1) ^ h ^ 0x5bd1_e995)
+/// The bucket hash of a bigram, from the two word hashes (ordered: the previous one is rotated).
+#[inline(always)]
+const fn bigram(prev: u64, w: u64) -> u32 {
+    ((prev.rotate_left(17) ^ w).wrapping_mul(BI) >> 32) as u32
+}
+
+/// The hash of a whole word (ASCII letters lowercased): what `observe` computes for it, however written.
+#[must_use]
+pub const fn word_hash(w: &[u8]) -> u64 {
+    let (mut h, mut pend, mut k, mut i) = (WORD_SEED, 0u64, 0, 0);
+    while i < w.len() {
+        pend |= (w[i].to_ascii_lowercase() as u64) << (8 * k);
+        k += 1;
+        i += 1;
+        if k == 8 {
+            h = mix(h, pend);
+            (pend, k) = (0, 0);
+        }
+    }
+    mix(h, pend)
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = ONES * 0x80;
+const LOW7: u64 = ONES * 0x7f;
+const CASE: u64 = ONES * 0x20;
+
+/// 0x80 in each byte of `x` that is an ASCII letter or digit, 0 in the others (SWAR range tests: with the top
+/// bit of each byte cleared, adding `0x80 - lo` sets it exactly when the byte is `>= lo`, and no carry crosses
+/// into the next byte).
+#[inline(always)]
+const fn alnum_bytes(x: u64) -> u64 {
+    let low = x & LOW7;
+    let lower = low | CASE;
+    let letter = lower.wrapping_add(ONES * (0x80 - 0x61)) & !lower.wrapping_add(ONES * (0x7f - 0x7a));
+    let digit = low.wrapping_add(ONES * (0x80 - 0x30)) & !low.wrapping_add(ONES * (0x7f - 0x39));
+    (letter | digit) & !x & HIGH
+}
+
+/// The 8 bytes at `i` (little-endian), zero-padded past the end of `text`.
+#[inline(always)]
+fn load8(text: &[u8], i: usize) -> u64 {
+    if i + 8 <= text.len() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&text[i..i + 8]);
+        u64::from_le_bytes(b)
+    } else {
+        let mut b = [0u8; 8];
+        let rest = text.get(i..).unwrap_or_default();
+        b[..rest.len()].copy_from_slice(rest);
+        u64::from_le_bytes(b)
+    }
 }
 
 const REASONING: &[&[u8]] = &[
@@ -121,61 +173,56 @@ const CONSTRAINTS: &[&[u8]] = &[
     b"requires",
 ];
 
-const MAX_WORD: usize = 12;
-
-/// FNV-1a of a lowercase ASCII word: the running hash `observe` keeps per word.
-const fn fnv(w: &[u8]) -> u32 {
-    let mut h = FNV_OFFSET;
-    let mut i = 0;
-    while i < w.len() {
-        h = (h ^ w[i] as u32).wrapping_mul(FNV_PRIME);
-        i += 1;
-    }
-    h
-}
-
-const fn hashes<const N: usize>(words: &[&[u8]]) -> [u32; N] {
-    let mut out = [0u32; N];
+const fn hashes<const N: usize>(words: &[&[u8]]) -> [u64; N] {
+    let mut out = [0u64; N];
     let mut i = 0;
     while i < N {
-        out[i] = fnv(words[i]);
+        out[i] = word_hash(words[i]);
         i += 1;
     }
     out
 }
 
-// NOTE: cue words are found by comparing the word's running hash with these (one SIMD-friendly scan of a few
-// u32s per word) and only then the bytes; comparing each word with every cue as slices cost ~1 µs per 2 KB.
-const REASONING_HASHES: [u32; REASONING.len()] = hashes(REASONING);
-const CONSTRAINT_HASHES: [u32; CONSTRAINTS.len()] = hashes(CONSTRAINTS);
-/// A bit per cue word hash (64 words of 64 bits, by hash bits 26..32 and 20..26): most words are ruled out by
-/// one lookup.
+// NOTE: cue words are found by their 64-bit word hash (no byte comparison): a bloom filter rules out almost every
+// other word with one lookup; the few that pass compare hashes.
+const REASONING_HASHES: [u64; REASONING.len()] = hashes(REASONING);
+const CONSTRAINT_HASHES: [u64; CONSTRAINTS.len()] = hashes(CONSTRAINTS);
+const STEP: u64 = word_hash(b"step");
+const BY: u64 = word_hash(b"by");
+
+/// The bloom filter's bit of a word hash: (word, bit) from hash bits 58..64 and 52..58.
+#[inline(always)]
+const fn bloom_slot(h: u64) -> (usize, u64) {
+    ((h >> 58) as usize, 1 << ((h >> 52) & 63))
+}
+
+/// A bit per cue word hash (and "step", "by").
 const CUE_BLOOM: [u64; 64] = {
     let mut out = [0u64; 64];
     let mut i = 0;
-    while i < REASONING.len() + CONSTRAINTS.len() {
+    while i < REASONING.len() + CONSTRAINTS.len() + 2 {
         let h = if i < REASONING.len() {
             REASONING_HASHES[i]
-        } else {
+        } else if i < REASONING.len() + CONSTRAINTS.len() {
             CONSTRAINT_HASHES[i - REASONING.len()]
+        } else if i == REASONING.len() + CONSTRAINTS.len() {
+            STEP
+        } else {
+            BY
         };
-        out[(h >> 26) as usize] |= 1 << ((h >> 20) & 63);
+        let (w, bit) = bloom_slot(h);
+        out[w] |= bit;
         i += 1;
     }
     out
 };
-const STEP: u32 = fnv(b"step");
-const BY: u32 = fnv(b"by");
 
-/// Lowercase of each ASCII letter and digit; 0 for every other byte.
-const LOWER_ALNUM: [u8; 256] = {
-    let mut t = [0u8; 256];
+/// ASCII letters and digits.
+const ALNUM: [bool; 256] = {
+    let mut t = [false; 256];
     let mut b = 0;
     while b < 256 {
-        let c = b as u8;
-        if c.is_ascii_alphanumeric() {
-            t[b] = c.to_ascii_lowercase();
-        }
+        t[b] = (b as u8).is_ascii_alphanumeric();
         b += 1;
     }
     t
@@ -193,37 +240,74 @@ const PLAIN_SEP: [bool; 256] = {
     t
 };
 
-/// No word is being read from raw ASCII (`Observer::word_start`).
-const IMPURE: usize = usize::MAX;
+/// The n-gram table of `Grams::Off`: every hit adds 0.
+static NO_WEIGHTS: [f32; 1] = [0.0];
 
-/// The state of one `observe` call: the word being read and what came before it.
-struct Observer<'f, 'm> {
+/// The state of one `observe` call: the word being read and what came before it. `COLLECT`: record each bucket
+/// hit (training) instead of summing weights.
+struct Observer<'f, 'm, const COLLECT: bool> {
     f: &'f mut Features,
-    /// The weight table (`Grams::Weights`), else empty; `mask` = its length - 1.
+    /// The weight table (`NO_WEIGHTS` without one); `mask` = its length - 1 when a power of two.
     table: &'m [f32],
     mask: usize,
     /// `Grams::Collect`'s buffer and mask.
     collect: Option<(&'m RefCell<Vec<u32>>, u32)>,
-    /// N-gram hits and the sum of their weights, written to `f` at the end.
-    hits: u32,
+    /// The sum of the n-gram weights hit, written to `f` at the end.
     sum: f32,
-    /// Where the current word starts in the text, when all of it is raw ASCII letters and digits (so it can be
-    /// compared with the cue words in place); `IMPURE` otherwise.
-    word_start: usize,
-    wlen: usize,
-    hash: u32,
-    prev_hash: Option<u32>,
-    prev_words: [u8; 2], // 1 = "step", 2 = "by"
+    /// Words seen by this call: n-gram hits are `2 * words - 1` (a unigram each, a bigram each but the first).
+    words: u32,
+    /// The word being read: the running hash of its full chunks, the partial chunk, its length in that chunk and
+    /// in all.
+    hash: u64,
+    pend: u64,
+    npend: u32,
+    wlen: u32,
+    /// The previous word's hash (when `words > 0`), for the bigram.
+    prev: u64,
+    /// "step by step": 1 after "step", 2 after "step by".
+    step: u8,
     ticks: u32,
     line_start: bool,
     last: u8,
 }
 
-impl Observer<'_, '_> {
-    /// One unescaped byte that is not a raw ASCII letter or digit (those take the fast path in `observe`), or
+impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
+    fn new(f: &'f mut Features, table: &'m [f32], collect: Option<(&'m RefCell<Vec<u32>>, u32)>) -> Self {
+        Self {
+            f,
+            table,
+            mask: table.len().wrapping_sub(1),
+            collect,
+            sum: 0.0,
+            words: 0,
+            hash: WORD_SEED,
+            pend: 0,
+            npend: 0,
+            wlen: 0,
+            prev: 0,
+            step: 0,
+            ticks: 0,
+            line_start: true,
+            last: 0,
+        }
+    }
+
+    /// Add one (lowercased) byte to the current word.
+    #[inline(always)]
+    fn push(&mut self, c: u8) {
+        self.pend |= u64::from(c) << (8 * self.npend);
+        self.npend += 1;
+        self.wlen += 1;
+        if self.npend == 8 {
+            self.hash = mix(self.hash, self.pend);
+            (self.pend, self.npend) = (0, 0);
+        }
+    }
+
+    /// One unescaped byte that is not the start of a raw ASCII word (those take the fast path in `observe`), or
     /// any byte decoded from an escape. `rest` is the raw text from this byte on (for list markers), empty when
     /// the byte came from an escape.
-    #[inline]
+    #[inline(always)]
     fn unit(&mut self, c: u8, rest: &[u8]) {
         if c.is_ascii_alphanumeric() || c >= 0x80 {
             if self.line_start {
@@ -237,18 +321,15 @@ impl Observer<'_, '_> {
             } else if self.last == 0xE2 && (0x88..=0x8B).contains(&c) {
                 self.f.math += 1; // U+2200..U+22FF, mathematical operators
             }
-            let c = c.to_ascii_lowercase();
             if self.wlen == 0 && c.is_ascii_digit() {
                 self.f.numbers += 1;
             }
-            self.word_start = IMPURE;
-            self.wlen += 1;
-            self.hash = (self.hash ^ u32::from(c)).wrapping_mul(FNV_PRIME);
+            self.push(c.to_ascii_lowercase());
             self.ticks = 0;
             self.last = c;
             return;
         }
-        self.end_word(&[]);
+        self.end_word();
         if c == b'`' {
             self.ticks += 1;
             if self.ticks == 3 {
@@ -278,66 +359,192 @@ impl Observer<'_, '_> {
 
     #[inline(always)]
     fn hit(&mut self, h: u32) {
-        self.hits += 1;
-        if let Some(w) = self.table.get(h as usize & self.mask) {
+        if COLLECT {
+            if let Some((out, mask)) = self.collect {
+                if let Ok(mut v) = out.try_borrow_mut() {
+                    v.push(h & mask);
+                }
+            }
+        } else if let Some(w) = self.table.get(h as usize & self.mask) {
             self.sum += *w;
-        } else if let Some((out, mask)) = self.collect {
-            if let Ok(mut v) = out.try_borrow_mut() {
-                v.push(h & mask);
-            }
         }
     }
 
-    /// The word read so far ends: its n-grams, and whether it is a cue word. `text` is the whole raw text.
+    /// The word read so far (if any) ends: its n-grams, and whether it is a cue word.
     #[inline(always)]
-    fn end_word(&mut self, text: &[u8]) {
+    fn end_word(&mut self) {
         if self.wlen != 0 {
-            self.word_ends(text);
+            self.word_ends();
         }
     }
 
     #[inline(always)]
-    fn word_ends(&mut self, text: &[u8]) {
-        let h = self.hash;
-        self.f.words += 1;
-        self.hit(unigram(h));
-        if let Some(p) = self.prev_hash {
-            self.hit(bigram(p, h));
+    fn word_ends(&mut self) {
+        let w = mix(self.hash, self.pend);
+        (self.hash, self.pend, self.npend, self.wlen) = (WORD_SEED, 0, 0, 0);
+        self.word(w);
+    }
+
+    /// A word with hash `w` has been read: its n-grams, and whether it is a cue word.
+    #[inline(always)]
+    fn word(&mut self, w: u64) {
+        self.hit(unigram(w));
+        if self.words != 0 {
+            self.hit(bigram(self.prev, w));
         }
-        self.prev_hash = Some(h);
-        let (len, start) = (self.wlen, self.word_start);
-        self.wlen = 0;
-        self.hash = FNV_OFFSET;
-        let w = match text.get(start..start.saturating_add(len)) {
-            Some(w) if len <= MAX_WORD => w,
-            _ => {
-                self.prev_words = [0, 0];
-                return;
-            }
-        };
-        let tag = if h == STEP && w.eq_ignore_ascii_case(b"step") {
-            if self.prev_words == [1, 2] {
-                self.f.reasoning += 1;
-            }
-            1
-        } else if h == BY && w.eq_ignore_ascii_case(b"by") {
-            2
+        self.words += 1;
+        self.prev = w;
+        let (word, bit) = bloom_slot(w);
+        if CUE_BLOOM[word] & bit == 0 {
+            self.step = 0;
         } else {
-            0
-        };
-        self.prev_words = [self.prev_words[1], tag];
-        if CUE_BLOOM[(h >> 26) as usize] & (1 << ((h >> 20) & 63)) == 0 {
-            return;
+            let (step, reasoning, constraints) = cue(w, self.step);
+            self.step = step;
+            self.f.reasoning += reasoning;
+            self.f.constraints += constraints;
         }
-        if let Some(i) = REASONING_HASHES.iter().position(|&c| c == h) {
-            if REASONING[i].eq_ignore_ascii_case(w) {
-                self.f.reasoning += 1;
+    }
+
+    /// Count `text` (see `Features::observe`).
+    #[inline(always)]
+    fn run(&mut self, text: &[u8]) {
+        let n = text.len();
+        let mut i = 0;
+        while i < n {
+            let b = text[i];
+            if self.wlen == 0 && ALNUM[usize::from(b)] {
+                // A raw ASCII word starts: hash it 8 bytes at a time. While words are separated by plain
+                // separators (most prose), go on from word to word in this loop; a `\n` escape ends it too.
+                if self.line_start {
+                    self.line_start = false;
+                    if is_list_marker(&text[i..]) {
+                        self.f.list_items += 1;
+                    }
+                }
+                self.ticks = 0;
+                self.last = b;
+                loop {
+                    let mut x = load8(text, i);
+                    let mut stop = !alnum_bytes(x) & HIGH;
+                    if stop & 0x80 != 0 {
+                        // No word here: skip another plain separator (0 past the end is none), or leave.
+                        if PLAIN_SEP[usize::from(x as u8)] {
+                            i += 1;
+                            while text.get(i).is_some_and(|&c| PLAIN_SEP[usize::from(c)]) {
+                                i += 1;
+                            }
+                            continue;
+                        }
+                        break;
+                    }
+                    if (x as u8).is_ascii_digit() {
+                        self.f.numbers += 1;
+                    }
+                    let mut h = WORD_SEED;
+                    let mut len = 0u32;
+                    while stop == 0 {
+                        h = mix(h, x | CASE);
+                        i += 8;
+                        len += 8;
+                        x = load8(text, i);
+                        stop = !alnum_bytes(x) & HIGH;
+                    }
+                    let k = stop.trailing_zeros() / 8;
+                    i += k as usize;
+                    let pend = (x | CASE) & ((1u64 << (8 * k)) - 1);
+                    // The byte after the word (0 past the end of the text).
+                    let c = (x >> (8 * k)) as u8;
+                    if c == b'\\' && text.get(i + 1) == Some(&b'n') {
+                        // A line break (the commonest escape): the word ends, a line starts.
+                        self.word(mix(h, pend));
+                        self.f.lines += 1;
+                        self.line_start = true;
+                        self.last = b'\n';
+                        i += 2;
+                        break;
+                    }
+                    if c >= 0x80 || c == b'\\' {
+                        // The word goes on into a non-ASCII byte or an escape: the slow paths below.
+                        (self.hash, self.pend, self.npend, self.wlen) = (h, pend, k, len + k);
+                        break;
+                    }
+                    self.word(mix(h, pend));
+                    // A plain separator (line_start is false here); then most often the next word.
+                    if !PLAIN_SEP[usize::from(c)] {
+                        break;
+                    }
+                    i += 1;
+                }
+                continue;
             }
-        } else if let Some(i) = CONSTRAINT_HASHES.iter().position(|&c| c == h) {
-            if CONSTRAINTS[i].eq_ignore_ascii_case(w) {
-                self.f.constraints += 1;
+            if PLAIN_SEP[usize::from(b)] && (b != b' ' || !self.line_start) {
+                self.end_word();
+                self.line_start = false;
+                self.ticks = 0;
+                self.last = b;
+                i += 1;
+                continue;
+            }
+            if b != b'\\' {
+                self.unit(b, &text[i..]);
+                i += 1;
+                continue;
+            }
+            match text.get(i + 1).copied() {
+                Some(b'u') => match hex4(&text[(i + 2).min(n)..]) {
+                    Some(cp) => {
+                        let mut utf8 = [0u8; 4];
+                        let s: &[u8] = match char::from_u32(cp) {
+                            Some(ch) => ch.encode_utf8(&mut utf8).as_bytes(),
+                            None => b"\xef\xbf\xbd", // a lone surrogate: U+FFFD
+                        };
+                        for &c in s {
+                            self.unit(c, &[]);
+                        }
+                        i += 6;
+                    }
+                    None => {
+                        self.unit(b' ', &[]);
+                        i += 2;
+                    }
+                },
+                Some(b'n') => {
+                    self.unit(b'\n', &[]);
+                    i += 2;
+                }
+                Some(c @ (b'"' | b'\\' | b'/')) => {
+                    self.unit(c, &[]);
+                    i += 2;
+                }
+                _ => {
+                    self.unit(b' ', &[]);
+                    i += 2;
+                }
             }
         }
+        self.end_word();
+        self.f.gram_hits = self
+            .f
+            .gram_hits
+            .saturating_add(self.words.saturating_mul(2).saturating_sub(1));
+        self.f.words += self.words;
+        self.f.gram_sum += self.sum;
+    }
+}
+
+/// A word that passed the bloom filter, after `step` ("step by step": 1 after "step", 2 after "step by"): the next
+/// `step`, and the reasoning and constraint cues it adds. Out of line, and no reference to the observer, so the
+/// observer's state stays in registers.
+#[inline(never)]
+fn cue(w: u64, step: u8) -> (u8, u32, u32) {
+    if w == STEP {
+        (1, u32::from(step == 2), 0)
+    } else if w == BY {
+        (if step == 1 { 2 } else { 0 }, 0, 0)
+    } else if REASONING_HASHES.contains(&w) {
+        (0, 1, 0)
+    } else {
+        (0, 0, u32::from(CONSTRAINT_HASHES.contains(&w)))
     }
 }
 
@@ -352,128 +559,16 @@ fn hex4(b: &[u8]) -> Option<u32> {
 
 impl Features {
     /// Add the features of one text string (raw JSON string content: escapes are decoded here, so
-    /// `\n`, `\u00e9` and a literal `é` count alike). Linear in `text`: runs of ASCII letters and digits
-    /// take a tight loop (a table lookup and a multiply per byte); each word ends in one or two `grams`
-    /// hits. Words are cue words only when written in plain ASCII (no escapes inside).
+    /// `\n`, `\u00e9` and a literal `é` count alike). Linear in `text`: a raw ASCII word is classified and hashed
+    /// 8 bytes at a time; each word ends in two `grams` hits (one for the first word of the string) and one bloom
+    /// filter lookup for the cue words. Non-ASCII text and escapes take a byte-at-a-time path.
     pub fn observe(&mut self, text: &[u8], grams: Grams<'_>) {
         self.bytes = self.bytes.saturating_add(u32::try_from(text.len()).unwrap_or(u32::MAX));
-        let (table, collect): (&[f32], _) = match grams {
-            Grams::Off => (&[], None),
-            Grams::Weights(t) => (t, None),
-            Grams::Collect(out, mask) => (&[], Some((out, mask))),
-        };
-        let mut o = Observer {
-            f: self,
-            table,
-            mask: table.len().wrapping_sub(1),
-            collect,
-            hits: 0,
-            sum: 0.0,
-            word_start: IMPURE,
-            wlen: 0,
-            hash: FNV_OFFSET,
-            prev_hash: None,
-            prev_words: [0, 0],
-            ticks: 0,
-            line_start: true,
-            last: 0,
-        };
-        let n = text.len();
-        let mut i = 0;
-        while i < n {
-            let b = text[i];
-            let mut c = LOWER_ALNUM[usize::from(b)];
-            if c != 0 {
-                if o.line_start {
-                    o.line_start = false;
-                    if is_list_marker(&text[i..]) {
-                        o.f.list_items += 1;
-                    }
-                }
-                if o.wlen == 0 {
-                    o.word_start = i;
-                    if c.is_ascii_digit() {
-                        o.f.numbers += 1;
-                    }
-                }
-                let mut h = o.hash;
-                let start = i;
-                loop {
-                    h = (h ^ u32::from(c)).wrapping_mul(FNV_PRIME);
-                    i += 1;
-                    match text.get(i) {
-                        Some(&next) => c = LOWER_ALNUM[usize::from(next)],
-                        None => break,
-                    }
-                    if c == 0 {
-                        break;
-                    }
-                }
-                o.hash = h;
-                o.wlen += i - start;
-                o.ticks = 0;
-                o.last = text[i - 1];
-                continue;
-            }
-            if PLAIN_SEP[usize::from(b)] && (b != b' ' || !o.line_start) {
-                o.end_word(text);
-                o.line_start = false;
-                o.ticks = 0;
-                o.last = b;
-                i += 1;
-                continue;
-            }
-            if b != b'\\' {
-                if o.wlen > 0 && b < 0x80 {
-                    o.end_word(text);
-                }
-                o.unit(b, &text[i..]);
-                i += 1;
-                continue;
-            }
-            match text.get(i + 1).copied() {
-                Some(b'u') => match hex4(&text[(i + 2).min(n)..]) {
-                    Some(cp) => {
-                        if cp < 0x80 && !u8::try_from(cp).is_ok_and(|a| a.is_ascii_alphanumeric()) {
-                            o.end_word(text);
-                        }
-                        let mut utf8 = [0u8; 4];
-                        let s: &[u8] = match char::from_u32(cp) {
-                            Some(ch) => ch.encode_utf8(&mut utf8).as_bytes(),
-                            None => b"\xef\xbf\xbd", // a lone surrogate: U+FFFD
-                        };
-                        for &c in s {
-                            o.unit(c, &[]);
-                        }
-                        i += 6;
-                    }
-                    None => {
-                        o.end_word(text);
-                        o.unit(b' ', &[]);
-                        i += 2;
-                    }
-                },
-                Some(b'n') => {
-                    o.end_word(text);
-                    o.unit(b'\n', &[]);
-                    i += 2;
-                }
-                Some(c @ (b'"' | b'\\' | b'/')) => {
-                    o.end_word(text);
-                    o.unit(c, &[]);
-                    i += 2;
-                }
-                _ => {
-                    o.end_word(text);
-                    o.unit(b' ', &[]);
-                    i += 2;
-                }
-            }
+        match grams {
+            Grams::Collect(out, mask) => Observer::<true>::new(self, &NO_WEIGHTS, Some((out, mask))).run(text),
+            Grams::Weights(t) if !t.is_empty() => Observer::<false>::new(self, t, None).run(text),
+            _ => Observer::<false>::new(self, &NO_WEIGHTS, None).run(text),
         }
-        o.end_word(text);
-        let (hits, sum) = (o.hits, o.sum);
-        self.gram_hits += hits;
-        self.gram_sum += sum;
     }
 
     /// The dense feature vector a trained model weighs, in `DENSE_FEATURES` order.
@@ -544,7 +639,7 @@ pub const DENSE_FEATURES: [&str; DENSE] = [
 /// The model file format name and the version this build reads.
 pub const MODEL_FORMAT: &str = "fastroute-classifier";
 /// See [`MODEL_FORMAT`].
-pub const MODEL_VERSION: u32 = 1;
+pub const MODEL_VERSION: u32 = 2;
 /// Smallest and largest n-gram table (log2 of its length).
 pub const HASH_BITS: std::ops::RangeInclusive<u32> = 8..=22;
 
@@ -754,6 +849,269 @@ mod tests {
         assert_eq!(f.gram_hits, 2 * 17 - 1);
     }
 
+    /// A straightforward reference for `observe`: decode the escapes first, then go one decoded byte at a time,
+    /// keeping each word in a buffer; hash whole words with `word_hash` and match cue words as strings.
+    fn reference(text: &[u8], bits: u32) -> (Features, Vec<u32>) {
+        let mut units: Vec<(u8, Option<usize>)> = Vec::new();
+        let mut i = 0;
+        while i < text.len() {
+            if text[i] != b'\\' {
+                units.push((text[i], Some(i)));
+                i += 1;
+                continue;
+            }
+            match text.get(i + 1) {
+                Some(b'u') => {
+                    if let Some(cp) = hex4(&text[(i + 2).min(text.len())..]) {
+                        let ch = char::from_u32(cp).unwrap_or('\u{fffd}');
+                        let mut b = [0u8; 4];
+                        units.extend(ch.encode_utf8(&mut b).bytes().map(|c| (c, None)));
+                        i += 6;
+                    } else {
+                        units.push((b' ', None));
+                        i += 2;
+                    }
+                }
+                Some(b'n') => {
+                    units.push((b'\n', None));
+                    i += 2;
+                }
+                Some(&c @ (b'"' | b'\\' | b'/')) => {
+                    units.push((c, None));
+                    i += 2;
+                }
+                _ => {
+                    units.push((b' ', None));
+                    i += 2;
+                }
+            }
+        }
+        let mut f = Features {
+            bytes: u32::try_from(text.len()).unwrap(),
+            ..Features::default()
+        };
+        let (mut words, mut word) = (Vec::<Vec<u8>>::new(), Vec::new());
+        let (mut line_start, mut ticks, mut last) = (true, 0, 0u8);
+        for (c, at) in units {
+            let rest = at.map_or(&[][..], |at| &text[at..]);
+            if c.is_ascii_alphanumeric() || c >= 0x80 {
+                if line_start {
+                    line_start = false;
+                    f.list_items += u32::from(is_list_marker(rest));
+                }
+                if c >= 0xC0 {
+                    f.non_ascii += 1;
+                } else if last == 0xE2 && (0x88..=0x8B).contains(&c) {
+                    f.math += 1;
+                }
+                if word.is_empty() && c.is_ascii_digit() {
+                    f.numbers += 1;
+                }
+                word.push(c.to_ascii_lowercase());
+                ticks = 0;
+            } else {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+                ticks = if c == b'`' { ticks + 1 } else { 0 };
+                if ticks == 3 {
+                    f.code_fences += 1;
+                    ticks = 0;
+                }
+                match c {
+                    b'?' => f.questions += 1,
+                    b'=' | b'^' | b'+' | b'$' => f.math += 1,
+                    b'\n' => {
+                        f.lines += 1;
+                        line_start = true;
+                    }
+                    _ => {}
+                }
+                if line_start && !matches!(c, b' ' | b'\t' | b'\r' | b'\n') {
+                    line_start = false;
+                    f.list_items += u32::from(is_list_marker(rest));
+                }
+            }
+            last = c;
+        }
+        if !word.is_empty() {
+            words.push(word);
+        }
+        let mask = (1u32 << bits) - 1;
+        let mut hits = Vec::new();
+        for (k, w) in words.iter().enumerate() {
+            let h = word_hash(w);
+            hits.push(unigram(h) & mask);
+            if k > 0 {
+                hits.push(bigram(word_hash(&words[k - 1]), h) & mask);
+            }
+            if REASONING.contains(&&w[..]) {
+                f.reasoning += 1;
+            }
+            if CONSTRAINTS.contains(&&w[..]) {
+                f.constraints += 1;
+            }
+            if k >= 2 && w == b"step" && words[k - 1] == b"by" && words[k - 2] == b"step" {
+                f.reasoning += 1;
+            }
+        }
+        f.words = u32::try_from(words.len()).unwrap();
+        f.gram_hits = u32::try_from(hits.len()).unwrap();
+        (f, hits)
+    }
+
+    /// Random text from pieces that exercise every path: words of every length around the 8-byte chunks, cue
+    /// words in any case, separators, escapes (valid, invalid, surrogates), raw UTF-8, list markers, fences.
+    fn random_text(seed: &mut u64) -> String {
+        const PIECES: &[&str] = &[
+            "a",
+            "Z",
+            "q",
+            "7",
+            "0",
+            "42",
+            "word",
+            "Hello",
+            "STEP",
+            "step",
+            "by",
+            "By",
+            "explain",
+            "Must",
+            "never",
+            "requires",
+            "architecture",
+            "tradeoffs",
+            "abcdefg",
+            "abcdefgh",
+            "abcdefghi",
+            "ABCDEFGHIJKLMNOPQ",
+            "x1y2z3w4v5",
+            " ",
+            " ",
+            " ",
+            "  ",
+            ",",
+            ".",
+            ";",
+            "?",
+            "=",
+            "+",
+            "^",
+            "$",
+            "%",
+            "`",
+            "```",
+            "-",
+            "*",
+            "\\n",
+            "\\t",
+            "\\\"",
+            "\\\\",
+            "\\/",
+            "\\u00e9",
+            "\\u00E9",
+            "\\u0041",
+            "\\u004a",
+            "\\u0020",
+            "\\u2211",
+            "\\ud800",
+            "\\uzz12",
+            "\\u12",
+            "\\",
+            "é",
+            "∑",
+            "日本",
+            "−",
+            "- ",
+            "* ",
+            "1. ",
+            "12) ",
+            "3.",
+            "\n",
+            "\t",
+            "@",
+            "_",
+            "~",
+            "\u{7f}",
+            "\u{1}",
+        ];
+        let mut next = || {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed
+        };
+        let n = next() % 40;
+        (0..n)
+            .map(|_| PIECES[(next() % PIECES.len() as u64) as usize])
+            .collect()
+    }
+
+    #[test]
+    fn observe_matches_the_reference_on_random_text() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            let text = random_text(&mut seed);
+            let (want, want_hits) = reference(text.as_bytes(), 12);
+            let got_hits = hits(&text, 12);
+            let got = feats(&text);
+            assert_eq!(got, want, "{text:?}");
+            assert_eq!(got_hits, want_hits, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn weights_sum_the_buckets_the_reference_hits() {
+        let bits = 10;
+        let table: Vec<f32> = (0..1u32 << bits)
+            .map(|i| f32::from(u16::try_from(i % 97).unwrap()) - 48.0)
+            .collect();
+        let mut seed = 7u64;
+        for _ in 0..2_000 {
+            let text = random_text(&mut seed);
+            let (_, want_hits) = reference(text.as_bytes(), bits);
+            let mut f = Features::default();
+            f.observe(text.as_bytes(), Grams::Weights(&table));
+            let want: f32 = want_hits.iter().map(|&h| table[h as usize]).sum();
+            assert_eq!(f.gram_sum, want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn alnum_bytes_agrees_with_a_byte_test() {
+        let mut x = 0x0123_4567_89ab_cdefu64;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let want = x.to_le_bytes().iter().enumerate().fold(0u64, |m, (k, b)| {
+                m | (u64::from(b.is_ascii_alphanumeric()) << (8 * k + 7))
+            });
+            assert_eq!(alnum_bytes(x), want, "{x:#x}");
+        }
+        for b in 0..=255u8 {
+            assert_eq!(alnum_bytes(u64::from(b)) != 0, b.is_ascii_alphanumeric(), "{b}");
+        }
+    }
+
+    #[test]
+    fn short_words_never_share_a_hash() {
+        let chars: Vec<u8> = (b'a'..=b'z').chain(b'0'..=b'9').collect();
+        let mut seen = std::collections::HashSet::new();
+        for &a in &chars {
+            assert!(seen.insert(word_hash(&[a])));
+            for &b in &chars {
+                assert!(seen.insert(word_hash(&[a, b])));
+                for &c in &chars {
+                    assert!(seen.insert(word_hash(&[a, b, c])));
+                }
+            }
+        }
+        assert_eq!(word_hash(b"Hello"), word_hash(b"hello"));
+        assert_ne!(word_hash(b"abcdefgh"), word_hash(b"abcdefghi"));
+    }
+
     #[test]
     fn a_word_inside_a_line_is_no_list_marker() {
         assert_eq!(feats("Hello - world\\n- item").list_items, 1);
@@ -816,7 +1174,11 @@ mod tests {
         assert!(Scorer::from_json(&good).is_ok());
         let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
         let cases: [(&str, serde_json::Value, &str); 6] = [
-            ("version", 2.into(), "version 2"),
+            (
+                "version",
+                1.into(),
+                "model version 1 but this fastroute reads version 2",
+            ),
             ("format", "other".into(), "`format`"),
             ("hash_bits", 9.into(), "expected 2^hash_bits = 512"),
             ("hash_bits", 40.into(), "`hash_bits` is 40"),
