@@ -34,7 +34,13 @@ admin: {{listen: "127.0.0.1:{admin_port}", token_env: FR_SHARED_ADMIN}}
 redis: {{url: "{redis_url}", key_prefix: "frtest:", timeout: 0.2}}
 models:
   small: {{endpoints: ["{small}"], upstream_model: phi-3-mini}}
-  large: {{endpoints: ["{large}"], upstream_model: llama-3-13b, adapters: [v3, v4]}}
+  # The canary test makes adapter v4 fail on purpose; that must not open the endpoint's breaker for the
+  # tests after it (breakers are tested in test_resilience.py), so this one never opens.
+  large:
+    endpoints: ["{large}"]
+    upstream_model: llama-3-13b
+    adapters: [v3, v4]
+    breaker: {{consecutive_failures: 1000000, error_rate: 1.0, min_requests: 1000000}}
 tenants:
   acme: {{keys_sha256: ["{_sha(KEYS['acme'])}"]}}
   globex: {{keys_sha256: ["{_sha(KEYS['globex'])}"]}}
