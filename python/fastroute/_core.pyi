@@ -35,14 +35,28 @@ class Router:
         path: str,
         headers: Headers | Mapping[str, str],
         body: bytes,
-        scored: tuple[float, float] | None = None,
     ) -> Decision:
-        """Decide where one request goes. Reads only the headers the rules name. `scored`: a classify
-        route's (score, threshold) computed by the caller (the semantic classifier) instead of the core.
+        """Decide where one request goes. Reads only the headers the rules name.
 
         Raises:
             fastroute.errors.RequestError: the body is not a JSON object, or a known field has the
                 wrong type (`.param` names it).
+        """
+
+    def decide_scored(
+        self,
+        method: str,
+        path: str,
+        headers: Headers | Mapping[str, str],
+        body: bytes,
+        score: float,
+        threshold: float,
+    ) -> Decision:
+        """`decide`, with a classify route's score and threshold computed by the caller (the semantic
+        classifier) instead of the core.
+
+        Raises:
+            fastroute.errors.RequestError: as `decide`.
         """
 
     @property

@@ -464,7 +464,7 @@ async def _semantic(ctx: Ctx, method: str, d: Decision) -> tuple[Decision, dict[
         return d, info
     ctx.classifier = 'semantic'
     try:
-        d2 = ctx.snap.router.decide(method, ctx.path, ctx.scope.headers, ctx.body, (score, sr.threshold))
+        d2 = ctx.snap.router.decide_scored(method, ctx.path, ctx.scope.headers, ctx.body, score, sr.threshold)
     except (RequestError, ValueError):  # not expected: the same inputs were just decided
         ctx.classifier = 'fast'
         return d, info
