@@ -28,6 +28,8 @@ import msgspec
 from fastroute import _core
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
 
 MODEL_FORMAT = 'fastroute-classifier'
@@ -477,21 +479,32 @@ class CvResult:
 def cross_validate(
     examples: list[Example], d: Design, l2: float, k: int, *, by_group: bool, log: Any = None
 ) -> CvResult:
-    """k-fold CV: per-fold figures averaged, and the out-of-fold scores."""
+    """k-fold CV of the fast classifier: per-fold figures averaged, and the out-of-fold scores."""
+
+    def fold(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+        return fit(d.subset(tr), targets(examples, tr, by_group=by_group), l2).scores(d.subset(te))
+
+    return cv_folds(examples, l2, k, fold, log=log)
+
+
+def cv_folds(
+    examples: list[Any], l2: float, k: int, score_fold: Callable[[Any, Any], Any], *, log: Any = None, tag: str = ''
+) -> CvResult:
+    """The k-fold loop every classifier is measured with (same folds, same figures): `score_fold(train_idx,
+    test_idx)` fits on the one and returns the scores of the other."""
     import numpy as np
 
     weak = np.array([bool(e.weak) for e in examples])
     strong = np.array([bool(e.strong) for e in examples])
-    oof = np.zeros(d.n)
+    oof = np.zeros(len(examples))
     qs = []
-    folds = folds_of(d.n, k)
+    folds = folds_of(len(examples), k)
     for i, te in enumerate(folds):
         tr = np.concatenate([f for j, f in enumerate(folds) if j != i])
-        w = fit(d.subset(tr), targets(examples, tr, by_group=by_group), l2)
-        oof[te] = w.scores(d.subset(te))
+        oof[te] = score_fold(tr, te)
         qs.append(quality(oof[te], weak[te], strong[te]))
         if log:
-            log(f'  l2={l2:g} fold {i + 1}/{k}: APGR {qs[-1].apgr:.3f}')
+            log(f'  {tag}l2={l2:g} fold {i + 1}/{k}: APGR {qs[-1].apgr:.3f}')
     return CvResult(
         l2,
         float(np.mean([q.apgr for q in qs])),
@@ -499,6 +512,28 @@ def cross_validate(
         float(np.mean([q.cpt80 for q in qs])),
         oof,
     )
+
+
+def baselines(examples: list[Any], k: int) -> dict[str, dict[str, float]]:
+    """The length baseline on the same k folds (per-fold figures averaged) and the random baseline, rounded as
+    model files and reports give them."""
+    import numpy as np
+
+    weak = np.array([bool(e.weak) for e in examples])
+    strong = np.array([bool(e.strong) for e in examples])
+    length = [
+        quality(np.array([examples[i].length for i in f], float), weak[f], strong[f])
+        for f in folds_of(len(examples), k)
+    ]
+    rnd = random_quality(weak, strong)
+    return {
+        'length_baseline': {
+            'apgr': round(float(np.mean([q.apgr for q in length])), 4),
+            'cpt50': round(float(np.mean([q.cpt50 for q in length])), 4),
+            'cpt80': round(float(np.mean([q.cpt80 for q in length])), 4),
+        },
+        'random_baseline': {'apgr': round(rnd[0], 4), 'cpt50': round(rnd[1], 4), 'cpt80': round(rnd[2], 4)},
+    }
 
 
 def train(
@@ -519,8 +554,6 @@ def train(
         raise ValueError(f'{len(examples)} examples are too few for {folds}-fold cross-validation')
     d = design([e.body for e in examples], hash_bits)
     by_group = any(e.group is not None for e in examples)
-    weak = np.array([bool(e.weak) for e in examples])
-    strong = np.array([bool(e.strong) for e in examples])
     results = []
     for l2 in l2s:
         r = cross_validate(examples, d, l2, folds, by_group=by_group, log=log)
@@ -529,10 +562,6 @@ def train(
             log(f'l2={l2:g}: CV APGR {r.apgr:.4f}, CPT(50%) {r.cpt50:.1%}, CPT(80%) {r.cpt80:.1%}')
     best = max(results, key=lambda r: r.apgr)
     w = fit(d, targets(examples, np.arange(d.n), by_group=by_group), best.l2)
-    length = [
-        quality(np.array([examples[i].length for i in f], float), weak[f], strong[f]) for f in folds_of(d.n, folds)
-    ]
-    rnd = random_quality(weak, strong)
     cal = np.quantile(best.oof, np.linspace(0, 1, 101))
     digest = hashlib.sha256(b''.join(e.body for e in examples)).hexdigest()[:16]
     return {
@@ -557,12 +586,7 @@ def train(
             'cpt50': round(best.cpt50, 4),
             'cpt80': round(best.cpt80, 4),
             'by_l2': {f'{r.l2:g}': round(r.apgr, 4) for r in results},
-            'length_baseline': {
-                'apgr': round(float(np.mean([q.apgr for q in length])), 4),
-                'cpt50': round(float(np.mean([q.cpt50 for q in length])), 4),
-                'cpt80': round(float(np.mean([q.cpt80 for q in length])), 4),
-            },
-            'random_baseline': {'apgr': round(rnd[0], 4), 'cpt50': round(rnd[1], 4), 'cpt80': round(rnd[2], 4)},
+            **baselines(examples, folds),
         },
         'calibration': [round(float(v), 6) for v in cal],
         'ngrams': [_r(v) for v in w.ngrams],

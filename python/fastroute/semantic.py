@@ -445,29 +445,16 @@ def texts_of(examples: list[Any]) -> list[str]:
 def cross_validate_semantic(
     examples: list[Any], x: np.ndarray, l2: float, k: int, *, by_group: bool, log: Any = None
 ) -> Any:
+    """k-fold CV of the semantic classifier over the embeddings `x`, on the fast classifier's folds."""
     import numpy as np
 
-    from fastroute.classifier import CvResult, folds_of, quality, targets
+    from fastroute.classifier import cv_folds, targets
 
-    weak = np.array([bool(e.weak) for e in examples])
-    strong = np.array([bool(e.strong) for e in examples])
-    oof = np.zeros(len(examples))
-    qs = []
-    folds = folds_of(len(examples), k)
-    for i, te in enumerate(folds):
-        tr = np.concatenate([f for j, f in enumerate(folds) if j != i])
+    def fold(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
         b, w = fit_semantic(x[tr], targets(examples, tr, by_group=by_group), l2)
-        oof[te] = 1.0 / (1.0 + np.exp(-(x[te] @ w + b)))
-        qs.append(quality(oof[te], weak[te], strong[te]))
-        if log:
-            log(f'  semantic l2={l2:g} fold {i + 1}/{k}: APGR {qs[-1].apgr:.3f}')
-    return CvResult(
-        l2,
-        float(np.mean([q.apgr for q in qs])),
-        float(np.mean([q.cpt50 for q in qs])),
-        float(np.mean([q.cpt80 for q in qs])),
-        oof,
-    )
+        return 1.0 / (1.0 + np.exp(-(x[te] @ w + b)))
+
+    return cv_folds(examples, l2, k, fold, log=log, tag='semantic ')
 
 
 def train_semantic(
@@ -492,17 +479,13 @@ def train_semantic(
     enc = encoder(model_dir)
     x = _embeddings_cached(enc, texts_of(examples), cache_dir, log)
     by_group = any(e.group is not None for e in examples)
-    weak = np.array([bool(e.weak) for e in examples])
-    strong = np.array([bool(e.strong) for e in examples])
     results = [cross_validate_semantic(examples, x, l2, folds, by_group=by_group, log=log) for l2 in l2s]
     if log:
         for r in results:
             log(f'semantic l2={r.l2:g}: CV APGR {r.apgr:.4f}, CPT(50%) {r.cpt50:.1%}, CPT(80%) {r.cpt80:.1%}')
     best = max(results, key=lambda r: r.apgr)
     b, w = fit_semantic(x, fast.targets(examples, np.arange(len(examples)), by_group=by_group), best.l2)
-    split = fast.folds_of(len(examples), folds)
-    length = [fast.quality(np.array([examples[i].length for i in f], float), weak[f], strong[f]) for f in split]
-    rnd = fast.random_quality(weak, strong)
+    base = fast.baselines(examples, folds)
     shipped = fast.load_model(fast.default_model_path()).meta.get('trained', {})
     fast_l2 = float(shipped.get('l2', fast.DEFAULT_L2[0])) if isinstance(shipped, dict) else fast.DEFAULT_L2[0]
     d = fast.design([e.body for e in examples], fast.DEFAULT_HASH_BITS)
@@ -511,18 +494,11 @@ def train_semantic(
     def fig(r: Any) -> dict[str, float]:
         return {'apgr': round(r.apgr, 4), 'cpt50': round(r.cpt50, 4), 'cpt80': round(r.cpt80, 4)}
 
-    def mean(qs: list[Any]) -> dict[str, float]:
-        return {
-            'apgr': round(float(np.mean([q.apgr for q in qs])), 4),
-            'cpt50': round(float(np.mean([q.cpt50 for q in qs])), 4),
-            'cpt80': round(float(np.mean([q.cpt80 for q in qs])), 4),
-        }
-
     report = {
         'semantic': fig(best),
         'fast': {**fig(fast_cv), 'l2': fast_l2},
-        'length': mean(length),
-        'random': {'apgr': round(rnd[0], 4), 'cpt50': round(rnd[1], 4), 'cpt80': round(rnd[2], 4)},
+        'length': base['length_baseline'],
+        'random': base['random_baseline'],
     }
     digest = hashlib.sha256(b''.join(e.body for e in examples)).hexdigest()[:16]
     model = {
