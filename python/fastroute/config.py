@@ -40,6 +40,7 @@ import os
 import re
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
@@ -1141,6 +1142,17 @@ class _Checker:
         if not _NAME.match(name):
             self.add(path, f'{kind} name {name!r} must be printable ASCII without spaces (it is sent in headers)')
 
+    def each_variant(self, path: str, variants: list[Any]) -> Iterator[tuple[str, Any]]:
+        """`path.variants[i]` and each variant of a split or an experiment, after checking its name (valid, unique)."""
+        seen: set[str] = set()
+        for i, v in enumerate(variants):
+            where = f'{path}.variants[{i}]'
+            self.name(f'{where}.name', v.name, 'variant')
+            if v.name in seen:
+                self.add(f'{where}.name', f'duplicate variant name {v.name!r}; variant names must be unique')
+            seen.add(v.name)
+            yield where, v
+
     def positive(self, path: str, value: float, what: str, example: str) -> None:
         if not (math.isfinite(value) and value > 0):
             self.add(path, f'{what} must be a positive number, got {value!r}; e.g. {example}')
@@ -1351,13 +1363,7 @@ class _Checker:
             if not split.variants:
                 self.add(f'{path}.variants', 'no variants; list at least one {name, to, weight}')
                 continue
-            seen: set[str] = set()
-            for i, v in enumerate(split.variants):
-                where = f'{path}.variants[{i}]'
-                self.name(f'{where}.name', v.name, 'variant')
-                if v.name in seen:
-                    self.add(f'{where}.name', f'duplicate variant name {v.name!r}; variant names must be unique')
-                seen.add(v.name)
+            for where, v in self.each_variant(path, split.variants):
                 self.model_ref(f'{where}.to', v.to)
                 self.positive(f'{where}.weight', v.weight, 'a variant weight', '50')
             total = sum(v.weight for v in split.variants)
@@ -1407,13 +1413,7 @@ class _Checker:
                         f'adapter {adapter!r} belongs to tenant {owner!r}; scope the experiment with tenant: {owner}',
                     )
 
-            seen: set[str] = set()
-            for i, v in enumerate(e.variants):
-                where = f'{path}.variants[{i}]'
-                self.name(f'{where}.name', v.name, 'variant')
-                if v.name in seen:
-                    self.add(f'{where}.name', f'duplicate variant name {v.name!r}; variant names must be unique')
-                seen.add(v.name)
+            for where, v in self.each_variant(path, e.variants):
                 arm(where, v.to, v.adapter)
                 if not (math.isfinite(v.weight) and v.weight >= 0):
                     self.add(f'{where}.weight', f'a variant weight must be 0 or more, got {v.weight!r}; e.g. 50')
