@@ -433,6 +433,11 @@ experiments:
             'experiments.x.variants',
             'add up to 0',
         ),
+        (
+            'x: {variants: [{name: a, to: small, weight: 1}, {name: a, to: large, weight: 1}]}',
+            'experiments.x.variants[1].name',
+            "duplicate variant name 'a'",
+        ),
         ('x: {sticky: "cookie:x", shadow: {to: small}}', 'experiments.x.sticky', 'invalid sticky key'),
         ('x: {shadow: {to: small, sample: 3}}', 'experiments.x.shadow', 'sample'),
     ],
