@@ -16,7 +16,10 @@ Same load generators against the same upstream for every target:
 Measured per target, each `--rounds` times (default 3, targets interleaved), medians reported:
   max req/s       wrk -t1 -c32 (POST with a Lua script), JSON and SSE answers
   p50 @1          oha, 1 request in flight
-  p50/p99 @1k     oha at a fixed 1,000 req/s (-q 1000 --latency-correction), 32 connections
+  p50/p99 @1k     oha at a fixed 1,000 req/s (-q 1000 --latency-correction), 32 connections, in `--slices`
+                  slices of 5 s per target (default 8) after the rounds above, the targets' order rotated
+                  each slice; every request's latency is kept (oha's CSV output; the first 0.5 s of each
+                  slice, while connections open, left out) and the percentiles are of all of them pooled
   added           target minus direct at the same percentile, and fastroute's added / nginx's added
 Streaming check: an SSE upstream that sends its head at once, the first event after 100 ms and then one every
 20 ms (`fastroute mock --ttft-ms 100 --tps 50`, or a built-in aiohttp server when the mock is not available);
@@ -49,9 +52,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
 import functools
 import hashlib
+import io
 import json
+import math
 import os
 import re
 import shutil
@@ -247,6 +253,38 @@ def run_oha(url: str, body_file: Path, cpus: str | None, *, rate: int | None, se
     }
 
 
+def run_oha_latencies(
+    url: str, body_file: Path, cpus: str | None, *, rate: int, seconds: float, conns: int, skip_s: float
+) -> tuple[list[float], int]:
+    """Every request's latency (ms, corrected for coordinated omission) at a fixed rate, from oha's CSV output;
+    requests that started in the first `skip_s` seconds (connection set-up) are left out. Returns (latencies,
+    errors)."""
+    cmd = [OHA, '--no-tui', '--output-format', 'csv', '-m', 'POST', '-D', str(body_file)]
+    for k, v in HEADERS.items():
+        cmd += ['-H', f'{k}: {v}']
+    cmd += ['-q', str(rate), '-z', f'{seconds:g}s', '-c', str(conns), '--latency-correction', url]
+    if cpus:
+        cmd = ['taskset', '-c', cpus, *cmd]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if res.returncode != 0:
+        raise RuntimeError(f'oha failed: {res.stderr[-500:]}')
+    lat, errors = [], 0
+    for row in csv.DictReader(io.StringIO(res.stdout)):
+        if not row['status'].startswith('2'):
+            errors += 1
+        elif float(row['request-start']) >= skip_s:
+            lat.append(float(row['request-duration']) * 1e3)
+    return lat, errors
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-quantile (0..1) of xs by the nearest-rank method; nan for no samples."""
+    if not xs:
+        return float('nan')
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
 # ---------------------------------------------------------------------------------------------- streaming check
 
 
@@ -317,10 +355,13 @@ class Target:
         self.key, self.label, self.port, self.sse_port, self.slow_port = key, label, port, sse_port, slow_port
         self.rows: list[dict] = []
         self.stream: dict | None = None
+        self.latencies: list[float] = []  # every request at the fixed rate, ms, all slices
+        self.slice_p99: list[float] = []
         self.pids: dict[int, int] = {}  # port -> root pid of the process tree serving it (for CPU accounting)
 
 
 CLK_TCK = os.sysconf('SC_CLK_TCK')
+SLICE_SKIP_S = 0.5  # each latency slice's first requests wait for the connections to open: left out
 
 
 def tree_cpu_seconds(root: int | None) -> float:
@@ -596,6 +637,7 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument('--no-mock', action='store_true', help='use the built-in slow SSE upstream, not fastroute mock')
     ap.add_argument('--rate', type=int, default=1000, help='fixed rate for the latency runs (req/s)')
+    ap.add_argument('--slices', type=int, default=None, help='latency slices per target (default 8, 5 s each)')
     ap.add_argument('--out', default=str(ROOT / 'bench-results'))
     ap.add_argument('--sse-upstream', type=int, help=argparse.SUPPRESS)
     ap.add_argument(
@@ -628,6 +670,28 @@ def main() -> int:
     return run_all(args)
 
 
+def latency_slices(
+    targets: list[Target], body_file: Path, cpus: str | None, rate: int, slices: int, slice_s: float
+) -> None:
+    """Latency at a fixed rate: short slices, the targets' order rotated each slice, every request kept (pooled
+    percentiles are steadier than a median of a few runs' percentiles on a shared machine)."""
+    for sl in range(slices):
+        order = targets[sl % len(targets) :] + targets[: sl % len(targets)]
+        for t in order:
+            url = f'http://127.0.0.1:{t.port}{CHAT_PATH}'
+            lat, errors = run_oha_latencies(
+                url, body_file, cpus, rate=rate, seconds=slice_s, conns=32, skip_s=SLICE_SKIP_S
+            )
+            t.latencies += lat
+            t.slice_p99.append(percentile(lat, 0.99))
+            t.rows[-1]['errors'] += errors
+            print(
+                f'# slice {sl + 1} {t.key} @{rate}: p50 {percentile(lat, 0.5):.3f} '
+                f'p99 {percentile(lat, 0.99):.3f} ms ({len(lat)} requests, {errors} errors)',
+                file=sys.stderr,
+            )
+
+
 def run_all(args: argparse.Namespace) -> int:
     missing = [n for n, p in (('nginx', nginxctl.NGINX), ('wrk', WRK), ('oha', OHA)) if not p or not Path(p).exists()]
     if missing:
@@ -638,7 +702,8 @@ def run_all(args: argparse.Namespace) -> int:
         return 2
     rounds = args.rounds or (1 if args.quick else 3)
     wrk_s = 3 if args.quick else 5
-    rate_s = 5 if args.quick else 10
+    slices = args.slices or (2 if args.quick else 8)
+    slice_s = 3 if args.quick else 5
     n_seq = 500 if args.quick else 2000
     pin = not args.no_pin and nginxctl.cpu_count() >= 2
     cpu_proxy, cpu_load = ('0', '1') if pin else (None, None)
@@ -721,26 +786,23 @@ def run_all(args: argparse.Namespace) -> int:
                 w = wrk_with_cpu(t, t.port, lua_json, wrk_s, cpu_load)
                 ws = wrk_with_cpu(t, t.sse_port, lua_sse, wrk_s, cpu_load)
                 one = run_oha(url, body_file, cpu_load, rate=None, seconds=30, n=n_seq, conns=1)
-                fixed = run_oha(url, body_file, cpu_load, rate=args.rate, seconds=rate_s, n=0, conns=32)
                 row = {
                     'rps': w['rps'],
                     'sse_rps': ws['rps'],
                     'cpu_us': w['cpu_us'],
                     'sse_cpu_us': ws['cpu_us'],
                     'p50_1': one['p50_ms'],
-                    'p50_rate': fixed['p50_ms'],
-                    'p99_rate': fixed['p99_ms'],
-                    'rate_achieved': fixed['rps'],
-                    'errors': w['non2xx'] + w['socket_errors'] + ws['non2xx'] + one['errors'] + fixed['errors'],
+                    'errors': w['non2xx'] + w['socket_errors'] + ws['non2xx'] + one['errors'],
                 }
                 t.rows.append(row)
                 print(
                     f'# round {rnd + 1} {t.key} {t.label:42} {row["rps"]:7.0f} req/s {row["cpu_us"]:5.0f} µs/req  '
                     f'sse {row["sse_rps"]:7.0f} {row["sse_cpu_us"]:5.0f} µs/req  '
-                    f'p50@1 {row["p50_1"]:.3f}  @{args.rate}: p50 {row["p50_rate"]:.3f} p99 {row["p99_rate"]:.3f} ms'
-                    f'  ({row["rate_achieved"]:.0f} req/s, {row["errors"]} errors)',
+                    f'p50@1 {row["p50_1"]:.3f}  ({row["errors"]} errors)',
                     file=sys.stderr,
                 )
+
+        latency_slices(targets, body_file, cpu_load, args.rate, slices, slice_s)
 
         # streaming check
         slow_body = json.dumps({**nginxctl.REQUEST, 'model': slow_model, 'stream': True}).encode()
@@ -766,7 +828,7 @@ def run_all(args: argparse.Namespace) -> int:
         f'load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on '
         f'{os.cpu_count()} CPUs: above ~1 other work shared the machine and the absolute figures are inflated.'
     )
-    report = render(targets, args, rounds, pin, slow_kind, notes)
+    report = render(targets, args, rounds, slice_s, pin, slow_kind, notes)
     print(report)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -781,8 +843,14 @@ def mkdir(p: Path) -> Path:
     return p
 
 
-def render(targets: list[Target], args, rounds: int, pin: bool, slow_kind: str, notes: list[str]) -> str:
+def render(
+    targets: list[Target], args, rounds: int, slice_s: float, pin: bool, slow_kind: str, notes: list[str]
+) -> str:
     def m(t: Target, key: str) -> float:
+        if key == 'p50_rate':
+            return percentile(t.latencies, 0.5)
+        if key == 'p99_rate':
+            return percentile(t.latencies, 0.99)
         return med([r[key] for r in t.rows])
 
     direct = targets[0]
@@ -799,7 +867,9 @@ def render(targets: list[Target], args, rounds: int, pin: bool, slow_kind: str, 
         '',
         f'Upstream: nginx, fixed 557-byte chat completion / 21-event SSE (3.8 KB). CPU: {sharing}. '
         f'Medians of {rounds} round(s), targets interleaved. Load: wrk -t1 -c32 (max req/s); '
-        f'oha 1 in flight; oha -q {args.rate} --latency-correction -c32.',
+        f'oha 1 in flight; oha -q {args.rate} --latency-correction -c32 in {len(direct.slice_p99)} slices of '
+        f'{slice_s:g} s per target (order rotated each slice; the first {SLICE_SKIP_S:g} s of each left out), '
+        f'percentiles of all their requests pooled ({len(direct.latencies):,} for direct).',
         '',
         f'| target | max req/s (JSON) | CPU µs/req (JSON) | max req/s (SSE) | CPU µs/req (SSE) | p50 @1 (ms) | '
         f'p50 @{args.rate}/s (ms) | p99 @{args.rate}/s (ms) | added p50 @1 | added p50 @{args.rate}/s | '
@@ -817,6 +887,15 @@ def render(targets: list[Target], args, rounds: int, pin: bool, slow_kind: str, 
             f'{m(t, "p50_rate"):.3f} | {m(t, "p99_rate"):.3f} | {" | ".join(added)} | '
             f'{sum(r["errors"] for r in t.rows)} |'
         )
+    lines.append('')
+    lines.append(
+        f'p99 @{args.rate}/s of each slice alone (ms), min / median / max: '
+        + '; '.join(
+            f'({t.key}) {min(t.slice_p99):.3f} / {med(t.slice_p99):.3f} / {max(t.slice_p99):.3f}'
+            for t in targets
+            if t.slice_p99
+        )
+    )
     lines.append('')
     if nginx:
         ratios = []
