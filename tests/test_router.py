@@ -311,3 +311,23 @@ def test_names_and_requested_model_are_read_from_the_router_and_body() -> None:
     for name in ('route', 'pool', 'requested_model', 'upstream_model'):
         with pytest.raises(AttributeError):
             setattr(d, name, 'x')
+
+
+@pytest.mark.parametrize('n', [3, 4, 5, 31])
+def test_header_rules_read_every_slot(n: int) -> None:
+    # Routers reading a few headers and routers reading many fetch them into differently sized arrays; every slot,
+    # the last one included, reaches the rules (and the trace), from a dict or a `.get` object alike.
+    routes = [{'name': f'h{i}', 'match': {'headers': {f'x-h{i}': f'v{i}'}}, 'to': 'm'} for i in range(n)]
+    router = compile_spec(
+        {'models': {'m': {'endpoints': ['http://x']}}, 'routes': routes, 'server': {'allow_anonymous': True}}
+    )
+    assert len(router.header_names) == n + 1
+    for i in (0, n - 1):
+        values = {f'x-h{i}': f'v{i}', 'x-h99': 'v99'}
+        for headers in (values, LoggingHeaders(values)):
+            d = router.decide('POST', '/', headers, b'{}')
+            assert (d.status, d.route) == (200, f'h{i}')
+            assert f'route h{i} matched' in d.reasons
+        if isinstance(headers, LoggingHeaders):
+            assert sorted(set(headers.asked)) == sorted(router.header_names)
+    assert router.decide('POST', '/', {f'x-h{n - 1}': 'no'}, b'{}').status == 404
