@@ -67,9 +67,53 @@ pub fn estimate_raw(text: &[u8], may_escape: bool) -> u32 {
     if text.is_empty() {
         return 0;
     }
-    let mut acc = 0i64;
+    finish(weight_from(text, may_escape, BREAK, 0))
+}
+
+/// A JSON string's plain start, weighed while its end is still unknown: `(n, w)` where `text[..n]` holds no quote,
+/// backslash, control or non-ASCII byte and `w` is its weight (as [`estimate_raw`] counts it); `n` is a multiple
+/// of 32, and 0 when no AVX2 or `text` is short. `text` is the body from the string's first byte: the string ends
+/// at a quote, so its closing quote lies at `n` or later. The scanner finds the end from `n` and hands the rest to
+/// [`estimate_after`], so a long plain string is read once, not once to find its end and once to weigh it.
+#[must_use]
+pub fn plain_prefix(text: &[u8]) -> (usize, i64) {
+    #[cfg(target_arch = "x86_64")]
+    if text.len() >= simd::MIN_RUN && simd::available() {
+        let (n, w) = simd::plain_prefix(text);
+        if n > 0 {
+            let first = PAIR_WEIGHT[pair_index(usize::from(BREAK), CLASS[usize::from(text[0])])];
+            return (n, w + i64::from(first));
+        }
+    }
+    let _ = text;
+    (0, 0)
+}
+
+/// [`estimate_raw`] of a string whose start `prefix` ([`plain_prefix`] of it) has already weighed: equal to
+/// `estimate_raw(text, may_escape)`.
+#[must_use]
+pub fn estimate_after(text: &[u8], may_escape: bool, prefix: (usize, i64)) -> u32 {
+    let (n, w) = prefix;
+    match n.checked_sub(1).and_then(|last| text.get(last)) {
+        // The run the prefix ends inside goes on from `n`: its byte pairs by class equal its pairs by byte.
+        Some(&last) => finish(weight_from(&text[n..], may_escape, CLASS[usize::from(last)], w)),
+        None => estimate_raw(text, may_escape),
+    }
+}
+
+/// The rounded token count of a weight sum (at least 1).
+#[inline]
+fn finish(acc: i64) -> u32 {
+    let tokens = (acc + (1 << (SCALE_BITS - 1))) >> SCALE_BITS;
+    u32::try_from(tokens.max(1)).unwrap_or(u32::MAX)
+}
+
+/// `acc` plus the pair weights of `text`, whose first character follows a character of class `prev`.
+#[inline]
+fn weight_from(text: &[u8], may_escape: bool, prev: u8, acc: i64) -> i64 {
+    let mut acc = acc;
     // The class of the character before `rest` (a decoded escape counts as the character it stands for).
-    let mut prev = BREAK;
+    let mut prev = prev;
     let mut rest = text;
     while let Some(&first) = rest.first() {
         if first == b'\\' {
@@ -87,8 +131,7 @@ pub fn estimate_raw(text: &[u8], may_escape: bool) -> u32 {
         prev = CLASS[usize::from(rest[len - 1])];
         rest = &rest[len..];
     }
-    let tokens = (acc + (1 << (SCALE_BITS - 1))) >> SCALE_BITS;
-    u32::try_from(tokens.max(1)).unwrap_or(u32::MAX)
+    acc
 }
 
 /// Sum of the pair weights inside `run` (no backslashes): one table load per byte, indexed by the byte and the
@@ -271,11 +314,40 @@ mod simd {
     pub(super) fn run_weight(run: &[u8]) -> i64 {
         debug_assert!(available());
         // SAFETY: AVX2 is present (checked by the caller through `available`).
-        unsafe { run_weight_avx2(run) }
+        unsafe { run_weight_avx2::<false>(run).1 }
     }
 
+    /// The whole 32-byte blocks at the start of `text` that hold no quote, backslash, control or non-ASCII byte,
+    /// as their length and the sum of the pair weights inside them.
+    pub(super) fn plain_prefix(text: &[u8]) -> (usize, i64) {
+        debug_assert!(available());
+        // SAFETY: AVX2 is present (checked by the caller through `available`).
+        unsafe { run_weight_avx2::<true>(text) }
+    }
+
+    /// With `PREFIX` false, [`run_weight`]: every block, those the vector path cannot take summed by the scalar
+    /// loop. With `PREFIX` true, [`plain_prefix`]: up to the first block holding a quote, a backslash, a control or
+    /// a non-ASCII byte (or the tail shorter than a block), where it stops and says how far it got.
     #[target_feature(enable = "avx2")]
-    fn run_weight_avx2(run: &[u8]) -> i64 {
+    fn run_weight_avx2<const PREFIX: bool>(run: &[u8]) -> (usize, i64) {
+        if PREFIX {
+            // Most strings end within their first block: say so before loading the tables.
+            let first = run.first_chunk::<32>().map_or(0, |b| {
+                // SAFETY: `b` is 32 readable bytes; the load is unaligned.
+                let v = unsafe { _mm256_loadu_si256(b.as_ptr().cast()) };
+                let special = _mm256_or_si256(
+                    _mm256_or_si256(v, _mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'\\' as i8))),
+                    _mm256_or_si256(
+                        _mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'"' as i8)),
+                        _mm256_cmpgt_epi8(_mm256_set1_epi8(0x20), v),
+                    ),
+                );
+                _mm256_movemask_epi8(special)
+            });
+            if first != 0 || run.len() < 32 {
+                return (0, 0);
+            }
+        }
         let mut class_t = [0u8; 16];
         let mut class8_t = [0u8; 16];
         for (i, &c) in RANGE_CLASS.iter().enumerate() {
@@ -293,6 +365,7 @@ mod simd {
             high: [table(&HIGH[0]), table(&HIGH[1]), table(&HIGH[2])],
         };
         let backslash = _mm256_set1_epi8(b'\\' as i8);
+        let (quote, space) = (_mm256_set1_epi8(b'"' as i8), _mm256_set1_epi8(0x20));
         let bias = _mm256_set1_epi8(i8::MIN);
         let zero = _mm256_setzero_si256();
         // Added with unsigned saturation to an index in 0..16, 0x70 keeps its low nibble and its top bit clear; to
@@ -306,13 +379,24 @@ mod simd {
         // Class × 8 of the previous block's bytes, when that block went through the vector path.
         let mut prev8: Option<__m256i> = None;
         let blocks = run.chunks_exact(32);
-        let end = run.len() - blocks.remainder().len();
+        let mut end = run.len() - blocks.remainder().len();
         for (n, chunk) in blocks.enumerate() {
             let o = 32 * n;
             // SAFETY: `chunk` is 32 readable bytes; the load is unaligned.
             let v = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
-            let odd = _mm256_movemask_epi8(_mm256_or_si256(v, _mm256_cmpeq_epi8(v, backslash)));
-            if odd != 0 {
+            let mut special = _mm256_or_si256(v, _mm256_cmpeq_epi8(v, backslash));
+            if PREFIX {
+                // Signed, `0x20 > v` also holds for the non-ASCII bytes, already flagged by their top bit.
+                special = _mm256_or_si256(
+                    special,
+                    _mm256_or_si256(_mm256_cmpeq_epi8(v, quote), _mm256_cmpgt_epi8(space, v)),
+                );
+            }
+            if _mm256_movemask_epi8(special) != 0 {
+                if PREFIX {
+                    end = o;
+                    break;
+                }
                 acc += run_weight_scalar(&run[o.saturating_sub(1)..o + 32]);
                 prev8 = None;
                 continue;
@@ -345,7 +429,7 @@ mod simd {
             vector_blocks += 1;
             prev8 = Some(c8);
         }
-        if end < run.len() {
+        if !PREFIX && end < run.len() {
             acc += run_weight_scalar(&run[end.saturating_sub(1)..]);
         }
         let lanes = |v: __m256i| {
@@ -355,7 +439,10 @@ mod simd {
                 + _mm256_extract_epi64::<3>(v)
         };
         // High bytes were biased by 128 to sum them unsigned.
-        acc + lanes(sum_lo) + 256 * (lanes(sum_hi) - 128 * 32 * vector_blocks)
+        (
+            end,
+            acc + lanes(sum_lo) + 256 * (lanes(sum_hi) - 128 * 32 * vector_blocks),
+        )
     }
 
     #[cfg(test)]
@@ -795,6 +882,70 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use std::path::PathBuf;
+
+    /// A JSON string's content `s`, its closing quote and what follows it in a body: the prefix weighed while the
+    /// end is unknown stays inside the string, and the estimate finished from it is the estimate of the whole.
+    fn check_prefix(s: &[u8], after: &[u8]) {
+        let mut buf = s.to_vec();
+        buf.push(b'"');
+        buf.extend_from_slice(after);
+        let prefix = plain_prefix(&buf);
+        assert!(prefix.0 <= s.len() && prefix.0.is_multiple_of(32), "{prefix:?}");
+        assert!(s[..prefix.0]
+            .iter()
+            .all(|&b| (0x20..0x80).contains(&b) && b != b'"' && b != b'\\'));
+        assert_eq!(
+            estimate_after(s, true, prefix),
+            estimate_raw(s, true),
+            "{:?}",
+            String::from_utf8_lossy(s)
+        );
+        if !s.contains(&b'\\') {
+            assert_eq!(estimate_after(s, false, prefix), estimate_raw(s, false));
+        }
+    }
+
+    #[test]
+    fn a_plain_prefix_finishes_to_the_same_estimate() {
+        let sentence = b"The quick brown fox jumps over the lazy dog, and then explains why it did so. ";
+        let long: Vec<u8> = sentence.iter().copied().cycle().take(2000).collect();
+        for len in [0, 1, 31, 32, 63, 64, 65, 95, 96, 97, 200, 1999, 2000] {
+            check_prefix(&long[..len], b"}, {\"role\": \"user\"}]}");
+            for at in [0, 1, 31, 32, 33, 63, 64, 100, 150] {
+                for odd in [&b"\\n"[..], b"\\\"", "é".as_bytes(), b"\x01", b"\t", b"\x7f"] {
+                    if at <= len {
+                        let mut t = long[..len].to_vec();
+                        t.splice(at..at, odd.iter().copied());
+                        check_prefix(&t, b"\"");
+                    }
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() {
+            assert_eq!(
+                plain_prefix(&long).0,
+                1984,
+                "every whole block of plain text is weighed in one pass"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_plain_prefix_finishes_to_the_same_estimate_on_random_strings(
+            s in proptest::collection::vec(proptest::prop_oneof![
+                12 => 0x20u8..0x7f,
+                1 => proptest::prelude::Just(b'\\'),
+                1 => proptest::prelude::any::<u8>(),
+            ], 0..400),
+            after in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            // The content of a string holds no bare quote: cut it at the first one.
+            let end = s.iter().position(|&b| b == b'"').unwrap_or(s.len());
+            check_prefix(&s[..end], &after);
+        }
+    }
 
     struct Sample {
         category: String,
