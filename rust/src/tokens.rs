@@ -224,9 +224,10 @@ fn find_backslash(text: &[u8]) -> usize {
     32 + memchr::memchr(b'\\', &text[32..]).unwrap_or(text.len() - 32)
 }
 
-/// The pair weights of a run 32 bytes at a time with AVX2 (detected at run time): plain ASCII blocks are classified
-/// by comparisons and looked up in a 48-entry pair table by byte shuffles; a block holding a non-ASCII byte or a
-/// backslash is summed by the scalar loop. The sum is exactly the scalar one (the tables are `PAIR_WEIGHT`).
+/// The pair weights of a run (or of escaped text) 32 bytes at a time with AVX2 (detected at run time): plain ASCII
+/// blocks are classified by comparisons and looked up in a 48-entry pair table by byte shuffles; in escaped text, so
+/// are ASCII blocks whose escapes are all two-byte ones; any other block (a non-ASCII byte, a `\u` escape) is summed
+/// by the scalar loop. The sum is exactly the scalar one (the tables are `PAIR_WEIGHT`).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod simd {
