@@ -635,3 +635,33 @@ proptest! {
         prop_assert_eq!(r.decide(&req, Some(&mut trace)).unwrap().route, linear.map(idx));
     }
 }
+
+/// Routers past one bitset word use several; past `MAX_WORDS` words they walk the routes in order.
+#[test]
+fn many_routes_use_several_words_or_the_linear_walk() {
+    for n in [63usize, 64, 65, 130, index::MAX_WORDS * 64, index::MAX_WORDS * 64 + 1] {
+        let routes: Vec<Value> = (0..n)
+            .map(|i| serde_json::json!({"name": format!("r{i}"), "match": {"headers": {"x-t": i.to_string()}}, "to": "m"}))
+            .collect();
+        let spec = serde_json::json!({
+            "server": {"allow_anonymous": true},
+            "models": {"m": {"endpoints": ["http://127.0.0.1:1"]}},
+            "routes": routes,
+            "default": "m",
+        });
+        let r = compile(&spec);
+        assert_eq!(r.index.is_some(), n <= index::MAX_WORDS * 64, "{n} routes");
+        for i in [0, 1, 63, 64, n / 2, n - 1, n] {
+            let headers = vec![("x-t".to_owned(), i.to_string())];
+            let values = header_values(&r, &headers);
+            let req = Request {
+                method: "POST",
+                path: "/",
+                headers: &values,
+                body: b"{}",
+            };
+            let d = r.decide(&req, None).unwrap();
+            assert_eq!(d.route, (i < n).then(|| idx(i)), "{n} routes, x-t {i}");
+        }
+    }
+}
