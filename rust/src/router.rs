@@ -821,7 +821,7 @@ impl CompiledRouter {
             tenant_names: &self.tenant_names,
         };
         let matched = if trace.is_some() {
-            // The trace explains every route in order, those the path index would skip included.
+            // The trace explains every route in order, those the route index would skip included.
             let mut matched = None;
             for (i, r) in self.routes.iter().enumerate() {
                 match r.cond.explain(&facts) {

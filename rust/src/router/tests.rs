@@ -408,7 +408,7 @@ fn core_timing() {
 }
 
 /// Routes mixing exact paths (alone, in `any`, under `all`, under `not`), prefixes and path-free conditions, several
-/// sharing a path, so the path index has candidate lists of every shape.
+/// sharing a path, so the route index has candidate sets of every shape.
 fn mixed_path_spec() -> Value {
     let matches = [
         serde_json::json!({"path": "/a"}),
