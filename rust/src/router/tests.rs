@@ -511,8 +511,8 @@ fn candidates(r: &CompiledRouter, path: &str, tier: Option<&str>, model: Option<
 #[test]
 fn the_route_index_lists_candidates_in_route_order() {
     let r = compile(&mixed_path_spec());
-    // Nothing but a path no route names: only route 7 (`any` with a path-free, header-free branch... whose header
-    // branch is absent, but `any` keeps it a candidate) is left.
+    // A path no route names, no header, no model: only route 7 is left (its `any` tests the path in one branch and a
+    // header in the other, so neither field's bitset can rule it out).
     assert_eq!(candidates(&r, "/zzz", None, None, false), [7]);
     assert_eq!(candidates(&r, "/a", None, None, false), [0, 7]);
     assert_eq!(candidates(&r, "/a", None, Some("m1"), false), [0, 3, 7]);
