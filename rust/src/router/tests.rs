@@ -462,6 +462,8 @@ proptest! {
         let facts = Facts { req: &req, body: &scanned, tenant: None, tenant_names: &r.tenant_names };
         let linear = r.first_match_linear(&facts);
         prop_assert_eq!(r.first_match(&facts), linear);
+        // The index itself, whatever the route count `decide` starts using it at.
+        prop_assert_eq!(r.index.as_ref().unwrap().first(&facts, |i| r.routes[i].cond.eval(&facts)), linear);
         let fast = r.decide(&req, None).unwrap().route;
         let mut trace = Vec::new();
         let traced = r.decide(&req, Some(&mut trace)).unwrap().route;
@@ -630,6 +632,9 @@ proptest! {
         let facts = Facts { req: &req, body: &scanned, tenant: d.tenant, tenant_names: &r.tenant_names };
         let linear = r.first_match_linear(&facts);
         prop_assert_eq!(r.first_match(&facts), linear);
+        if let Some(index) = &r.index {
+            prop_assert_eq!(index.first(&facts, |i| r.routes[i].cond.eval(&facts)), linear);
+        }
         prop_assert_eq!(d.route, linear.map(idx));
         let mut trace = Vec::new();
         prop_assert_eq!(r.decide(&req, Some(&mut trace)).unwrap().route, linear.map(idx));
