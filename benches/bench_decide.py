@@ -38,12 +38,12 @@ fewer than 16 routes walk them in order (the index's lookups cost about a dozen 
 compares the index with the linear walk on random configs and requests).
 
 `make bench`'s pytest run, the build before this pass against this pass's (all but its last step, the small-router
-walk), alternating, same hour (load average ~3.0 from other builds; medians): 2 KB / 50 routes 2.37, 2.40 µs
-before, 1.94 µs after (min 1.82; a second after run, disturbed, 3.55, min 1.83); 2 KB / 5 routes 2.08, 2.04 ->
-1.87; 2 KB / 500 routes 4.97, 4.92 -> 2.23-2.45; msgspec 2 KB 1.72-1.78 µs. A full run of this build (load ~2.9): noop 0.063-0.069 µs; 200 B 1.61-1.63 (50 routes),
-1.85 (500) µs; 2 KB 2.01-2.04 (50), 2.29-2.30 (500) µs; 100 KB 23.6-23.8 (50) µs against msgspec's 44 µs. timeit
-in separate processes, alternating (12 rounds, load ~3.7), 2 KB / 50 routes: median 3.06 -> 1.99 µs, min 2.18 ->
-1.79 µs.
+walk), alternating, same hour (load average ~3.0 from other builds; medians): 2 KB / 50 routes 2.37, 2.40 µs before,
+1.94 µs after (min 1.82; a second after run, disturbed, 3.55, min 1.83); 2 KB / 5 routes 2.08, 2.04 -> 1.87; 2 KB /
+500 routes 4.97, 4.92 -> 2.23-2.45; msgspec 2 KB 1.72-1.78 µs. A full run of this build (load ~2.9): noop
+0.063-0.069 µs; 200 B 1.61-1.63 (50 routes), 1.85 (500) µs; 2 KB 2.01-2.04 (50), 2.29-2.30 (500) µs; 100 KB
+23.6-23.8 (50) µs against msgspec's 44 µs. timeit in separate processes, alternating (12 rounds, load ~3.7), 2 KB /
+50 routes: median 3.06 -> 1.99 µs, min 2.18 -> 1.79 µs.
 
 Conclusions: 100 KB meets its target with room (~24 µs, about half of one msgspec parse). 2 KB / 50 routes / 10k
 keys is at the < 2 µs target on this loaded machine (1.94-2.04 µs medians, 1.8 µs minimums, ~1.1x msgspec in the
