@@ -13,39 +13,45 @@ Targets (issue 2): 2 KB / 50 routes / 10k keys median < 2 µs including the cros
 
 Instructions per decide (`benches/callgrind_decide.py`: callgrind, a loop of N calls minus a loop of 0, release
 build; the crossing is included; SHA-256 runs its portable path under valgrind, SHA-NI natively). "before" is the
-start of the SIMD pass (c1e30a4), "after" its end, both measured the same day with the same harness:
+start of the route-index pass (d25944a), "after" its end, both measured the same day with the same harness:
 
     body     routes   before    after
-    200 B       5     14.1k     13.9k
-    200 B      50     17.2k     16.2k    (-6 %)
-    200 B     500     48.1k     39.2k    (-18 %)
-    2 KB        5     23.0k     19.1k    (-17 %)
-    2 KB       50     26.1k     21.4k    (-18 %)
-    2 KB      500     56.9k     44.4k    (-22 %)
-    100 KB      5    695k      412k      (-41 %)
-    100 KB     50    698k      414k      (-41 %)
-    100 KB    500    729k      437k      (-40 %)
-    msgspec.json.decode: 9.6k / 17.2k / 513k; one `_core.noop()` loop iteration: 0.4k
+    200 B       5     13.99k    13.04k    (-7 %)
+    200 B      50     16.29k    13.83k    (-15 %)
+    200 B     500     39.34k    16.46k    (-58 %)
+    2 KB        5     19.17k    17.19k    (-10 %)
+    2 KB       50     21.47k    18.02k    (-16 %)
+    2 KB      500     44.53k    20.61k    (-54 %)
+    100 KB      5    411.8k    359.2k     (-13 %)
+    100 KB     50    414.1k    360.0k     (-13 %)
+    100 KB    500    437.2k    362.6k     (-17 %)
+    msgspec.json.decode: 9.6k / 17.2k / 514k; one `_core.noop()` loop iteration: 0.4k
 
-What changed: plain-ASCII runs of text are summed 32 bytes a time with AVX2 (runtime-detected; the scalar table
-loop stays for other CPUs and for blocks with non-ASCII bytes or escapes, and the estimates are identical: tests
-compare the two sums on random bytes); one AVX2 pass finds a string's end and checks it for control and non-ASCII
-bytes (was memchr2 plus a fold); the rewritten body is written once, straight into the new `bytes`; the simple
-route conditions are inlined into the route loop.
+What changed, step by step at 2 KB / 50 routes: a route index of bitsets (for each field routes test by value --
+path, header, model, tenant, stream, metadata, token ranges -- the routes that can match each value; decide ANDs one
+bitset per field and evaluates only the routes left, in order) 21.47k -> 19.82k; `Decision` keeps names as indices
+and the requested model as its place in the body, the getters make the strings -> 19.21k; header values fetched into
+arrays sized for the router -> 18.90k; a long plain text string weighed in the pass that finds its end -> 17.93k;
+the estimator's two-byte escapes inside its AVX2 loop (for escaped text; this body has none) -> 17.99k. Routers of
+fewer than 16 routes walk them in order (the index's lookups cost about a dozen simple route checks): 2 KB / 5 routes
+17.68k -> 17.19k. The trace still explains every route in order; first-match decisions are unchanged (a proptest
+compares the index with the linear walk on random configs and requests).
 
-`make bench` after this pass (load average ~5.3 from other builds; medians): noop 0.069 µs; 2 KB: msgspec 1.86 µs,
-decide 2.19 / 2.40 / 4.94 µs for 5 / 50 / 500 routes (50 routes min 2.27 µs); 200 B: msgspec 1.17 µs, decide 1.71 /
-1.99 / 4.54 µs; 100 KB: msgspec 45.7 µs, decide 28.0 / 27.8 / 32.0 µs. (The same bench before this pass, at load
-0.7: 2 KB / 50 routes 2.73 µs.) In the same process, interleaved (21 rounds of 20k calls each), the build before
-this pass against this pass's builds, same load: 2 KB / 50 routes median 0.82-0.84x (three runs; the final build
-0.84x), 2 KB / 500 routes 0.79-0.84x, 200 B / 5 routes 0.98-1.00x.
+`make bench`'s pytest run, the build before this pass against this pass's (all but its last step, the small-router
+walk), alternating, same hour (load average ~3.0 from other builds; medians): 2 KB / 50 routes 2.37, 2.40 µs before,
+1.94 µs after (min 1.82; a second after run, disturbed, 3.55, min 1.83); 2 KB / 5 routes 2.08, 2.04 -> 1.87; 2 KB /
+500 routes 4.97, 4.92 -> 2.23-2.45; msgspec 2 KB 1.72-1.78 µs. A full run of this build (load ~2.9): noop
+0.063-0.069 µs; 200 B 1.61-1.63 (50 routes), 1.85 (500) µs; 2 KB 2.01-2.04 (50), 2.29-2.30 (500) µs; 100 KB
+23.6-23.8 (50) µs against msgspec's 44 µs. timeit in separate processes, alternating (12 rounds, load ~3.7), 2 KB /
+50 routes: median 3.06 -> 1.99 µs, min 2.18 -> 1.79 µs.
 
-Conclusions: 100 KB meets its target with room (~30-50 µs, below one msgspec parse). 2 KB / 50 routes / 10k keys
-does not yet meet < 2 µs: median 2.40 µs = 1.29x msgspec in the same run (was 1.50x). Where its 21.4k
-instructions go now: token estimate 4.0k (AVX2 blocks ~2 instructions per byte), SHA-256 3.5k (valgrind only:
-natively 1.6 % of samples), string scan 2.8k, route evaluation 2.0k (40 candidates), the rest of decide 1.5k, body
-scan loop and keys 2.2k, copies 0.9k, then the crossing, header lookups and `Decision` building. Natively (perf, 2 KB
-/ 50 routes) no part is above ~12 %: the next gains need fewer Python objects per call or fewer routes evaluated.
+Conclusions: 100 KB meets its target with room (~24 µs, about half of one msgspec parse). 2 KB / 50 routes / 10k
+keys is at the < 2 µs target on this loaded machine (1.94-2.04 µs medians, 1.8 µs minimums, ~1.1x msgspec in the
+same run); a quiet-machine figure is for the lead's run. Where its 18.0k instructions go now: the body scan 8.6k
+(of which the token estimate, fused with the string scan, 3.7k); SHA-256 3.5k (valgrind only); the rest of decide
+2.4k (key lookup and compare, route index and one full route check, tenant rules, copies); the rewrite plan 0.3k;
+the binding 2.0k (header lookups, the new body 0.9k, the `Decision` object); the call, argument parsing and the
+`Decision`'s deallocation ~1.6k.
 """
 
 from __future__ import annotations

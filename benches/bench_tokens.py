@@ -7,17 +7,19 @@ Input: 1 MiB of mixed text, the token corpus (tests/fixtures/tokens: prose, code
 numbers, MMLU prompts; half the non-ASCII samples \\u-escaped) concatenated, as raw JSON-string content. Each case
 reports its throughput in `extra_info['gb_per_s']` (median) and `extra_info['gb_per_s_best']` (best round).
 
-Last results (release build, 2 shared cores at load average ~9; two runs): fast, 1 MiB mixed: median 0.72 and
-1.02 GB/s, best 1.43 GB/s; exact o200k_base and cl100k_base ~1.3-1.8 MB/s.
+Last results (release build, 2 shared cores at load average ~3; three runs each, alternating with the build before
+this pass, same hour): fast, 1 MiB mixed: median 1.52, 1.06, 1.53 GB/s (bests 1.60-1.72) against 0.78, 0.86, 0.80
+GB/s (bests 1.37-1.48) before; exact o200k_base and cl100k_base ~1.3-1.8 MB/s (earlier runs).
 
-Plain-ASCII runs are summed 32 bytes at a time with AVX2 when the CPU has it (scalar pair-table loop otherwise, and
-for blocks with non-ASCII bytes or escapes); the estimate is unchanged (the Rust tests check the vector sum equals
-the scalar one and the estimate equals the features dotted with the weights). The old build against the new one,
-interleaved in one process (31 rounds each, load ~9): prose 2.1x (1.93 -> 4.03 GB/s median); the mixed corpus
-0.91x, 1.55x, 1.25x in three runs (bests 1.08-1.15x): it is escape-bound (a backslash every ~24 bytes: half the
-non-ASCII samples are \\u-escaped), so its runs are mostly too short for the vector path and its instruction
-count is about the same (callgrind, -1 %). The 1 GB/s target: median 1.02 GB/s in one run and 0.72 in the other at
-load ~9 (the previous pass measured 1.06-1.09 at load 1-3); not re-measured on a quiet machine.
+32-byte blocks go through AVX2 when the CPU has it (the scalar pair-table loop otherwise): plain ASCII, and since
+this pass ASCII with two-byte escapes (`\\n`, `\\"`, `\\\\`, ...: each escape's first byte takes the class of the
+character it stands for, its second byte adds nothing), so escaped text is no longer cut into runs too short for
+the vector path; blocks with non-ASCII bytes or `\\u` escapes, and an escape across a block's end, go through the
+scalar loop. `\\u` escapes look their class up in a table. The estimate is unchanged (the Rust tests check the vector
+sums equal the scalar ones on chosen and random escaped text, and the estimate equals the features dotted with the
+weights). Callgrind, one estimate of the 1 MiB mixed corpus: 9.35M -> 7.09M instructions (-24 %); what is left is
+mostly the scalar blocks (non-ASCII text and `\\u` escapes, ~54 % of the instructions). The 1 GB/s target: met in
+these runs (medians 1.06-1.53 GB/s at load ~3); not re-measured on a quiet machine.
 """
 
 from __future__ import annotations

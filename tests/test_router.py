@@ -282,3 +282,52 @@ def test_decision_is_frozen(routers: dict[str, _core.Router]) -> None:
     d = routers['basic.json'].decide('POST', '/', {}, b'{}')
     with pytest.raises(AttributeError):
         d.status = 500  # type: ignore[misc]
+
+
+def test_names_and_requested_model_are_read_from_the_router_and_body() -> None:
+    # Names are kept as indices and `requested_model` as its place in the body: each read makes the same value.
+    spec = {
+        'models': {'m': {'endpoints': ['http://x']}, 'n': {'endpoints': ['http://y'], 'upstream_model': 'n-up'}},
+        'routes': [
+            {'name': 'to-n', 'match': {'model': 'n*'}, 'to': 'n', 'upstream_path': '/v2/chat'},
+            {'name': 'rest', 'match': {}, 'to': 'm'},
+        ],
+        'server': {'allow_anonymous': True},
+    }
+    router = compile_spec(spec)
+    body = chat(model='caf\u00e9 "x"\n')
+    d = router.decide('POST', '/v1/chat/completions', {}, body)
+    assert b'caf\\u00e9 \\"x' in body  # the model text holds escapes
+    assert (d.route, d.pool, d.upstream_path, d.tenant, d.adapter, d.variant) == ('rest', 'm', None, None, None, None)
+    assert d.requested_model == d.requested_model == 'caf\u00e9 "x"\n'
+    assert d.upstream_model == 'caf\u00e9 "x"\n'  # the pool keeps the client's model
+    assert d.to_dict()['requested_model'] == d.to_dict()['upstream_model'] == 'caf\u00e9 "x"\n'
+    d = router.decide('POST', '/v1/chat/completions', {}, chat(model='nano'))
+    assert (d.route, d.pool, d.upstream_model, d.requested_model) == ('to-n', 'n', 'n-up', 'nano')
+    assert d.upstream_path == '/v2/chat'
+    assert 'route="to-n"' in repr(d) and 'upstream_model="n-up"' in repr(d)
+    d = router.decide('POST', '/', {}, b'{"messages": []}')
+    assert (d.requested_model, d.upstream_model) == (None, None)
+    for name in ('route', 'pool', 'requested_model', 'upstream_model'):
+        with pytest.raises(AttributeError):
+            setattr(d, name, 'x')
+
+
+@pytest.mark.parametrize('n', [3, 4, 5, 31])
+def test_header_rules_read_every_slot(n: int) -> None:
+    # Routers reading a few headers and routers reading many fetch them into differently sized arrays; every slot,
+    # the last one included, reaches the rules (and the trace), from a dict or a `.get` object alike.
+    routes = [{'name': f'h{i}', 'match': {'headers': {f'x-h{i}': f'v{i}'}}, 'to': 'm'} for i in range(n)]
+    router = compile_spec(
+        {'models': {'m': {'endpoints': ['http://x']}}, 'routes': routes, 'server': {'allow_anonymous': True}}
+    )
+    assert len(router.header_names) == n + 1
+    for i in (0, n - 1):
+        values = {f'x-h{i}': f'v{i}', 'x-h99': 'v99'}
+        for headers in (values, LoggingHeaders(values)):
+            d = router.decide('POST', '/', headers, b'{}')
+            assert (d.status, d.route) == (200, f'h{i}')
+            assert f'route h{i} matched' in d.reasons
+        if isinstance(headers, LoggingHeaders):
+            assert sorted(set(headers.asked)) == sorted(router.header_names)
+    assert router.decide('POST', '/', {f'x-h{n - 1}': 'no'}, b'{}').status == 404

@@ -10,7 +10,7 @@ use memchr::memchr2;
 
 use crate::classify::{Features, Grams};
 use crate::error::DecideError;
-use crate::tokens::Estimator;
+use crate::tokens::{self, Estimator};
 
 /// Most distinct `metadata.<key>` names the rules of one router may read.
 pub const MAX_METADATA_KEYS: usize = 16;
@@ -628,12 +628,22 @@ impl<'a> Scanner<'a, '_, '_> {
     /// At `"`: read and validate one string like [`Self::string`], returning its raw bytes and whether it holds
     /// escapes. For strings only counted or skipped: an ASCII string is never run through a UTF-8 validator.
     fn raw_string(&mut self) -> Result<(&'a [u8], bool), DecideError> {
+        self.raw_string_after(0)
+    }
+
+    /// [`Self::raw_string`] of a string whose first `known` bytes are already known to be plain printable ASCII
+    /// without a quote or a backslash (`tokens::plain_prefix`): the search for its end starts after them.
+    // NOTE: inlined into `raw_string` too, where `known` is 0, so keys and short strings keep their code as it was
+    // (a shared body cost ~5 instructions per string).
+    #[inline(always)]
+    fn raw_string_after(&mut self, known: usize) -> Result<(&'a [u8], bool), DecideError> {
         let start = self.pos + 1;
         // NOTE: keys and short values end within a few plain bytes; testing the first 16 bytes a word at a time is
         // cheaper than the memchr2 call (with keys compared as bytes, ~200 fewer instructions per key, callgrind).
         // Bytes passed here are plain printable ASCII, so the general path below starts after them.
-        let mut i = start;
-        for _ in 0..2 {
+        let mut i = start + known;
+        let words = if known == 0 { 2 } else { 0 };
+        for _ in 0..words {
             let Some(w) = self.buf.get(i..).and_then(<[u8]>::first_chunk::<8>) else {
                 break;
             };
@@ -820,6 +830,15 @@ impl<'a> Scanner<'a, '_, '_> {
     /// prompts); anything else is skipped.
     fn text_value(&mut self, depth: u32) -> Result<(), DecideError> {
         match self.peek() {
+            Some(b'"') if !self.opts.features && self.opts.estimator == Estimator::Fast => {
+                // NOTE: a long plain string is weighed in the same pass that looks for its end (one read of its
+                // bytes, not two: ~1.0k fewer instructions per 2 KB chat body, callgrind); the estimate is the same.
+                let prefix = tokens::plain_prefix(self.buf.get(self.pos + 1..).unwrap_or_default());
+                let (raw, escaped) = self.raw_string_after(prefix.0)?;
+                let n = tokens::estimate_after(raw, escaped, prefix);
+                self.tokens = self.tokens.saturating_add(n);
+                Ok(())
+            }
             Some(b'"') => {
                 let (raw, escaped) = self.raw_string()?;
                 self.text(raw, escaped);

@@ -210,6 +210,60 @@ fn wildcard(p: &[u8], s: &[u8]) -> bool {
     p[pi.min(p.len())..].iter().all(|&c| c == b'*')
 }
 
+/// A request field the router's route index sorts routes by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// The path.
+    Path,
+    /// The header in this slot.
+    Header(usize),
+    /// The body's `model`.
+    Model,
+    /// The resolved tenant.
+    Tenant,
+    /// The body's `stream`.
+    Stream,
+    /// `metadata.<key>` in this slot.
+    Metadata(usize),
+    /// Estimated input tokens.
+    InputTokens,
+    /// The body's `max_tokens`.
+    MaxTokens,
+}
+
+/// One alternative of `Cond::need`: a value, pattern or range of a field.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Atom<'c> {
+    /// The (decoded) string value equals.
+    Str(&'c str),
+    /// The field is absent (a header test `present: false`).
+    Absent,
+    /// The path starts with.
+    Prefix(&'c str),
+    /// The model matches this wildcard glob.
+    Glob(&'c Glob),
+    /// The tenant id equals.
+    Id(u32),
+    /// The flag equals.
+    Bool(bool),
+    /// The integer is within `lo..=hi`.
+    Range(i64, i64),
+}
+
+impl PartialEq for Glob {
+    fn eq(&self, other: &Self) -> bool {
+        self.text() == other.text()
+    }
+}
+
+impl Atom<'_> {
+    /// A single value (not a pattern or a range): sets of these intersect exactly.
+    #[must_use]
+    pub fn is_discrete(&self) -> bool {
+        matches!(self, Self::Str(_) | Self::Absent | Self::Id(_) | Self::Bool(_))
+    }
+}
+
 /// What conditions are evaluated against: the request, its scanned body and the tenant.
 #[derive(Debug, Clone, Copy)]
 pub struct Facts<'a, 'b> {
@@ -276,25 +330,50 @@ impl Cond {
         }
     }
 
-    /// The exact paths this condition can hold for, when it holds for no other path; None when
-    /// any path may match (no path condition, a prefix, or a `not`). Compile time, for the
-    /// router's path index: a route outside a request path's set is never evaluated for it.
+    /// The values of `field` for which this condition can hold, as alternatives (it holds for none other); None
+    /// when it may hold whatever the field's value (no test on the field, a header presence or regex test, a method,
+    /// a `not`). Compile time, for the router's route index: a route whose alternatives the request's value misses
+    /// is never evaluated for it. Under `all`, discrete alternatives are intersected (else the first constrained
+    /// conjunct is kept, which is necessary on its own); under `any`, united when every branch is constrained.
     #[must_use]
-    pub fn exact_paths(&self) -> Option<Vec<&str>> {
-        match self {
-            Self::PathExact(p) => Some(vec![&**p]),
-            // Holds only where every constrained conjunct holds: the intersection of their sets.
-            Self::All(cs) => cs.iter().filter_map(Self::exact_paths).reduce(|mut acc, set| {
-                acc.retain(|p| set.contains(p));
-                acc
+    pub fn need(&self, field: Field) -> Option<Vec<Atom<'_>>> {
+        match (self, field) {
+            (Self::PathExact(p), Field::Path) => Some(vec![Atom::Str(p)]),
+            (Self::PathPrefix(p), Field::Path) => Some(vec![Atom::Prefix(p)]),
+            (Self::Header { slot, test, .. }, Field::Header(s)) if *slot == s => match test {
+                HeaderTest::Equals(e) => Some(vec![Atom::Str(e)]),
+                HeaderTest::OneOf(vs) => Some(vs.iter().map(|v| Atom::Str(v)).collect()),
+                HeaderTest::Absent => Some(vec![Atom::Absent]),
+                HeaderTest::Present | HeaderTest::Regex(_) => None,
+            },
+            (Self::Tenant(ids), Field::Tenant) => Some(ids.iter().map(|&t| Atom::Id(t)).collect()),
+            (Self::Model(globs), Field::Model) => Some(
+                globs
+                    .iter()
+                    .map(|g| match g {
+                        Glob::Exact(s) => Atom::Str(s),
+                        Glob::Pattern(_) => Atom::Glob(g),
+                    })
+                    .collect(),
+            ),
+            (Self::InputTokens(b), Field::InputTokens) | (Self::MaxTokens(b), Field::MaxTokens) => {
+                Some(vec![Atom::Range(b.lo, b.hi)])
+            }
+            (Self::Stream(v), Field::Stream) => Some(vec![Atom::Bool(*v)]),
+            (Self::Metadata { slot, value, .. }, Field::Metadata(s)) if *slot == s => Some(vec![Atom::Str(value)]),
+            (Self::All(cs), _) => cs.iter().filter_map(|c| c.need(field)).reduce(|acc, set| {
+                if acc.iter().chain(&set).all(Atom::is_discrete) {
+                    acc.into_iter().filter(|a| set.contains(a)).collect()
+                } else {
+                    acc
+                }
             }),
-            // Holds only where some disjunct holds: the union, when every disjunct is constrained.
-            Self::Any(cs) => {
+            (Self::Any(cs), _) => {
                 let mut all = Vec::new();
                 for c in cs.iter() {
-                    for p in c.exact_paths()? {
-                        if !all.contains(&p) {
-                            all.push(p);
+                    for a in c.need(field)? {
+                        if !all.contains(&a) {
+                            all.push(a);
                         }
                     }
                 }

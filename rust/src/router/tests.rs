@@ -408,7 +408,7 @@ fn core_timing() {
 }
 
 /// Routes mixing exact paths (alone, in `any`, under `all`, under `not`), prefixes and path-free conditions, several
-/// sharing a path, so the path index has candidate lists of every shape.
+/// sharing a path, so the route index has candidate sets of every shape.
 fn mixed_path_spec() -> Value {
     let matches = [
         serde_json::json!({"path": "/a"}),
@@ -441,14 +441,14 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(1024))]
 
     #[test]
-    fn the_path_index_picks_the_route_a_linear_walk_picks(
+    fn the_route_index_picks_the_route_a_linear_walk_picks(
         path in prop_oneof![Just("/a"), Just("/b"), Just("/bb"), Just("/c"), Just("/d"), Just("/e"), Just(""), Just("/a/")],
         tier in proptest::option::of(prop_oneof![Just("1"), Just("2"), Just("3"), Just("4"), Just("5"), Just("9")]),
         model in proptest::option::of(prop_oneof![Just("m1"), Just("m2x"), Just("zz")]),
         stream in any::<bool>(),
     ) {
         let r = compile(&mixed_path_spec());
-        prop_assert!(r.path_index.is_some());
+        prop_assert!(r.index.is_some());
         let headers: Vec<(String, String)> = tier.map(|t| ("x-t".to_owned(), t.to_owned())).into_iter().collect();
         let values = header_values(&r, &headers);
         let mut obj = serde_json::json!({"stream": stream, "messages": []});
@@ -462,6 +462,8 @@ proptest! {
         let facts = Facts { req: &req, body: &scanned, tenant: None, tenant_names: &r.tenant_names };
         let linear = r.first_match_linear(&facts);
         prop_assert_eq!(r.first_match(&facts), linear);
+        // The index itself, whatever the route count `decide` starts using it at.
+        prop_assert_eq!(r.index.as_ref().unwrap().first(&facts, |i| r.routes[i].cond.eval(&facts)), linear);
         let fast = r.decide(&req, None).unwrap().route;
         let mut trace = Vec::new();
         let traced = r.decide(&req, Some(&mut trace)).unwrap().route;
@@ -473,25 +475,198 @@ proptest! {
     }
 }
 
+/// The route index's candidates for a request, in route order.
+fn candidates(r: &CompiledRouter, path: &str, tier: Option<&str>, model: Option<&str>, stream: bool) -> Vec<usize> {
+    let headers: Vec<(String, String)> = tier.map(|t| ("x-t".to_owned(), t.to_owned())).into_iter().collect();
+    let values = header_values(r, &headers);
+    let mut obj = serde_json::json!({"stream": stream, "messages": []});
+    if let Some(m) = model {
+        obj["model"] = Value::String(m.to_owned());
+    }
+    let body = serde_json::to_vec(&obj).unwrap();
+    let req = Request {
+        method: "POST",
+        path,
+        headers: &values,
+        body: &body,
+    };
+    let opts = ScanOptions {
+        estimator: r.estimator,
+        features: false,
+        grams: crate::classify::Grams::Off,
+        metadata_keys: &r.metadata_keys,
+    };
+    let scanned = scan(&body, &opts).unwrap();
+    let facts = Facts {
+        req: &req,
+        body: &scanned,
+        tenant: None,
+        tenant_names: &r.tenant_names,
+    };
+    let mut acc = [0u64; index::MAX_WORDS];
+    r.index.as_ref().unwrap().candidates(&facts, &mut acc);
+    (0..r.routes.len())
+        .filter(|&i| acc[i / 64] & (1 << (i % 64)) != 0)
+        .collect()
+}
+
 #[test]
-fn the_path_index_lists_candidates_in_route_order() {
+fn the_route_index_lists_candidates_in_route_order() {
     let r = compile(&mixed_path_spec());
-    let index = r.path_index.as_ref().unwrap();
-    // Path-free (or prefix / `not`) routes: 1, 4, 5, 7 (`any` with a path-free branch), 10.
-    assert_eq!(&*index.other, &[1, 4, 5, 7, 10]);
-    assert_eq!(index.candidates("/zzz"), &[1, 4, 5, 7, 10]);
-    assert_eq!(index.candidates("/a"), &[0, 1, 3, 4, 5, 7, 10]);
-    assert_eq!(index.candidates("/b"), &[1, 2, 4, 5, 7, 9, 10]);
-    assert_eq!(index.candidates("/c"), &[1, 3, 4, 5, 6, 7, 10, 11]);
-    assert_eq!(index.candidates("/d"), &[1, 4, 5, 7, 10, 12]);
+    // A path no route names, no header, no model: only route 7 is left (its `any` tests the path in one branch and a
+    // header in the other, so neither field's bitset can rule it out).
+    assert_eq!(candidates(&r, "/zzz", None, None, false), [7]);
+    assert_eq!(candidates(&r, "/a", None, None, false), [0, 7]);
+    assert_eq!(candidates(&r, "/a", None, Some("m1"), false), [0, 3, 7]);
+    assert_eq!(candidates(&r, "/b", Some("2"), None, false), [2, 7, 9]);
+    assert_eq!(candidates(&r, "/bb", Some("3"), None, false), [4, 7]);
+    assert_eq!(candidates(&r, "/c", Some("4"), Some("m2x"), true), [5, 6, 7, 10, 11]);
+    assert_eq!(candidates(&r, "/d", None, Some("zz"), false), [7, 12]);
+    assert_eq!(candidates(&r, "/d", Some("1"), None, false), [1, 7]);
     // Route 8 needs two different exact paths at once and so is a candidate for none.
-    assert!(index.by_path.values().all(|c| !c.contains(&8)));
-    // No route requiring an exact path: no index.
+    for path in ["/a", "/b", "/c", "/d", "/e"] {
+        for tier in [None, Some("1"), Some("9")] {
+            assert!(!candidates(&r, path, tier, Some("m1"), true).contains(&8));
+        }
+    }
+    // No route testing a field by value: no index.
     let mut spec = mixed_path_spec();
     spec["routes"] = serde_json::json!([
-        {"name": "p", "match": {"path": {"prefix": "/"}}, "to": "m"},
+        {"name": "m", "match": {"method": "GET"}, "to": "m"},
         {"name": "n", "match": {"not": {"path": "/a"}}, "to": "m"},
-        {"name": "h", "match": {"any": [{"path": "/a"}, {"headers": {"x-t": "1"}}]}, "to": "m"},
+        {"name": "h", "match": {"any": [{"path": "/a"}, {"headers": {"x-t": {"regex": "1"}}}]}, "to": "m"},
     ]);
-    assert!(compile(&spec).path_index.is_none());
+    assert!(compile(&spec).index.is_none());
+}
+
+/// A random route condition over a few fields and values, nested up to three levels.
+fn arb_match() -> impl Strategy<Value = Value> {
+    use serde_json::json;
+    let leaf = prop_oneof![
+        prop_oneof![Just("/a"), Just("/b"), Just("/ab")].prop_map(|p| json!({"path": p})),
+        prop_oneof![Just("/a"), Just("/b"), Just("")].prop_map(|p| json!({"path": {"prefix": p}})),
+        prop_oneof![Just("GET"), Just("post")].prop_map(|m| json!({"method": m})),
+        prop_oneof![Just("1"), Just("2"), Just("")].prop_map(|v| json!({"headers": {"x-t": v}})),
+        Just(json!({"headers": {"x-t": {"one_of": ["1", "3"]}}})),
+        any::<bool>().prop_map(|p| json!({"headers": {"x-t": {"present": p}}})),
+        Just(json!({"headers": {"x-t": {"regex": "^[12]$"}}})),
+        prop_oneof![Just("a"), Just("b")].prop_map(|v| json!({"headers": {"X-U": {"equals": v}}})),
+        prop_oneof![Just(json!("t0")), Just(json!("t1")), Just(json!(["t0", "t1"]))].prop_map(|t| json!({"tenant": t})),
+        prop_oneof![Just("m1"), Just("m2"), Just("m*"), Just("?1"), Just("*x"), Just("é*")]
+            .prop_map(|m| json!({"model": m})),
+        Just(json!({"model": ["m1", "z*"]})),
+        (0i64..80, 0i64..80).prop_map(|(a, b)| json!({"input_tokens": {"gte": a.min(b), "lte": a.max(b)}})),
+        (0i64..80).prop_map(|a| json!({"input_tokens": {"gt": a}})),
+        (0i64..40).prop_map(|a| json!({"max_tokens": {"lt": a}})),
+        (0i64..40).prop_map(|a| json!({"max_tokens": {"gte": a}})),
+        any::<bool>().prop_map(|s| json!({"stream": s})),
+        prop_oneof![Just("a"), Just("b\n")].prop_map(|v| json!({"metadata": {"team": v}})),
+        Just(json!({})),
+    ];
+    leaf.prop_recursive(3, 12, 3, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..3).prop_map(|cs| json!({"all": cs})),
+            proptest::collection::vec(inner.clone(), 1..3).prop_map(|cs| json!({"any": cs})),
+            inner.clone().prop_map(|c| json!({"not": c})),
+            (inner.clone(), inner).prop_map(|(a, b)| json!({"all": [a], "any": [b]})),
+        ]
+    })
+}
+
+fn random_routes_spec(matches: &[Value]) -> Value {
+    let key = |k: &str| -> String {
+        Sha256::digest(k.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let routes: Vec<Value> = matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| serde_json::json!({"name": format!("r{i}"), "match": m, "to": "m"}))
+        .collect();
+    serde_json::json!({
+        "server": {"allow_anonymous": true},
+        "models": {"m": {"endpoints": ["http://127.0.0.1:1"]}},
+        "tenants": {"t0": {"keys_sha256": [key("k0")]}, "t1": {"keys_sha256": [key("k1")]}},
+        "routes": routes,
+        "default": "m",
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// On random routes (more than 64 of them at times, so bitsets of several words) and random requests, the route
+    /// index finds the route that evaluating every route in order finds, with and without a trace.
+    #[test]
+    fn the_route_index_equals_a_linear_walk_on_random_routes(
+        matches in proptest::collection::vec(arb_match(), 1..80),
+        path in prop_oneof![Just("/a"), Just("/b"), Just("/ab"), Just("/c"), Just("")],
+        method in prop_oneof![Just("POST"), Just("get")],
+        tier in proptest::option::of(prop_oneof![Just("1"), Just("2"), Just("3"), Just("")]),
+        u in proptest::option::of(prop_oneof![Just("a"), Just("b")]),
+        key in proptest::option::of(prop_oneof![Just("k0"), Just("k1")]),
+        model in proptest::option::of(prop_oneof![Just("m1"), Just("m2"), Just("mx"), Just("21"), Just("é1"), Just("m\u{1}")]),
+        stream in any::<bool>(),
+        max_tokens in proptest::option::of(0i64..40),
+        team in proptest::option::of(prop_oneof![Just("a"), Just("b\n"), Just("b")]),
+        words in 0usize..60,
+    ) {
+        let r = compile(&random_routes_spec(&matches));
+        let mut headers: Vec<(String, String)> = Vec::new();
+        if let Some(t) = tier { headers.push(("x-t".to_owned(), t.to_owned())); }
+        if let Some(u) = u { headers.push(("x-u".to_owned(), u.to_owned())); }
+        if let Some(k) = key { headers.push(("authorization".to_owned(), format!("Bearer {k}"))); }
+        let values = header_values(&r, &headers);
+        let mut obj = serde_json::json!({"stream": stream, "messages": [{"role": "user", "content": "word ".repeat(words)}]});
+        if let Some(m) = model { obj["model"] = Value::String(m.to_owned()); }
+        if let Some(n) = max_tokens { obj["max_tokens"] = Value::from(n); }
+        if let Some(t) = team { obj["metadata"] = serde_json::json!({"team": t}); }
+        let body = serde_json::to_vec(&obj).unwrap();
+        let req = Request { method, path, headers: &values, body: &body };
+        let d = r.decide(&req, None).unwrap();
+        prop_assert_eq!(d.status, 200);
+        let opts = ScanOptions { estimator: r.estimator, features: false, grams: crate::classify::Grams::Off, metadata_keys: &r.metadata_keys };
+        let scanned = scan(&body, &opts).unwrap();
+        let facts = Facts { req: &req, body: &scanned, tenant: d.tenant, tenant_names: &r.tenant_names };
+        let linear = r.first_match_linear(&facts);
+        prop_assert_eq!(r.first_match(&facts), linear);
+        if let Some(index) = &r.index {
+            prop_assert_eq!(index.first(&facts, |i| r.routes[i].cond.eval(&facts)), linear);
+        }
+        prop_assert_eq!(d.route, linear.map(idx));
+        let mut trace = Vec::new();
+        prop_assert_eq!(r.decide(&req, Some(&mut trace)).unwrap().route, linear.map(idx));
+    }
+}
+
+/// Routers past one bitset word use several; past `MAX_WORDS` words they walk the routes in order.
+#[test]
+fn many_routes_use_several_words_or_the_linear_walk() {
+    for n in [63usize, 64, 65, 130, index::MAX_WORDS * 64, index::MAX_WORDS * 64 + 1] {
+        let routes: Vec<Value> = (0..n)
+            .map(|i| serde_json::json!({"name": format!("r{i}"), "match": {"headers": {"x-t": i.to_string()}}, "to": "m"}))
+            .collect();
+        let spec = serde_json::json!({
+            "server": {"allow_anonymous": true},
+            "models": {"m": {"endpoints": ["http://127.0.0.1:1"]}},
+            "routes": routes,
+            "default": "m",
+        });
+        let r = compile(&spec);
+        assert_eq!(r.index.is_some(), n <= index::MAX_WORDS * 64, "{n} routes");
+        for i in [0, 1, 63, 64, n / 2, n - 1, n] {
+            let headers = vec![("x-t".to_owned(), i.to_string())];
+            let values = header_values(&r, &headers);
+            let req = Request {
+                method: "POST",
+                path: "/",
+                headers: &values,
+                body: b"{}",
+            };
+            let d = r.decide(&req, None).unwrap();
+            assert_eq!(d.route, (i < n).then(|| idx(i)), "{n} routes, x-t {i}");
+        }
+    }
 }
