@@ -1,4 +1,4 @@
-"""The native HTTP/1.1 server: uvloop + httptools, serving the RSGI subset the gateway uses.
+"""The native HTTP/1.1 server: uvloop + the Rust head parser, serving the RSGI subset the gateway uses.
 
 The inbound side and the upstream client run on the same event loop thread, so a request never crosses
 a thread. `serve()` runs it: in-process with one worker, else one forked process per worker, all
@@ -39,7 +39,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-import httptools
+from fastroute._core import ChunkedBody, HeadTooLarge, HttpError, parse_request_head
 
 __all__ = ['Request', 'RSGIProtocolClosed', 'serve']
 
@@ -62,10 +62,6 @@ _LAST_CHUNK = b'0\r\n\r\n'
 
 class RSGIProtocolClosed(ConnectionError):
     """The client connection is gone: nothing more can be sent. (The gateway matches this class name.)"""
-
-
-class _HeadTooLarge(Exception):
-    pass
 
 
 def _status_line(status: int) -> bytes:
@@ -118,13 +114,13 @@ class Request:
     proto = 'http'  # scope.proto
     scheme = 'http'
 
-    def __init__(self, conn: HttpProtocol, method: str, url: bytes, headers: dict[str, str], version: str) -> None:
+    def __init__(
+        self, conn: HttpProtocol, method: str, path: str, query: str, headers: dict[str, str], version: str
+    ) -> None:
         self.conn = conn
         self.method = method
-        path, _, qs = url.partition(b'?')
-        p = path.decode('latin-1')
-        self.path = unquote(p) if '%' in p else p
-        self.query_string = qs.decode('latin-1')
+        self.path = unquote(path) if '%' in path else path
+        self.query_string = query
         self.headers = headers
         self.http_version = version
         self.keep_alive = True
@@ -347,6 +343,9 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = (
         'app',
+        'body_left',
+        'buf',
+        'chunker',
         'closed',
         'closing',
         'current',
@@ -354,13 +353,10 @@ class HttpProtocol(asyncio.Protocol):
         'disconnect_waiters',
         'drain_waiters',
         'eof',
-        'head_size',
-        'hdrs',
         'in_head',
         'linger',
         'loop',
         'n_requests',
-        'parser',
         'parsing',
         'queue',
         'reading_paused',
@@ -368,7 +364,6 @@ class HttpProtocol(asyncio.Protocol):
         'since',
         'task',
         'transport',
-        'url',
         'write_paused',
     )
 
@@ -377,14 +372,13 @@ class HttpProtocol(asyncio.Protocol):
         self.loop = server.loop
         self.app = server.handler
         self.transport: Any = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.buf = b''  # an incomplete request head, waiting for the rest
+        self.body_left = 0  # bytes of a content-length body still to come
+        self.chunker: ChunkedBody | None = None  # the decoder of a chunked body being read
         self.current: Request | None = None  # the request being answered
         self.task: asyncio.Task | None = None  # the app running for it
         self.parsing: Request | None = None  # the request whose body is being parsed
         self.queue: deque[Request] = deque()  # pipelined requests waiting their turn
-        self.url = b''
-        self.hdrs: dict[str, str] = {}
-        self.head_size = 0
         self.in_head = False
         self.closed = False
         self.closing = False  # answer the current request, then close
@@ -408,18 +402,88 @@ class HttpProtocol(asyncio.Protocol):
             self.closing = True
 
     def data_received(self, data: bytes) -> None:
+        # NOTE: one Rust call per request head (parse_request_head) instead of httptools' Python callbacks
+        # (message begin, url, one per header, headers complete, body, message complete).
         if self.discarding:
             return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # Upgrades (websocket, h2c) are not served: answer this request as plain HTTP, then close.
-            req = self.parsing or self.current
+        if self.buf:
+            data = self.buf + data
+            self.buf = b''
+        pos = 0
+        end = len(data)
+        while pos < end:
+            req = self.parsing
             if req is not None:
+                pos = self.read_body(req, data, pos)
+                if pos < 0:
+                    return
+                continue
+            try:
+                head = parse_request_head(data, pos, MAX_HEAD_BYTES, MAX_HEADERS)
+            except HeadTooLarge:
+                self.bad_request(431)
+                return
+            except HttpError:
+                self.bad_request(400)
+                return
+            if head is None:  # the head is incomplete: keep it for the next read
+                if not self.in_head:
+                    self.in_head = True
+                    self.since = self.loop.time()
+                self.buf = data[pos:] if pos else data
+                return
+            pos, method, path, query, version, headers, length, chunked, keep_alive, upgrade = head
+            self.in_head = False
+            req = Request(self, method, path, query, headers, version)
+            req.keep_alive = keep_alive
+            if chunked:
+                self.chunker = ChunkedBody()
+                self.parsing = req
+            elif length > 0:
+                self.body_left = length
+                self.parsing = req
+            else:
+                req.complete = True
+            if self.current is None:
+                self.start(req)
+            else:
+                self.queue.append(req)
+                self.pause_reading()
+            if upgrade:
+                # Upgrades (websocket, h2c) are not served: answer this request as plain HTTP, then close.
                 req.keep_alive = False
-            self.discarding = True
-        except httptools.HttpParserError as exc:
-            self.bad_request(431 if isinstance(exc.__context__, _HeadTooLarge) else 400)
+                if req.complete:
+                    self.discarding = True
+                    return
+
+    def read_body(self, req: Request, data: bytes, pos: int) -> int:
+        """Take the body of `req` from `data[pos:]`; return where it stopped (-1: malformed, answered)."""
+        chunker = self.chunker
+        if chunker is not None:
+            try:
+                piece, pos, ended = chunker.feed(data, pos)
+            except HttpError:
+                self.bad_request(400)
+                return -1
+            if piece:
+                self.on_body(req, piece)
+            if ended:
+                self.chunker = None
+                self.on_message_complete(req)
+            return pos
+        left = self.body_left
+        avail = len(data) - pos
+        if avail <= left:
+            piece = data[pos:] if pos else data
+            take = avail
+        else:
+            piece = data[pos : pos + left]
+            take = left
+        self.body_left = left - take
+        self.on_body(req, piece)
+        if take == left:
+            self.on_message_complete(req)
+        return pos + take
 
     def eof_received(self) -> bool | None:
         # NOTE: a client that closes and one that only half-closes look the same here; like nginx, treat
@@ -474,44 +538,9 @@ class HttpProtocol(asyncio.Protocol):
         if self.closed:
             raise RSGIProtocolClosed('the client closed the connection')
 
-    # --- parser callbacks ----------------------------------------------------------------------
+    # --- the body as it is parsed ----------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.url = b''
-        self.hdrs = {}
-        self.head_size = 0
-        self.in_head = True
-        self.since = self.loop.time()
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self.head_size += len(url)
-        if self.head_size > MAX_HEAD_BYTES:
-            raise _HeadTooLarge
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value) + 4
-        hdrs = self.hdrs
-        if self.head_size > MAX_HEAD_BYTES or len(hdrs) >= MAX_HEADERS:
-            raise _HeadTooLarge
-        hdrs.setdefault(name.decode('latin-1').lower(), value.decode('latin-1'))
-
-    def on_headers_complete(self) -> None:
-        self.in_head = False
-        parser = self.parser
-        req = Request(self, parser.get_method().decode('latin-1'), self.url, self.hdrs, parser.get_http_version())
-        req.keep_alive = parser.should_keep_alive()
-        self.parsing = req
-        if self.current is None:
-            self.start(req)
-        else:
-            self.queue.append(req)
-            self.pause_reading()
-
-    def on_body(self, body: bytes) -> None:
-        req = self.parsing
-        if req is None:
-            return
+    def on_body(self, req: Request, body: bytes) -> None:
         req.chunks.append(body)
         req.buffered += len(body)
         if req.body_waiter is not None:
@@ -519,10 +548,7 @@ class HttpProtocol(asyncio.Protocol):
         if req.buffered > BODY_HIGH_WATER and not req.want_all:
             self.pause_reading()
 
-    def on_message_complete(self) -> None:
-        req = self.parsing
-        if req is None:
-            return
+    def on_message_complete(self, req: Request) -> None:
         self.parsing = None
         req.complete = True
         if req.body_waiter is not None:

@@ -3,8 +3,8 @@
 One `Pool` per logical model, one `Endpoint` per upstream URL in it. Each endpoint owns a bounded
 pool of keep-alive HTTP/1.1 connections and the model's timeouts, so a slow or saturated upstream
 cannot starve the others. The client runs on the worker's event loop itself: an asyncio `Protocol`
-per connection, one `transport.write` per request (head and body together) and the `httptools`
-C parser for the answer. Nothing crosses a thread between the request coming in and going out.
+per connection, one `transport.write` per request (head and body together) and one Rust call
+(`fastroute._core.parse_response_head`) for the answer's head. Nothing crosses a thread between the request coming in and going out.
 The HTTP code sits behind `Endpoint.send` / `Endpoint.open_stream` and `UpstreamResponse` /
 `UpstreamStream`; nothing else in fastroute touches it.
 
@@ -46,8 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import httptools
-
+from fastroute._core import ChunkedBody, HttpError, parse_response_head
 from fastroute.config import Breaker as _BreakerCfg
 from fastroute.errors import UpstreamError
 from fastroute.resilience import CLOSED, HALF_OPEN, OPEN, Breaker, Policy, RetryBudget, policy_for
@@ -150,15 +149,13 @@ def _ssl_context() -> ssl.SSLContext:
     return _SSL
 
 
-def _relay(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[str, str]], str | None]:
+def _relay(raw: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str | None]:
     """Every end-to-end header of an answer (lower-case names), and its content-type."""
     out = []
     ctype = None
-    for k, v in raw:
-        name = k.decode('latin-1').lower()
+    for name, value in raw:
         if name in RESPONSE_DROP:
             continue
-        value = v.decode('latin-1')
         if name == 'content-type':
             ctype = value
         out.append((name, value))
@@ -170,19 +167,20 @@ class _Conn(asyncio.Protocol):
 
     __slots__ = (
         'at',
+        'body_left',
+        'buf',
+        'chunker',
         'chunks',
         'close_delimited',
         'ctype',
         'enc',
         'ep',
-        'framed',
         'head_at',
         'head_only',
+        'headers',
         'keep_alive',
         'lost',
-        'parser',
         'paused',
-        'raw_headers',
         'rx_at',
         'sink',
         'state',
@@ -197,7 +195,6 @@ class _Conn(asyncio.Protocol):
     def __init__(self, ep: Endpoint) -> None:
         self.ep = ep
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.state = _IDLE
         self.lost = False
         self.paused = False
@@ -206,11 +203,13 @@ class _Conn(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None  # the head (stream) or the whole answer (send)
         self.sink: UpstreamStream | None = None  # the stream reading this answer's body
         self.status = 0
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.ctype: bytes | None = None
-        self.enc: bytes | None = None
-        self.framed = False  # content-length or chunked: the body's end is in the stream itself
-        self.close_delimited = False
+        self.headers: list[tuple[str, str]] | None = None  # every header (lower-case names): streams, errors
+        self.ctype: str | None = None
+        self.enc: str | None = None
+        self.buf = b''  # an incomplete answer head
+        self.body_left = 0  # bytes of a content-length body still to come
+        self.chunker: ChunkedBody | None = None  # the decoder of a chunked body
+        self.close_delimited = False  # no length, not chunked: the body runs to the end of the connection
         self.head_only = False
         self.keep_alive = False
         self.chunks: list[bytes] = []
@@ -236,11 +235,40 @@ class _Conn(asyncio.Protocol):
             self.abort()
             return
         self.rx_at = self.ep.loop.time()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.fail('protocol')
-            return
+        pos = 0
+        if state == _HEAD:
+            # NOTE: one Rust call for the head instead of httptools' callbacks (one per header, then headers
+            # complete, body, message complete).
+            if self.buf:
+                data = self.buf + data
+                self.buf = b''
+            full = self.sink is not None
+            while True:
+                try:
+                    head = parse_response_head(data, pos, full)
+                    if head is not None and head[1] >= 300 and not full:  # an error relays every header
+                        head = parse_response_head(data, pos, True)
+                except HttpError:
+                    self.fail('protocol')
+                    return
+                if head is None:
+                    self.buf = data[pos:] if pos else data
+                    return
+                pos = head[0]
+                status = head[1]
+                if status < 100 or status >= 200 or status == 101:
+                    break
+                # an interim answer (100 Continue, 103 Early Hints): the final one follows
+            self.on_head(head)
+            if pos == len(data):
+                if self.state == _DONE:
+                    self.finish()
+                return
+            if self.state == _DONE:  # bytes after a body-less answer: the connection is out of step
+                self.keep_alive = False
+                self.finish()
+                return
+        self.read_body(data, pos)
         if self.state == _DONE:
             self.finish()
 
@@ -266,7 +294,7 @@ class _Conn(asyncio.Protocol):
                 pass
         elif state == _BODY and self.close_delimited and exc is None:
             self.keep_alive = False
-            self.on_message_complete()
+            self.state = _DONE
             self.finish()
         elif state != _DONE:
             self.fail('reset')
@@ -278,32 +306,68 @@ class _Conn(asyncio.Protocol):
     def resume_writing(self) -> None:
         pass
 
-    # -- httptools callbacks
+    # -- the answer as it is parsed
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.raw_headers.append((name, value))
-        n = len(name)
-        if n == 12 and name.lower() == b'content-type':
-            self.ctype = value
-        elif n == 16 and name.lower() == b'content-encoding':
-            self.enc = value
-        elif (n == 14 and name.lower() == b'content-length') or (n == 17 and name.lower() == b'transfer-encoding'):
-            self.framed = True
-
-    def on_headers_complete(self) -> None:
-        status = self.status = self.parser.get_status_code()
-        self.keep_alive = self.parser.should_keep_alive()
+    def on_head(self, head: tuple) -> None:
+        _, status, headers, length, chunked, keep_alive, ctype, enc = head
+        self.status = status
+        self.headers = headers
+        self.ctype = ctype
+        self.enc = enc
+        self.keep_alive = keep_alive
         self.state = _BODY
-        if self.head_only:
-            self.keep_alive = False
-            self.on_message_complete()
+        if self.head_only or status < 200 or status == 204 or status == 304:  # no body
+            if self.head_only or status < 200:
+                self.keep_alive = False
+            self.state = _DONE
             return
-        self.close_delimited = not self.framed and status >= 200 and status not in (204, 304)
         waiter = self.waiter
         if self.sink is not None and waiter is not None:  # a stream: hand over the head now
             self.waiter = None
             if not waiter.done():
-                waiter.set_result((status, self.raw_headers, None, None, None))
+                waiter.set_result((status, headers, None, None, None))
+        if chunked:
+            self.chunker = ChunkedBody()
+        elif length >= 0:
+            self.body_left = length
+            if length == 0:
+                self.state = _DONE
+        else:
+            self.close_delimited = True
+
+    def read_body(self, data: bytes, pos: int) -> None:
+        """Take the body from `data[pos:]`; the state becomes _DONE at its end."""
+        chunker = self.chunker
+        if chunker is not None:
+            try:
+                piece, pos, ended = chunker.feed(data, pos)
+            except HttpError:
+                self.fail('protocol')
+                return
+            if piece:
+                self.on_body(piece)
+            if ended:
+                self.chunker = None
+                if pos < len(data):  # bytes beyond the answer: the connection is out of step
+                    self.keep_alive = False
+                self.state = _DONE
+            return
+        avail = len(data) - pos
+        if self.close_delimited:
+            if avail:
+                self.on_body(data[pos:] if pos else data)
+            return
+        left = self.body_left
+        if avail < left:
+            self.body_left = left - avail
+            self.on_body(data[pos:] if pos else data)
+            return
+        self.body_left = 0
+        if left:
+            self.on_body(data[pos : pos + left] if pos or avail != left else data)
+        if avail > left:
+            self.keep_alive = False
+        self.state = _DONE
 
     def on_body(self, body: bytes) -> None:
         sink = self.sink
@@ -311,9 +375,6 @@ class _Conn(asyncio.Protocol):
             self.chunks.append(body)
         else:
             sink.push(body)
-
-    def on_message_complete(self) -> None:
-        self.state = _DONE
 
     # -- the exchange
 
@@ -326,9 +387,12 @@ class _Conn(asyncio.Protocol):
         self.sink = sink
         self.head_only = head_only
         self.status = 0
-        self.raw_headers = []
+        self.headers = None
         self.ctype = self.enc = None
-        self.framed = self.close_delimited = False
+        self.buf = b''
+        self.body_left = 0
+        self.chunker = None
+        self.close_delimited = False
         self.chunks = []
         t = ep.timeouts
         total_at = self.total_at = now + t.total
@@ -381,7 +445,7 @@ class _Conn(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             # The answer travels in the future: the connection may serve another request before
             # the waiting task runs.
-            waiter.set_result((self.status, self.raw_headers, self.chunks, self.ctype, self.enc))
+            waiter.set_result((self.status, self.headers, self.chunks, self.ctype, self.enc))
         ep = self.ep
         if self.keep_alive and not self.lost and not ep.closed:
             if self.paused:
@@ -834,13 +898,12 @@ class Endpoint:
             # upstream header costs ~6% of a proxied request (callgrind, 11k of 199k instructions).
             if ctype is None:
                 return UpstreamResponse(status, [], None, data)
-            ct = ctype.decode('latin-1')
-            hdrs = [('content-type', ct)]
+            hdrs = [('content-type', ctype)]
             if enc is not None:
-                hdrs.append(('content-encoding', enc.decode('latin-1')))
-            return UpstreamResponse(status, hdrs, ct, data)
+                hdrs.append(('content-encoding', enc))
+            return UpstreamResponse(status, hdrs, ctype, data)
         # errors keep every end-to-end header: retry-after, rate-limit state, ...
-        hdrs, ct = _relay(raw)
+        hdrs, ct = _relay(raw or [])
         return UpstreamResponse(status, hdrs, ct, data)
 
     async def open_stream(
@@ -873,7 +936,7 @@ class Endpoint:
                 conn.abort()
             raise
         stream.status = status
-        stream.headers, stream.content_type = _relay(raw)
+        stream.headers, stream.content_type = _relay(raw or [])
         return stream
 
     def error_from(self, exc: BaseException, *, started: bool) -> UpstreamError:
