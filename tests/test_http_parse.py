@@ -4,7 +4,7 @@ client use: fields, framing, "need more bytes", limits, and the heads refused as
 from __future__ import annotations
 
 import pytest
-from fastroute._core import ChunkedBody, HeadTooLarge, HttpError, parse_request_head, parse_response_head
+from fastroute._core import ChunkedBody, HeadTooLarge, HttpError, head_bytes, parse_request_head, parse_response_head
 
 
 def test_request_head_fields() -> None:
@@ -119,3 +119,18 @@ def test_chunked_body_in_pieces() -> None:
 def test_malformed_chunks_are_refused(raw: bytes) -> None:
     with pytest.raises(HttpError):
         ChunkedBody().feed(raw)
+
+
+def test_head_bytes() -> None:
+    hs = [('content-type', 'application/json'), ('x-route', 'caf\xe9')]
+    assert head_bytes(b'HTTP/1.1 200 OK\r\n', hs, b'\r\n', b'{}', b'!') == (
+        b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-route: caf\xe9\r\n\r\n{}!'
+    )
+    # a character beyond latin-1: every header as UTF-8, as the text would be encoded
+    wide = [('x-route', 'caf\xe9'), ('x-variant', '\u4e2d')]
+    assert head_bytes(b'', wide, b'') == 'x-route: caf\xe9\r\nx-variant: \u4e2d\r\n'.encode()
+    assert head_bytes(b'', hs, b'', utf8=True) == 'content-type: application/json\r\nx-route: caf\xe9\r\n'.encode()
+    assert head_bytes(b'A', [], b'B', bytearray(b'CD')) == b'ABCD'
+    assert head_bytes(b'A', (), b'B', memoryview(b'xCDx')[1:3]) == b'ABCD'
+    with pytest.raises(TypeError):
+        head_bytes(b'', [('a', 1)], b'')

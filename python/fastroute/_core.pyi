@@ -4,7 +4,7 @@ Pure and synchronous: no I/O, no clocks, no globals. Given the same compiled
 spec and the same request it returns the same Decision.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol, final
 
 __version__: str
@@ -210,3 +210,15 @@ class ChunkedBody:
     @property
     def done(self) -> bool:
         """The whole body has been decoded."""
+
+def head_bytes(
+    first: bytes,
+    headers: Sequence[tuple[str, str]],
+    last: bytes,
+    body: bytes | bytearray | memoryview | None = None,
+    tail: bytes | None = None,
+    utf8: bool = False,
+) -> bytes:
+    """`first`, then `name: value\\r\\n` for each header, then `last`, `body` and `tail`, as one bytes object: an
+    HTTP head (and body) in one write. Names and values are encoded as latin-1 (or, when one has a character
+    beyond it, all of them as UTF-8); with `utf8`, as UTF-8."""

@@ -39,7 +39,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from fastroute._core import ChunkedBody, HeadTooLarge, HttpError, parse_request_head
+from fastroute._core import ChunkedBody, HeadTooLarge, HttpError, head_bytes, parse_request_head
 
 __all__ = ['Request', 'RSGIProtocolClosed', 'serve']
 
@@ -67,18 +67,6 @@ class RSGIProtocolClosed(ConnectionError):
 def _status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     return line if line is not None else b'HTTP/1.1 %d \r\n' % status
-
-
-def _head_bytes(headers: list[tuple[str, str]]) -> bytes:
-    """`name: value\r\n` for each header."""
-    # NOTE: an f-string per header in a list comprehension, joined once: 1.36 µs for the gateway's 9
-    # answer headers, against 1.92 µs for '\r\n'.join(map(': '.join, ...)) and 2.63 µs encoding each
-    # part to bytes (timeit, 100k loops, best of 5).
-    text = ''.join([f'{k}: {v}\r\n' for k, v in headers])
-    try:
-        return text.encode('latin-1')
-    except UnicodeEncodeError:  # a configured name (route, variant) outside latin-1
-        return text.encode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,18 +196,12 @@ class Request:
         if conn.closed:
             return
         extra = self._connection_header()
-        if self.is_head:
-            body_out = b''
-        else:
-            body_out = body
-        data = b'%s%scontent-length: %d%s\r\n\r\n%s' % (
-            _status_line(status),
-            _head_bytes(headers),
-            len(body),
-            extra,
-            body_out,
+        # NOTE: the head and body in one Rust call (head_bytes): an f-string per header, joined and encoded,
+        # then a %-format of the whole answer cost ~4k more instructions per answer (callgrind).
+        last = (
+            b'content-length: %d%s\r\n\r\n' % (len(body), extra) if extra else b'content-length: %d\r\n\r\n' % len(body)
         )
-        conn.transport.write(data)
+        conn.transport.write(head_bytes(_status_line(status), headers, last, None if self.is_head else body))
 
     def response_str(self, status: int, headers: list[tuple[str, str]], body: str) -> None:
         self.response_bytes(status, headers, body.encode())
@@ -245,8 +227,7 @@ class Request:
             self.chunked = not self.is_head
             te = b'transfer-encoding: chunked'
         if not conn.closed:
-            head = b'%s%s%s%s\r\n\r\n' % (_status_line(status), _head_bytes(headers), te, extra)
-            conn.transport.write(head)
+            conn.transport.write(head_bytes(_status_line(status), headers, b'%s%s\r\n\r\n' % (te, extra)))
         return self
 
     def stream_first(self, status: int, headers: list[tuple[str, str]], data: bytes, last: bool = False) -> Request:
@@ -271,17 +252,14 @@ class Request:
         self.status = status
         if last:
             self.ended = True
-            end = b'0\r\n\r\n'
         else:
             self.chunked = True
-            end = b''
         conn = self.conn
         extra = self._connection_header()
         if not conn.closed:
-            conn.transport.write(
-                b'%s%stransfer-encoding: chunked%s\r\n\r\n%x\r\n%s\r\n%s'
-                % (_status_line(status), _head_bytes(headers), extra, len(data), data, end)
-            )
+            te = b'transfer-encoding: chunked%s\r\n\r\n%x\r\n' % (extra, len(data))
+            end = b'\r\n0\r\n\r\n' if last else b'\r\n'
+            conn.transport.write(head_bytes(_status_line(status), headers, te, data, end))
         return self
 
     async def send_bytes(self, data: bytes) -> None:

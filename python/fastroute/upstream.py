@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fastroute._core import ChunkedBody, HttpError, parse_response_head
+from fastroute._core import ChunkedBody, HttpError, head_bytes, parse_response_head
 from fastroute.config import Breaker as _BreakerCfg
 from fastroute.errors import UpstreamError
 from fastroute.resilience import CLOSED, HALF_OPEN, OPEN, Breaker, Policy, RetryBudget, policy_for
@@ -861,11 +861,8 @@ class Endpoint:
         return conn
 
     def _request(self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
-        head = [method, ' ', self._path, path, self._head]
-        for k, v in headers:
-            head += (k, ': ', v, '\r\n')
-        head.append(f'content-length: {len(body)}\r\n\r\n')
-        return ''.join(head).encode() + body
+        first = f'{method} {self._path}{path}{self._head}'.encode()
+        return head_bytes(first, headers, b'content-length: %d\r\n\r\n' % len(body), body, None, True)
 
     # -- the requests
 

@@ -699,11 +699,9 @@ fn parse_request_head<'py>(
         None => (h.target, &b""[..]),
     };
     let headers = PyDict::new(py);
-    for x in h.headers {
-        let name = header_name(py, x.name);
-        if !headers.contains(&name)? {
-            headers.set_item(name, latin1(py, x.value))?;
-        }
+    // in reverse, so that the first value of a repeated name is the one left (no lookup before each insert)
+    for x in h.headers.iter().rev() {
+        headers.set_item(header_name(py, x.name), latin1(py, x.value))?;
     }
     let f = h.framing;
     let cl = f.content_length.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
@@ -764,6 +762,72 @@ fn parse_response_head<'py>(
     )
         .into_pyobject(py)
         .map(Some)
+}
+
+/// `name: value\r\n` for each (name, value) of `headers`; false if one has a character beyond latin-1 (then
+/// what was written is incomplete).
+fn write_headers(out: &mut Vec<u8>, headers: &Bound<'_, PyAny>, utf8: bool) -> PyResult<bool> {
+    let mut ok = true;
+    let mut put = |out: &mut Vec<u8>, s: &str| {
+        if utf8 || s.is_ascii() {
+            out.extend_from_slice(s.as_bytes());
+        } else {
+            for c in s.chars() {
+                match u8::try_from(u32::from(c)) {
+                    Ok(b) => out.push(b),
+                    Err(_) => ok = false,
+                }
+            }
+        }
+    };
+    for item in headers.try_iter()? {
+        let item = item?;
+        let (k, v): (Bound<'_, PyString>, Bound<'_, PyString>) = item.extract()?;
+        put(out, k.to_str()?);
+        out.extend_from_slice(b": ");
+        put(out, v.to_str()?);
+        out.extend_from_slice(b"\r\n");
+    }
+    Ok(ok)
+}
+
+/// `first`, then `name: value\r\n` for each header, then `last`, `body` and `tail`, as one bytes object: an
+/// HTTP head (and body) in one write. Names and values are encoded as latin-1 (or, when one has a character
+/// beyond it, all of them as UTF-8); with `utf8`, as UTF-8.
+#[pyfunction]
+#[pyo3(signature = (first, headers, last, body = None, tail = None, utf8 = false))]
+fn head_bytes<'py>(
+    py: Python<'py>,
+    first: &[u8],
+    headers: &Bound<'py, PyAny>,
+    last: &[u8],
+    body: Option<&Bound<'py, PyAny>>,
+    tail: Option<&[u8]>,
+    utf8: bool,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let copied; // a body that is another bytes-like object (bytearray, memoryview)
+    let body: &[u8] = match body {
+        None => b"",
+        Some(b) => match b.cast::<PyBytes>() {
+            Ok(b) => b.as_bytes(),
+            Err(_) => {
+                copied = pyo3::buffer::PyBuffer::<u8>::get(b)?.to_vec(py)?;
+                &copied
+            }
+        },
+    };
+    let tail = tail.unwrap_or_default();
+    let mut out = Vec::with_capacity(first.len() + 384 + last.len() + body.len() + tail.len());
+    out.extend_from_slice(first);
+    let mark = out.len();
+    if !write_headers(&mut out, headers, utf8)? {
+        out.truncate(mark); // a character beyond latin-1: all of them as UTF-8
+        write_headers(&mut out, headers, true)?;
+    }
+    out.extend_from_slice(last);
+    out.extend_from_slice(body);
+    out.extend_from_slice(tail);
+    Ok(PyBytes::new(py, &out))
 }
 
 /// A chunked body's decoder, fed the bytes as they arrive.
@@ -831,6 +895,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(body_user, m)?)?;
     m.add_function(wrap_pyfunction!(parse_request_head, m)?)?;
     m.add_function(wrap_pyfunction!(parse_response_head, m)?)?;
+    m.add_function(wrap_pyfunction!(head_bytes, m)?)?;
     m.add_class::<ChunkedBody>()?;
     m.add("HttpError", m.py().get_type::<HttpError>())?;
     m.add("HeadTooLarge", m.py().get_type::<HeadTooLarge>())?;
