@@ -546,4 +546,50 @@ mod tests {
             assert!(dechunk(&[bad]).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
     }
+
+    proptest::proptest! {
+        /// Any body, cut into any chunks, chunk-encoded and fed in any pieces, decodes to itself and stops
+        /// exactly at its end.
+        #[test]
+        fn chunked_round_trip(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            sizes in proptest::collection::vec(1usize..80, 1..20),
+            cut in 0usize..2000,
+        ) {
+            let mut enc = Vec::new();
+            let mut rest = body.as_slice();
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = sizes[i % sizes.len()].min(rest.len());
+                enc.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                enc.extend_from_slice(&rest[..n]);
+                enc.extend_from_slice(b"\r\n");
+                rest = &rest[n..];
+                i += 1;
+            }
+            enc.extend_from_slice(b"0\r\n\r\n");
+            let whole = enc.len();
+            enc.extend_from_slice(b"GET");
+            let cut = cut % (whole + 1);
+            let mut d = ChunkDecoder::new();
+            let mut out = Vec::new();
+            let first = &enc[..cut];
+            let end1 = d.feed(first, 0, |a, b| out.extend_from_slice(&first[a..b])).unwrap();
+            proptest::prop_assert_eq!(end1, cut);
+            let end = d.feed(&enc, cut, |a, b| out.extend_from_slice(&enc[a..b])).unwrap();
+            proptest::prop_assert!(d.done());
+            proptest::prop_assert_eq!(end, whole);
+            proptest::prop_assert_eq!(out, body);
+        }
+
+        /// Arbitrary bytes never panic the parsers: a head, "need more", or an error.
+        #[test]
+        fn any_bytes_are_parsed_or_refused(raw in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let mut slots = Slots::<16>::new();
+            let _ = parse_request(&raw, 0, 256, slots.take(16));
+            let mut slots = Slots::<16>::new();
+            let _ = parse_response(&raw, 0, 256, slots.take(16));
+            let _ = ChunkDecoder::new().feed(&raw, 0, |_, _| {});
+        }
+    }
 }
