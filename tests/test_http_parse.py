@@ -4,7 +4,15 @@ client use: fields, framing, "need more bytes", limits, and the heads refused as
 from __future__ import annotations
 
 import pytest
-from fastroute._core import ChunkedBody, HeadTooLarge, HttpError, head_bytes, parse_request_head, parse_response_head
+from fastroute._core import (
+    ChunkedBody,
+    HeadTooLarge,
+    HttpError,
+    find_bytes,
+    head_bytes,
+    parse_request_head,
+    parse_response_head,
+)
 
 
 def test_request_head_fields() -> None:
@@ -134,3 +142,12 @@ def test_head_bytes() -> None:
     assert head_bytes(b'A', (), b'B', memoryview(b'xCDx')[1:3]) == b'ABCD'
     with pytest.raises(TypeError):
         head_bytes(b'', [('a', 1)], b'')
+
+
+def test_find_bytes_agrees_with_bytes_find() -> None:
+    body = b'data: {"choices":[]}\n\n' * 150 + b'data: {"usage":{"prompt_tokens":3}}\n\n'
+    for needle in (b'"usage"', b'data', b'\n\n', b'', b'absent'):
+        for start in (0, 1, 500, len(body) - 3, len(body), len(body) + 5):
+            assert find_bytes(body, needle, start) == body.find(needle, start), (needle, start)
+    assert find_bytes(memoryview(body)[10:], b'"usage"') == body[10:].find(b'"usage"')
+    assert find_bytes(bytearray(b'xyz'), b'z') == 2

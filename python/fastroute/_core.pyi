@@ -222,3 +222,7 @@ def head_bytes(
     """`first`, then `name: value\\r\\n` for each header, then `last`, `body` and `tail`, as one bytes object: an
     HTTP head (and body) in one write. Names and values are encoded as latin-1 (or, when one has a character
     beyond it, all of them as UTF-8); with `utf8`, as UTF-8."""
+
+def find_bytes(haystack: bytes | bytearray | memoryview, needle: bytes, start: int = 0) -> int:
+    """`haystack.find(needle, start)` by a SIMD substring search: ~10x fewer instructions than `bytes.find` on
+    kilobytes."""

@@ -830,6 +830,23 @@ fn head_bytes<'py>(
     Ok(PyBytes::new(py, &out))
 }
 
+/// `haystack.find(needle, start)` by memchr's SIMD substring search: an SSE body of a few kilobytes costs
+/// ~10x fewer instructions than `bytes.find` / `in` (callgrind).
+#[pyfunction]
+#[pyo3(signature = (haystack, needle, start = 0))]
+fn find_bytes(py: Python<'_>, haystack: &Bound<'_, PyAny>, needle: &[u8], start: usize) -> PyResult<isize> {
+    let copied; // another bytes-like object (bytearray, memoryview)
+    let hay: &[u8] = match haystack.cast::<PyBytes>() {
+        Ok(b) => b.as_bytes(),
+        Err(_) => {
+            copied = pyo3::buffer::PyBuffer::<u8>::get(haystack)?.to_vec(py)?;
+            &copied
+        }
+    };
+    let found = hay.get(start..).and_then(|h| memchr::memmem::find(h, needle));
+    Ok(found.map_or(-1, |i| isize::try_from(start + i).unwrap_or(isize::MAX)))
+}
+
 /// A chunked body's decoder, fed the bytes as they arrive.
 #[pyclass(module = "fastroute._core")]
 struct ChunkedBody {
@@ -896,6 +913,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_request_head, m)?)?;
     m.add_function(wrap_pyfunction!(parse_response_head, m)?)?;
     m.add_function(wrap_pyfunction!(head_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(find_bytes, m)?)?;
     m.add_class::<ChunkedBody>()?;
     m.add("HttpError", m.py().get_type::<HttpError>())?;
     m.add("HeadTooLarge", m.py().get_type::<HeadTooLarge>())?;
