@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from fastroute._core import (
     ChunkedBody,
+    HeaderNames,
     HeadTooLarge,
     HttpError,
     find_bytes,
@@ -151,3 +152,13 @@ def test_find_bytes_agrees_with_bytes_find() -> None:
             assert find_bytes(body, needle, start) == body.find(needle, start), (needle, start)
     assert find_bytes(memoryview(body)[10:], b'"usage"') == body[10:].find(b'"usage"')
     assert find_bytes(bytearray(b'xyz'), b'z') == 2
+
+
+def test_response_head_leaves_out_dropped_headers() -> None:
+    drop = HeaderNames(['Connection', 'server', 'content-length'])
+    assert 'CONNECTION' in drop and 'date' not in drop and len(drop) == 3
+    raw = b'HTTP/1.1 200 OK\r\nServer: x\r\nContent-Type: text/event-stream\r\nConnection: keep-alive\r\nX-A: 1\r\n\r\n'
+    h = parse_response_head(raw, 0, True, 65536, 256, drop)
+    assert h is not None
+    assert h[2] == [('content-type', 'text/event-stream'), ('x-a', '1')]
+    assert h[5] is True  # what was left out still counts: keep-alive

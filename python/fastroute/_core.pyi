@@ -183,12 +183,25 @@ def parse_request_head(
         HttpError: the head is not valid HTTP/1.x.
     """
 
+@final
+class HeaderNames:
+    """A fixed set of header names, matched without regard to case; made once (e.g. the headers never relayed)."""
+
+    def __init__(self, names: list[str]) -> None: ...
+    def __contains__(self, name: str) -> bool: ...
+    def __len__(self) -> int: ...
+
 def parse_response_head(
-    buf: bytes, start: int = 0, full: bool = False, max_len: int = 65536, max_headers: int = 256
+    buf: bytes,
+    start: int = 0,
+    full: bool = False,
+    max_len: int = 65536,
+    max_headers: int = 256,
+    drop: HeaderNames | None = None,
 ) -> tuple[int, int, list[tuple[str, str]] | None, int, bool, bool, str | None, str | None] | None:
     """The response head at `buf[start:]`: None until it is complete, else (end, status, headers, content_length
     or -1, chunked, keep_alive, content_type, content_encoding); headers, with `full` (else None): every header
-    as (lower-case name, value), in order.
+    as (lower-case name, value), in order, but those named in `drop`.
 
     Raises:
         HeadTooLarge: as `parse_request_head`.

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fastroute._core import ChunkedBody, HttpError, head_bytes, parse_response_head
+from fastroute._core import ChunkedBody, HeaderNames, HttpError, head_bytes, parse_response_head
 from fastroute.config import Breaker as _BreakerCfg
 from fastroute.errors import UpstreamError
 from fastroute.resilience import CLOSED, HALF_OPEN, OPEN, Breaker, Policy, RetryBudget, policy_for
@@ -98,6 +98,9 @@ RESPONSE_DROP = frozenset(
         'x-request-id',
     }
 )
+_DROP = HeaderNames(sorted(RESPONSE_DROP))  # left out of an answer's headers as they are parsed
+_MAX_HEAD = 64 * 1024
+_MAX_HEADERS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,19 +152,6 @@ def _ssl_context() -> ssl.SSLContext:
     return _SSL
 
 
-def _relay(raw: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str | None]:
-    """Every end-to-end header of an answer (lower-case names), and its content-type."""
-    out = []
-    ctype = None
-    for name, value in raw:
-        if name in RESPONSE_DROP:
-            continue
-        if name == 'content-type':
-            ctype = value
-        out.append((name, value))
-    return out, ctype
-
-
 class _Conn(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to an endpoint; at most one exchange at a time."""
 
@@ -203,7 +193,7 @@ class _Conn(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None  # the head (stream) or the whole answer (send)
         self.sink: UpstreamStream | None = None  # the stream reading this answer's body
         self.status = 0
-        self.headers: list[tuple[str, str]] | None = None  # every header (lower-case names): streams, errors
+        self.headers: list[tuple[str, str]] | None = None  # the end-to-end headers (lower-case names): streams, errors
         self.ctype: str | None = None
         self.enc: str | None = None
         self.buf = b''  # an incomplete answer head
@@ -245,9 +235,9 @@ class _Conn(asyncio.Protocol):
             full = self.sink is not None
             while True:
                 try:
-                    head = parse_response_head(data, pos, full)
+                    head = parse_response_head(data, pos, full, _MAX_HEAD, _MAX_HEADERS, _DROP)
                     if head is not None and head[1] >= 300 and not full:  # an error relays every header
-                        head = parse_response_head(data, pos, True)
+                        head = parse_response_head(data, pos, True, _MAX_HEAD, _MAX_HEADERS, _DROP)
                 except HttpError:
                     self.fail('protocol')
                     return
@@ -325,7 +315,7 @@ class _Conn(asyncio.Protocol):
         if self.sink is not None and waiter is not None:  # a stream: hand over the head now
             self.waiter = None
             if not waiter.done():
-                waiter.set_result((status, headers, None, None, None))
+                waiter.set_result((status, headers, None, ctype, None))
         if chunked:
             self.chunker = ChunkedBody()
         elif length >= 0:
@@ -900,8 +890,7 @@ class Endpoint:
                 hdrs.append(('content-encoding', enc))
             return UpstreamResponse(status, hdrs, ctype, data)
         # errors keep every end-to-end header: retry-after, rate-limit state, ...
-        hdrs, ct = _relay(raw or [])
-        return UpstreamResponse(status, hdrs, ct, data)
+        return UpstreamResponse(status, raw or [], ctype, data)
 
     async def open_stream(
         self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes
@@ -923,7 +912,7 @@ class Endpoint:
             waiter = loop.create_future()
             stream._conn = conn
             conn.start(self._request(method, path, headers, body), waiter, stream, method == 'HEAD')
-            status, raw, _, _, _ = await waiter
+            status, raw, _, ctype, _ = await waiter
         except _Fail as exc:
             stream._conn = None
             raise self.error_from(exc, started=False) from None
@@ -933,7 +922,8 @@ class Endpoint:
                 conn.abort()
             raise
         stream.status = status
-        stream.headers, stream.content_type = _relay(raw or [])
+        stream.headers = raw or []
+        stream.content_type = ctype
         return stream
 
     def error_from(self, exc: BaseException, *, started: bool) -> UpstreamError:

@@ -721,11 +721,41 @@ fn parse_request_head<'py>(
         .map(Some)
 }
 
+/// A fixed set of header names, matched without regard to case; made once (e.g. the headers never relayed).
+#[pyclass(frozen, module = "fastroute._core")]
+struct HeaderNames {
+    names: Vec<Vec<u8>>,
+}
+
+#[pymethods]
+impl HeaderNames {
+    #[new]
+    fn new(names: Vec<String>) -> Self {
+        Self {
+            names: names.into_iter().map(|n| n.to_ascii_lowercase().into_bytes()).collect(),
+        }
+    }
+
+    fn __contains__(&self, name: &str) -> bool {
+        self.has(name.as_bytes())
+    }
+
+    fn __len__(&self) -> usize {
+        self.names.len()
+    }
+}
+
+impl HeaderNames {
+    fn has(&self, name: &[u8]) -> bool {
+        self.names.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+}
+
 /// The response head at `buf[start:]`: None until it is complete, else
 /// (end, status, headers or None, content_length or -1, chunked, keep_alive, content_type, content_encoding);
-/// headers (with `full`): every header as (lower-case name, value), in order.
+/// headers (with `full`): every header as (lower-case name, value), in order, but those named in `drop`.
 #[pyfunction]
-#[pyo3(signature = (buf, start = 0, full = false, max_len = 65536, max_headers = HTTP_SLOTS))]
+#[pyo3(signature = (buf, start = 0, full = false, max_len = 65536, max_headers = HTTP_SLOTS, drop = None))]
 fn parse_response_head<'py>(
     py: Python<'py>,
     buf: &[u8],
@@ -733,6 +763,7 @@ fn parse_response_head<'py>(
     full: bool,
     max_len: usize,
     max_headers: usize,
+    drop: Option<PyRef<'py, HeaderNames>>,
 ) -> PyResult<Option<Bound<'py, PyTuple>>> {
     let mut slots = http::Slots::<HTTP_SLOTS>::new();
     let Some(h) = http::parse_response(buf, start, max_len, slots.take(max_headers)).map_err(http_error)? else {
@@ -741,6 +772,9 @@ fn parse_response_head<'py>(
     let headers = if full {
         let list = PyList::empty(py);
         for x in h.headers {
+            if drop.as_ref().is_some_and(|d| d.has(x.name.as_bytes())) {
+                continue;
+            }
             list.append((header_name(py, x.name), latin1(py, x.value)))?;
         }
         Some(list)
@@ -915,6 +949,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(head_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(find_bytes, m)?)?;
     m.add_class::<ChunkedBody>()?;
+    m.add_class::<HeaderNames>()?;
     m.add("HttpError", m.py().get_type::<HttpError>())?;
     m.add("HeadTooLarge", m.py().get_type::<HeadTooLarge>())?;
     Ok(())
