@@ -420,8 +420,15 @@ class HttpProtocol(asyncio.Protocol):
                 self.chunker = ChunkedBody()
                 self.parsing = req
             elif length > 0:
-                self.body_left = length
-                self.parsing = req
+                if end - pos >= length and length <= BODY_HIGH_WATER:
+                    # the whole body came with the head (the common case): no body-reading steps
+                    req.chunks.append(data[pos : pos + length] if end - pos > length else data[pos:])
+                    req.buffered = length
+                    req.complete = True
+                    pos += length
+                else:
+                    self.body_left = length
+                    self.parsing = req
             else:
                 req.complete = True
             if self.current is None:

@@ -258,6 +258,13 @@ class _Conn(asyncio.Protocol):
                 self.keep_alive = False
                 self.finish()
                 return
+        if self.chunker is None and not self.close_delimited and len(data) - pos == self.body_left:
+            # exactly the rest of a content-length body (the common case): no body-reading steps
+            self.body_left = 0
+            self.state = _DONE
+            self.on_body(data[pos:] if pos else data)
+            self.finish()
+            return
         self.read_body(data, pos)
         if self.state == _DONE:
             self.finish()
