@@ -4,7 +4,7 @@ Pure and synchronous: no I/O, no clocks, no globals. Given the same compiled
 spec and the same request it returns the same Decision.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol, final
 
 __version__: str
@@ -163,3 +163,79 @@ def body_user(body: bytes) -> str | None:
     Raises:
         fastroute.errors.RequestError: the body is not a JSON object.
     """
+
+class HttpError(ValueError):
+    """Malformed HTTP: not HTTP/1.x, or framed ambiguously (answer 400)."""
+
+class HeadTooLarge(HttpError):
+    """A head longer than allowed or with too many header lines (answer 431)."""
+
+def parse_request_head(
+    buf: bytes, start: int = 0, max_len: int = 65536, max_headers: int = 256
+) -> tuple[int, str, str, str, str, dict[str, str], int, bool, bool, bool] | None:
+    """The request head at `buf[start:]`: None until it is complete, else (end, method, path, query, version,
+    headers, content_length or -1, chunked, keep_alive, upgrade); headers: lower-case names, the first value of
+    each. A request with both Content-Length and Transfer-Encoding, differing Content-Lengths, or a
+    Transfer-Encoding not ending in chunked is refused.
+
+    Raises:
+        HeadTooLarge: the head is longer than `max_len` or has more than `max_headers` lines.
+        HttpError: the head is not valid HTTP/1.x.
+    """
+
+@final
+class HeaderNames:
+    """A fixed set of header names, matched without regard to case; made once (e.g. the headers never relayed)."""
+
+    def __init__(self, names: list[str]) -> None: ...
+    def __contains__(self, name: str) -> bool: ...
+    def __len__(self) -> int: ...
+
+def parse_response_head(
+    buf: bytes,
+    start: int = 0,
+    full: bool = False,
+    max_len: int = 65536,
+    max_headers: int = 256,
+    drop: HeaderNames | None = None,
+) -> tuple[int, int, list[tuple[str, str]] | None, int, bool, bool, str | None, str | None] | None:
+    """The response head at `buf[start:]`: None until it is complete, else (end, status, headers, content_length
+    or -1, chunked, keep_alive, content_type, content_encoding); headers, with `full` (else None): every header
+    as (lower-case name, value), in order, but those named in `drop`.
+
+    Raises:
+        HeadTooLarge: as `parse_request_head`.
+        HttpError: the head is not valid HTTP/1.x.
+    """
+
+@final
+class ChunkedBody:
+    """A chunked body's decoder, fed the bytes as they arrive."""
+
+    def __init__(self) -> None: ...
+    def feed(self, buf: bytes, start: int = 0) -> tuple[bytes, int, bool]:
+        """Decode `buf[start:]`: (the body bytes in it, where decoding stopped, whether the body ended). Once
+        ended, the bytes from where it stopped belong to the next message.
+
+        Raises:
+            HttpError: a malformed chunk size, chunk end or trailer.
+        """
+    @property
+    def done(self) -> bool:
+        """The whole body has been decoded."""
+
+def head_bytes(
+    first: bytes,
+    headers: Sequence[tuple[str, str]],
+    last: bytes,
+    body: bytes | bytearray | memoryview | None = None,
+    tail: bytes | None = None,
+    utf8: bool = False,
+) -> bytes:
+    """`first`, then `name: value\\r\\n` for each header, then `last`, `body` and `tail`, as one bytes object: an
+    HTTP head (and body) in one write. Names and values are encoded as latin-1 (or, when one has a character
+    beyond it, all of them as UTF-8); with `utf8`, as UTF-8."""
+
+def find_bytes(haystack: bytes | bytearray | memoryview, needle: bytes, start: int = 0) -> int:
+    """`haystack.find(needle, start)` by a SIMD substring search: ~10x fewer instructions than `bytes.find` on
+    kilobytes."""

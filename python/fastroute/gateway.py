@@ -1209,7 +1209,7 @@ def cli_serve_args(p: argparse.ArgumentParser) -> None:
         '--server',
         choices=SERVERS,
         default=os.environ.get(SERVER_ENV) or 'native',
-        help=f'HTTP server: native (uvloop + httptools, fastroute.server) or granian (default: ${SERVER_ENV} or native)',
+        help=f'HTTP server: native (uvloop, fastroute.server) or granian (default: ${SERVER_ENV} or native)',
     )
 
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from fastroute._core import find_bytes
+
 if TYPE_CHECKING:
     from fastroute.config import Config, Price
 
@@ -90,9 +92,11 @@ class StreamUsage:
 
     def wants(self, chunk: bytes) -> bool:
         """Whether `chunk` must go through `feed` (cheap: one search, one suffix test)."""
+        # NOTE: find_bytes (a SIMD search) instead of `in`: 9.9k -> ~1k instructions for a 3.8 KB stream read
+        # at once (callgrind); every byte of a stream goes through here.
         if self.strip:
-            return bool(self.pending) or not chunk.endswith(_ENDS) or b'"usage"' in chunk
-        return b'"usage"' in chunk
+            return bool(self.pending) or not chunk.endswith(_ENDS) or find_bytes(chunk, b'"usage"') >= 0
+        return find_bytes(chunk, b'"usage"') >= 0
 
     def feed(self, chunk: bytes) -> bytes:
         if not self.strip:

@@ -3,8 +3,8 @@
 One `Pool` per logical model, one `Endpoint` per upstream URL in it. Each endpoint owns a bounded
 pool of keep-alive HTTP/1.1 connections and the model's timeouts, so a slow or saturated upstream
 cannot starve the others. The client runs on the worker's event loop itself: an asyncio `Protocol`
-per connection, one `transport.write` per request (head and body together) and the `httptools`
-C parser for the answer. Nothing crosses a thread between the request coming in and going out.
+per connection, one `transport.write` per request (head and body together) and one Rust call
+(`fastroute._core.parse_response_head`) for the answer's head. Nothing crosses a thread between the request coming in and going out.
 The HTTP code sits behind `Endpoint.send` / `Endpoint.open_stream` and `UpstreamResponse` /
 `UpstreamStream`; nothing else in fastroute touches it.
 
@@ -46,8 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import httptools
-
+from fastroute._core import ChunkedBody, HeaderNames, HttpError, head_bytes, parse_response_head
 from fastroute.config import Breaker as _BreakerCfg
 from fastroute.errors import UpstreamError
 from fastroute.resilience import CLOSED, HALF_OPEN, OPEN, Breaker, Policy, RetryBudget, policy_for
@@ -99,6 +98,9 @@ RESPONSE_DROP = frozenset(
         'x-request-id',
     }
 )
+_DROP = HeaderNames(sorted(RESPONSE_DROP))  # left out of an answer's headers as they are parsed
+_MAX_HEAD = 64 * 1024
+_MAX_HEADERS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,39 +152,25 @@ def _ssl_context() -> ssl.SSLContext:
     return _SSL
 
 
-def _relay(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[str, str]], str | None]:
-    """Every end-to-end header of an answer (lower-case names), and its content-type."""
-    out = []
-    ctype = None
-    for k, v in raw:
-        name = k.decode('latin-1').lower()
-        if name in RESPONSE_DROP:
-            continue
-        value = v.decode('latin-1')
-        if name == 'content-type':
-            ctype = value
-        out.append((name, value))
-    return out, ctype
-
-
 class _Conn(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to an endpoint; at most one exchange at a time."""
 
     __slots__ = (
         'at',
+        'body_left',
+        'buf',
+        'chunker',
         'chunks',
         'close_delimited',
         'ctype',
         'enc',
         'ep',
-        'framed',
         'head_at',
         'head_only',
+        'headers',
         'keep_alive',
         'lost',
-        'parser',
         'paused',
-        'raw_headers',
         'rx_at',
         'sink',
         'state',
@@ -197,7 +185,6 @@ class _Conn(asyncio.Protocol):
     def __init__(self, ep: Endpoint) -> None:
         self.ep = ep
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.state = _IDLE
         self.lost = False
         self.paused = False
@@ -206,11 +193,13 @@ class _Conn(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None  # the head (stream) or the whole answer (send)
         self.sink: UpstreamStream | None = None  # the stream reading this answer's body
         self.status = 0
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.ctype: bytes | None = None
-        self.enc: bytes | None = None
-        self.framed = False  # content-length or chunked: the body's end is in the stream itself
-        self.close_delimited = False
+        self.headers: list[tuple[str, str]] | None = None  # the end-to-end headers (lower-case names): streams, errors
+        self.ctype: str | None = None
+        self.enc: str | None = None
+        self.buf = b''  # an incomplete answer head
+        self.body_left = 0  # bytes of a content-length body still to come
+        self.chunker: ChunkedBody | None = None  # the decoder of a chunked body
+        self.close_delimited = False  # no length, not chunked: the body runs to the end of the connection
         self.head_only = False
         self.keep_alive = False
         self.chunks: list[bytes] = []
@@ -236,11 +225,47 @@ class _Conn(asyncio.Protocol):
             self.abort()
             return
         self.rx_at = self.ep.loop.time()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.fail('protocol')
+        pos = 0
+        if state == _HEAD:
+            # NOTE: one Rust call for the head instead of httptools' callbacks (one per header, then headers
+            # complete, body, message complete).
+            if self.buf:
+                data = self.buf + data
+                self.buf = b''
+            full = self.sink is not None
+            while True:
+                try:
+                    head = parse_response_head(data, pos, full, _MAX_HEAD, _MAX_HEADERS, _DROP)
+                    if head is not None and head[1] >= 300 and not full:  # an error relays every header
+                        head = parse_response_head(data, pos, True, _MAX_HEAD, _MAX_HEADERS, _DROP)
+                except HttpError:
+                    self.fail('protocol')
+                    return
+                if head is None:
+                    self.buf = data[pos:] if pos else data
+                    return
+                pos = head[0]
+                status = head[1]
+                if status < 100 or status >= 200 or status == 101:
+                    break
+                # an interim answer (100 Continue, 103 Early Hints): the final one follows
+            self.on_head(head)
+            if pos == len(data):
+                if self.state == _DONE:
+                    self.finish()
+                return
+            if self.state == _DONE:  # bytes after a body-less answer: the connection is out of step
+                self.keep_alive = False
+                self.finish()
+                return
+        if self.chunker is None and not self.close_delimited and len(data) - pos == self.body_left:
+            # exactly the rest of a content-length body (the common case): no body-reading steps
+            self.body_left = 0
+            self.state = _DONE
+            self.on_body(data[pos:] if pos else data)
+            self.finish()
             return
+        self.read_body(data, pos)
         if self.state == _DONE:
             self.finish()
 
@@ -266,7 +291,7 @@ class _Conn(asyncio.Protocol):
                 pass
         elif state == _BODY and self.close_delimited and exc is None:
             self.keep_alive = False
-            self.on_message_complete()
+            self.state = _DONE
             self.finish()
         elif state != _DONE:
             self.fail('reset')
@@ -278,32 +303,68 @@ class _Conn(asyncio.Protocol):
     def resume_writing(self) -> None:
         pass
 
-    # -- httptools callbacks
+    # -- the answer as it is parsed
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.raw_headers.append((name, value))
-        n = len(name)
-        if n == 12 and name.lower() == b'content-type':
-            self.ctype = value
-        elif n == 16 and name.lower() == b'content-encoding':
-            self.enc = value
-        elif (n == 14 and name.lower() == b'content-length') or (n == 17 and name.lower() == b'transfer-encoding'):
-            self.framed = True
-
-    def on_headers_complete(self) -> None:
-        status = self.status = self.parser.get_status_code()
-        self.keep_alive = self.parser.should_keep_alive()
+    def on_head(self, head: tuple) -> None:
+        _, status, headers, length, chunked, keep_alive, ctype, enc = head
+        self.status = status
+        self.headers = headers
+        self.ctype = ctype
+        self.enc = enc
+        self.keep_alive = keep_alive
         self.state = _BODY
-        if self.head_only:
-            self.keep_alive = False
-            self.on_message_complete()
+        if self.head_only or status < 200 or status == 204 or status == 304:  # no body
+            if self.head_only or status < 200:
+                self.keep_alive = False
+            self.state = _DONE
             return
-        self.close_delimited = not self.framed and status >= 200 and status not in (204, 304)
         waiter = self.waiter
         if self.sink is not None and waiter is not None:  # a stream: hand over the head now
             self.waiter = None
             if not waiter.done():
-                waiter.set_result((status, self.raw_headers, None, None, None))
+                waiter.set_result((status, headers, None, ctype, None))
+        if chunked:
+            self.chunker = ChunkedBody()
+        elif length >= 0:
+            self.body_left = length
+            if length == 0:
+                self.state = _DONE
+        else:
+            self.close_delimited = True
+
+    def read_body(self, data: bytes, pos: int) -> None:
+        """Take the body from `data[pos:]`; the state becomes _DONE at its end."""
+        chunker = self.chunker
+        if chunker is not None:
+            try:
+                piece, pos, ended = chunker.feed(data, pos)
+            except HttpError:
+                self.fail('protocol')
+                return
+            if piece:
+                self.on_body(piece)
+            if ended:
+                self.chunker = None
+                if pos < len(data):  # bytes beyond the answer: the connection is out of step
+                    self.keep_alive = False
+                self.state = _DONE
+            return
+        avail = len(data) - pos
+        if self.close_delimited:
+            if avail:
+                self.on_body(data[pos:] if pos else data)
+            return
+        left = self.body_left
+        if avail < left:
+            self.body_left = left - avail
+            self.on_body(data[pos:] if pos else data)
+            return
+        self.body_left = 0
+        if left:
+            self.on_body(data[pos : pos + left] if pos or avail != left else data)
+        if avail > left:
+            self.keep_alive = False
+        self.state = _DONE
 
     def on_body(self, body: bytes) -> None:
         sink = self.sink
@@ -311,9 +372,6 @@ class _Conn(asyncio.Protocol):
             self.chunks.append(body)
         else:
             sink.push(body)
-
-    def on_message_complete(self) -> None:
-        self.state = _DONE
 
     # -- the exchange
 
@@ -326,9 +384,12 @@ class _Conn(asyncio.Protocol):
         self.sink = sink
         self.head_only = head_only
         self.status = 0
-        self.raw_headers = []
+        self.headers = None
         self.ctype = self.enc = None
-        self.framed = self.close_delimited = False
+        self.buf = b''
+        self.body_left = 0
+        self.chunker = None
+        self.close_delimited = False
         self.chunks = []
         t = ep.timeouts
         total_at = self.total_at = now + t.total
@@ -381,7 +442,7 @@ class _Conn(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             # The answer travels in the future: the connection may serve another request before
             # the waiting task runs.
-            waiter.set_result((self.status, self.raw_headers, self.chunks, self.ctype, self.enc))
+            waiter.set_result((self.status, self.headers, self.chunks, self.ctype, self.enc))
         ep = self.ep
         if self.keep_alive and not self.lost and not ep.closed:
             if self.paused:
@@ -797,11 +858,8 @@ class Endpoint:
         return conn
 
     def _request(self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
-        head = [method, ' ', self._path, path, self._head]
-        for k, v in headers:
-            head += (k, ': ', v, '\r\n')
-        head.append(f'content-length: {len(body)}\r\n\r\n')
-        return ''.join(head).encode() + body
+        first = f'{method} {self._path}{path}{self._head}'.encode()
+        return head_bytes(first, headers, b'content-length: %d\r\n\r\n' % len(body), body, None, True)
 
     # -- the requests
 
@@ -834,14 +892,12 @@ class Endpoint:
             # upstream header costs ~6% of a proxied request (callgrind, 11k of 199k instructions).
             if ctype is None:
                 return UpstreamResponse(status, [], None, data)
-            ct = ctype.decode('latin-1')
-            hdrs = [('content-type', ct)]
+            hdrs = [('content-type', ctype)]
             if enc is not None:
-                hdrs.append(('content-encoding', enc.decode('latin-1')))
-            return UpstreamResponse(status, hdrs, ct, data)
+                hdrs.append(('content-encoding', enc))
+            return UpstreamResponse(status, hdrs, ctype, data)
         # errors keep every end-to-end header: retry-after, rate-limit state, ...
-        hdrs, ct = _relay(raw)
-        return UpstreamResponse(status, hdrs, ct, data)
+        return UpstreamResponse(status, raw or [], ctype, data)
 
     async def open_stream(
         self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes
@@ -863,7 +919,7 @@ class Endpoint:
             waiter = loop.create_future()
             stream._conn = conn
             conn.start(self._request(method, path, headers, body), waiter, stream, method == 'HEAD')
-            status, raw, _, _, _ = await waiter
+            status, raw, _, ctype, _ = await waiter
         except _Fail as exc:
             stream._conn = None
             raise self.error_from(exc, started=False) from None
@@ -873,7 +929,8 @@ class Endpoint:
                 conn.abort()
             raise
         stream.status = status
-        stream.headers, stream.content_type = _relay(raw)
+        stream.headers = raw or []
+        stream.content_type = ctype
         return stream
 
     def error_from(self, exc: BaseException, *, started: bool) -> UpstreamError:

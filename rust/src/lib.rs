@@ -9,6 +9,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 pub mod classify;
 pub mod error;
+pub mod http;
 pub mod request;
 pub mod rewrite;
 pub mod router;
@@ -674,6 +675,365 @@ fn body_user(py: Python<'_>, body: &[u8]) -> PyResult<Option<String>> {
     Ok(scanned.user.map(|u| u.raw.to_owned()))
 }
 
+// ------------------------------------------------------------------------------------------------
+// HTTP/1.x heads and chunked bodies (crate::http) for the native server and the upstream client:
+// one call per head instead of a Python callback per header.
+// ------------------------------------------------------------------------------------------------
+
+pyo3::create_exception!(
+    fastroute._core,
+    HttpError,
+    pyo3::exceptions::PyValueError,
+    "Malformed HTTP: not HTTP/1.x, or framed ambiguously (answer 400)."
+);
+pyo3::create_exception!(
+    fastroute._core,
+    HeadTooLarge,
+    HttpError,
+    "A head longer than allowed or with too many header lines (answer 431)."
+);
+
+#[cold]
+fn http_error(e: http::HttpError) -> PyErr {
+    match e {
+        http::HttpError::TooLarge => HeadTooLarge::new_err(e.message()),
+        http::HttpError::Malformed(m) => HttpError::new_err(m),
+    }
+}
+
+/// The most header lines a head may have before the limit the caller gives cuts in.
+const HTTP_SLOTS: usize = 256;
+
+/// Strings most heads carry, made once: methods, versions, then lower-case header names (a dict key
+/// that is already a Python string, hash cached, costs no allocation).
+const HTTP_WORDS: [&str; 31] = [
+    "GET",
+    "POST",
+    "HEAD",
+    "PUT",
+    "DELETE",
+    "OPTIONS",
+    "PATCH",
+    "1.1",
+    "1.0", // methods, versions
+    "host",
+    "content-type",
+    "content-length",
+    "authorization",
+    "accept",
+    "user-agent",
+    "connection",
+    "transfer-encoding",
+    "expect",
+    "x-request-id",
+    "content-encoding",
+    "accept-encoding",
+    "date",
+    "server",
+    "cache-control",
+    "traceparent",
+    "x-api-key",
+    "keep-alive",
+    "accept-language",
+    "origin",
+    "referer",
+    "retry-after",
+];
+const HTTP_N_METHODS: usize = 7;
+static HTTP_STRS: PyOnceLock<Vec<Py<PyString>>> = PyOnceLock::new();
+
+fn http_word<'py>(py: Python<'py>, i: usize) -> Option<Bound<'py, PyString>> {
+    let words = HTTP_STRS.get_or_init(py, || strs(py, HTTP_WORDS.iter().copied()));
+    words.get(i).map(|s| s.bind(py).clone())
+}
+
+/// Bytes as a latin-1 string (what HTTP heads are, byte for byte).
+fn latin1<'py>(py: Python<'py>, b: &[u8]) -> Bound<'py, PyString> {
+    match std::str::from_utf8(b) {
+        Ok(s) if b.is_ascii() => PyString::new(py, s),
+        _ => PyString::new(py, &b.iter().map(|&c| char::from(c)).collect::<String>()),
+    }
+}
+
+fn header_name<'py>(py: Python<'py>, name: &str) -> Bound<'py, PyString> {
+    let mut buf = [0u8; 32];
+    let Some(low) = buf.get_mut(..name.len()) else {
+        return PyString::new(py, &name.to_ascii_lowercase());
+    };
+    low.copy_from_slice(name.as_bytes());
+    low.make_ascii_lowercase();
+    if let Some(i) = HTTP_WORDS[HTTP_N_METHODS + 2..]
+        .iter()
+        .position(|w| w.as_bytes() == low)
+    {
+        if let Some(s) = http_word(py, HTTP_N_METHODS + 2 + i) {
+            return s;
+        }
+    }
+    latin1(py, low)
+}
+
+fn http_version(py: Python<'_>, minor: u8) -> Bound<'_, PyString> {
+    let i = HTTP_N_METHODS + usize::from(minor == 0);
+    http_word(py, i).unwrap_or_else(|| PyString::new(py, if minor == 0 { "1.0" } else { "1.1" }))
+}
+
+/// The request head at `buf[start:]`: None until it is complete, else
+/// (end, method, path, query, version, headers, content_length or -1, chunked, keep_alive, upgrade);
+/// headers: lower-case names, the first value of each.
+#[pyfunction]
+#[pyo3(signature = (buf, start = 0, max_len = 65536, max_headers = HTTP_SLOTS))]
+fn parse_request_head<'py>(
+    py: Python<'py>,
+    buf: &[u8],
+    start: usize,
+    max_len: usize,
+    max_headers: usize,
+) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    let mut slots = http::Slots::<HTTP_SLOTS>::new();
+    let Some(h) = http::parse_request(buf, start, max_len, slots.take(max_headers)).map_err(http_error)? else {
+        return Ok(None);
+    };
+    let method = match HTTP_WORDS[..HTTP_N_METHODS].iter().position(|m| *m == h.method) {
+        Some(i) => http_word(py, i).unwrap_or_else(|| PyString::new(py, h.method)),
+        None => PyString::new(py, h.method),
+    };
+    let (path, query) = match memchr::memchr(b'?', h.target) {
+        Some(q) => (&h.target[..q], &h.target[q + 1..]),
+        None => (h.target, &b""[..]),
+    };
+    let headers = PyDict::new(py);
+    // in reverse, so that the first value of a repeated name is the one left (no lookup before each insert)
+    for x in h.headers.iter().rev() {
+        headers.set_item(header_name(py, x.name), latin1(py, x.value))?;
+    }
+    let f = h.framing;
+    let cl = f.content_length.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+    (
+        start + h.len,
+        method,
+        latin1(py, path),
+        latin1(py, query),
+        http_version(py, h.minor),
+        headers,
+        cl,
+        f.chunked,
+        f.keep_alive,
+        f.upgrade,
+    )
+        .into_pyobject(py)
+        .map(Some)
+}
+
+/// A fixed set of header names, matched without regard to case; made once (e.g. the headers never relayed).
+#[pyclass(frozen, module = "fastroute._core")]
+struct HeaderNames {
+    names: Vec<Vec<u8>>,
+}
+
+#[pymethods]
+impl HeaderNames {
+    #[new]
+    fn new(names: Vec<String>) -> Self {
+        Self {
+            names: names.into_iter().map(|n| n.to_ascii_lowercase().into_bytes()).collect(),
+        }
+    }
+
+    fn __contains__(&self, name: &str) -> bool {
+        self.has(name.as_bytes())
+    }
+
+    fn __len__(&self) -> usize {
+        self.names.len()
+    }
+}
+
+impl HeaderNames {
+    fn has(&self, name: &[u8]) -> bool {
+        self.names.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+}
+
+/// The response head at `buf[start:]`: None until it is complete, else
+/// (end, status, headers or None, content_length or -1, chunked, keep_alive, content_type, content_encoding);
+/// headers (with `full`): every header as (lower-case name, value), in order, but those named in `drop`.
+#[pyfunction]
+#[pyo3(signature = (buf, start = 0, full = false, max_len = 65536, max_headers = HTTP_SLOTS, drop = None))]
+fn parse_response_head<'py>(
+    py: Python<'py>,
+    buf: &[u8],
+    start: usize,
+    full: bool,
+    max_len: usize,
+    max_headers: usize,
+    drop: Option<PyRef<'py, HeaderNames>>,
+) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    let mut slots = http::Slots::<HTTP_SLOTS>::new();
+    let Some(h) = http::parse_response(buf, start, max_len, slots.take(max_headers)).map_err(http_error)? else {
+        return Ok(None);
+    };
+    let headers = if full {
+        let list = PyList::empty(py);
+        for x in h.headers {
+            if drop.as_ref().is_some_and(|d| d.has(x.name.as_bytes())) {
+                continue;
+            }
+            list.append((header_name(py, x.name), latin1(py, x.value)))?;
+        }
+        Some(list)
+    } else {
+        None
+    };
+    let f = h.framing;
+    let value = |i: Option<usize>| i.and_then(|i| h.headers.get(i)).map(|x| latin1(py, x.value));
+    let cl = f.content_length.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+    (
+        start + h.len,
+        h.status,
+        headers,
+        cl,
+        f.chunked,
+        f.keep_alive,
+        value(f.content_type),
+        value(f.content_encoding),
+    )
+        .into_pyobject(py)
+        .map(Some)
+}
+
+/// `name: value\r\n` for each (name, value) of `headers`; false if one has a character beyond latin-1 (then
+/// what was written is incomplete).
+fn write_headers(out: &mut Vec<u8>, headers: &Bound<'_, PyAny>, utf8: bool) -> PyResult<bool> {
+    let mut ok = true;
+    let mut put = |out: &mut Vec<u8>, s: &str| {
+        if utf8 || s.is_ascii() {
+            out.extend_from_slice(s.as_bytes());
+        } else {
+            for c in s.chars() {
+                match u8::try_from(u32::from(c)) {
+                    Ok(b) => out.push(b),
+                    Err(_) => ok = false,
+                }
+            }
+        }
+    };
+    for item in headers.try_iter()? {
+        let item = item?;
+        let (k, v): (Bound<'_, PyString>, Bound<'_, PyString>) = item.extract()?;
+        put(out, k.to_str()?);
+        out.extend_from_slice(b": ");
+        put(out, v.to_str()?);
+        out.extend_from_slice(b"\r\n");
+    }
+    Ok(ok)
+}
+
+/// `first`, then `name: value\r\n` for each header, then `last`, `body` and `tail`, as one bytes object: an
+/// HTTP head (and body) in one write. Names and values are encoded as latin-1 (or, when one has a character
+/// beyond it, all of them as UTF-8); with `utf8`, as UTF-8.
+#[pyfunction]
+#[pyo3(signature = (first, headers, last, body = None, tail = None, utf8 = false))]
+fn head_bytes<'py>(
+    py: Python<'py>,
+    first: &[u8],
+    headers: &Bound<'py, PyAny>,
+    last: &[u8],
+    body: Option<&Bound<'py, PyAny>>,
+    tail: Option<&[u8]>,
+    utf8: bool,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let copied; // a body that is another bytes-like object (bytearray, memoryview)
+    let body: &[u8] = match body {
+        None => b"",
+        Some(b) => match b.cast::<PyBytes>() {
+            Ok(b) => b.as_bytes(),
+            Err(_) => {
+                copied = pyo3::buffer::PyBuffer::<u8>::get(b)?.to_vec(py)?;
+                &copied
+            }
+        },
+    };
+    let tail = tail.unwrap_or_default();
+    let mut out = Vec::with_capacity(first.len() + 384 + last.len() + body.len() + tail.len());
+    out.extend_from_slice(first);
+    let mark = out.len();
+    if !write_headers(&mut out, headers, utf8)? {
+        out.truncate(mark); // a character beyond latin-1: all of them as UTF-8
+        write_headers(&mut out, headers, true)?;
+    }
+    out.extend_from_slice(last);
+    out.extend_from_slice(body);
+    out.extend_from_slice(tail);
+    Ok(PyBytes::new(py, &out))
+}
+
+/// `haystack.find(needle, start)` by memchr's SIMD substring search: an SSE body of a few kilobytes costs
+/// ~10x fewer instructions than `bytes.find` / `in` (callgrind).
+#[pyfunction]
+#[pyo3(signature = (haystack, needle, start = 0))]
+fn find_bytes(py: Python<'_>, haystack: &Bound<'_, PyAny>, needle: &[u8], start: usize) -> PyResult<isize> {
+    let copied; // another bytes-like object (bytearray, memoryview)
+    let hay: &[u8] = match haystack.cast::<PyBytes>() {
+        Ok(b) => b.as_bytes(),
+        Err(_) => {
+            copied = pyo3::buffer::PyBuffer::<u8>::get(haystack)?.to_vec(py)?;
+            &copied
+        }
+    };
+    let found = hay.get(start..).and_then(|h| memchr::memmem::find(h, needle));
+    Ok(found.map_or(-1, |i| isize::try_from(start + i).unwrap_or(isize::MAX)))
+}
+
+/// A chunked body's decoder, fed the bytes as they arrive.
+#[pyclass(module = "fastroute._core")]
+struct ChunkedBody {
+    dec: http::ChunkDecoder,
+}
+
+#[pymethods]
+impl ChunkedBody {
+    #[new]
+    fn new() -> Self {
+        Self {
+            dec: http::ChunkDecoder::new(),
+        }
+    }
+
+    /// Decode `buf[start:]`: (the body bytes in it, where decoding stopped, whether the body ended).
+    /// Once ended, the bytes from where it stopped belong to the next message.
+    #[pyo3(signature = (buf, start = 0))]
+    fn feed<'py>(&mut self, py: Python<'py>, buf: &[u8], start: usize) -> PyResult<(Bound<'py, PyBytes>, usize, bool)> {
+        let mut ranges: Vec<(usize, usize)> = Vec::new();
+        let end = self
+            .dec
+            .feed(buf, start, |a, b| ranges.push((a, b)))
+            .map_err(http_error)?;
+        let body = match ranges.as_slice() {
+            [] => PyBytes::new(py, b""),
+            [(a, b)] => PyBytes::new(py, &buf[*a..*b]),
+            many => {
+                let total = many.iter().map(|(a, b)| b - a).sum();
+                PyBytes::new_with(py, total, |out| {
+                    let mut at = 0;
+                    for (a, b) in many {
+                        out[at..at + (b - a)].copy_from_slice(&buf[*a..*b]);
+                        at += b - a;
+                    }
+                    Ok(())
+                })?
+            }
+        };
+        Ok((body, end, self.dec.done()))
+    }
+
+    /// The whole body has been decoded.
+    #[getter]
+    fn done(&self) -> bool {
+        self.dec.done()
+    }
+}
+
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -688,5 +1048,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bucket, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_body, m)?)?;
     m.add_function(wrap_pyfunction!(body_user, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_request_head, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_response_head, m)?)?;
+    m.add_function(wrap_pyfunction!(head_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(find_bytes, m)?)?;
+    m.add_class::<ChunkedBody>()?;
+    m.add_class::<HeaderNames>()?;
+    m.add("HttpError", m.py().get_type::<HttpError>())?;
+    m.add("HeadTooLarge", m.py().get_type::<HeadTooLarge>())?;
     Ok(())
 }
