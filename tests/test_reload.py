@@ -142,3 +142,25 @@ def test_unchanged_models_keep_their_pools_and_in_flight_requests_finish(
     assert after['connections_opened'] == 1  # the same pool, the same keep-alive connection
     assert _endpoint(fr.url, 'two')['url'] == other.url
     assert other.stats()['requests'] == 5
+
+
+def test_workers_start_from_the_config_the_server_checked(tmp_path: Path):
+    """`fastroute serve` hands forked workers the config it read and compiled; a worker that starts after the file
+    changed still serves the checked one, and its file watch sees the change (the stamp is the one read)."""
+    from fastroute.gateway import App, _file_stamp, load_compiled
+
+    path = tmp_path / 'fastroute.yaml'
+    path.write_text(_config('http://127.0.0.1:9', 'http://127.0.0.1:10'))
+    stamp = _file_stamp(str(path))
+    cfg, router = load_compiled(str(path))
+    app = App(str(path))
+    app.preload(str(path), stamp, cfg, router)
+    time.sleep(0.01)
+    path.write_text(
+        _config('http://127.0.0.1:9', 'http://127.0.0.1:10', extra='  three:\n    endpoints: ["http://127.0.0.1:11"]\n')
+    )
+    snap = app.load()
+    assert snap.router is router and set(snap.cfg.models) == {'one', 'two'}
+    assert _file_stamp(str(path)) != app._seen == stamp  # the watch will reload the changed file
+    again = App(str(path))
+    assert 'three' in again.load().cfg.models  # without a preload the file is read

@@ -962,11 +962,24 @@ class App:
         self._watch: asyncio.Task | None = None
         self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the config file last loaded or tried
         self._reloading: asyncio.Lock | None = None
+        self._preloaded: tuple[str, tuple[int, int] | None, Config, Router] | None = None
+
+    def preload(self, path: str, stamp: tuple[int, int] | None, cfg: Config, router: Router) -> None:
+        """The config as the serving process read and compiled it (`stamp`: the file's (mtime_ns, size) taken
+        before the read): forked workers start from it instead of reading the file again, so every worker
+        serves the same config even when the file changes while they start (the file watch then reloads
+        them all alike)."""
+        self._preloaded = (path, stamp, cfg, router)
 
     def load(self) -> Snapshot:
         path = self.config_path or os.environ.get(CONFIG_ENV)
         if not path:
             raise ConfigError(f'no config: set {CONFIG_ENV} or pass config_path')
+        pre, self._preloaded = self._preloaded, None
+        if pre is not None and pre[0] == path:
+            self._seen = pre[1]
+            self.snapshot = Snapshot(pre[2], pre[3], path, None)
+            return self.snapshot
         self._seen = _file_stamp(path)
         self.snapshot = load_snapshot(path)
         return self.snapshot
@@ -1244,6 +1257,7 @@ def cli_serve(args: argparse.Namespace) -> int:
     """`fastroute serve`: validate the config, say what will be served, run the server (native or granian)."""
     _setup_logging(args.log_level)
     path = os.path.abspath(args.config)
+    stamp = _file_stamp(path)  # before the read: a change after it is seen by the workers' file watch
     snap = _load_or_report(path)
     if snap is None:
         return 1
@@ -1291,6 +1305,7 @@ def cli_serve(args: argparse.Namespace) -> int:
     if server_kind == 'native':
         from fastroute.server import serve
 
+        app.preload(path, stamp, cfg, snap.router)  # the forked workers serve exactly what was checked here
         try:
             return serve(
                 'fastroute.gateway:app',
