@@ -271,6 +271,8 @@ struct Observer<'f, 'm, const COLLECT: bool> {
     last: u8,
     /// Walk raw ASCII text with the AVX2 block masks (`walk`); false: the portable byte loop alone.
     simd: bool,
+    /// No walk before this offset (after a walk that stopped at once).
+    rest_until: usize,
 }
 
 impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
@@ -292,6 +294,7 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
             line_start: true,
             last: 0,
             simd,
+            rest_until: 0,
         }
     }
 
@@ -645,9 +648,15 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
         let mut i = 0;
         while i < n {
             let mut b = text[i];
-            if self.simd && self.wlen == 0 && b < 0x80 && b != b'\\' {
-                // The block walk goes as far as it can; the byte it stops at (if any) takes the paths below.
+            if self.simd && self.wlen == 0 && b < 0x80 && b != b'\\' && i >= self.rest_until {
+                // The block walk goes as far as it can; the byte it stops at (if any) takes the paths below. A walk
+                // that stops within a few bytes (text in another script, say) pays its block masks for little: the
+                // byte loop then goes on alone for the next 256 bytes.
+                let from = i;
                 i = self.walk(text, i);
+                if i - from < 4 {
+                    self.rest_until = i + 256;
+                }
                 match text.get(i) {
                     Some(&c) => b = c,
                     None => break,
@@ -1874,6 +1883,8 @@ mod timing {
         let mmlu = serde_json::to_string(&mmlu).unwrap_or_default();
         run("mmlu 21k", &mmlu[1..mmlu.len() - 1], Grams::Weights(&table));
         run("mmlu 2k", &mmlu[1..2180], Grams::Weights(&table));
+        run("cyrillic", &"слово, другое слово ".repeat(60), Grams::Weights(&table));
+        run("cjk", &"日本語の文章です。 ".repeat(80), Grams::Weights(&table));
         run("off", &text, Grams::Off);
         run("letters", &"abcdefghij".repeat(232), Grams::Off);
         run("spaces", &" ".repeat(2320), Grams::Off);
