@@ -14,18 +14,16 @@ prompts through the classify config; decisions per CPU second on one core.
 
 Targets (issue 6): +<= 5 µs at 2 KB, +<= 30 µs at 20 KB; replay >= 100k requests/s.
 
-Last results (2 shared cores, load average 5.7-7.8; CPU-time medians of 9, two runs; instructions from callgrind,
-python calling decide 200 times minus 0 times, divided by 200; format version 2 word hashing):
+Last results (2 shared cores, load average 4-5.6; CPU-time medians of 9, the build before the AVX2 block walk
+and the current one run alternately four times, medians of the four; instructions from callgrind, python calling
+decide 200 times minus 0 times, divided by 200, with PYTHONHASHSEED=0 (unseeded counts swing by ~5k)):
 
-      body  no classifier  classifier    added     added instructions
-      2182   2.87/2.74 µs  9.17/8.95 µs  6.30/6.21 µs   +81k  (decide alone: 30.1k)
-     21235  20.79/20.83 µs 71.80/73.17 µs 51.01/52.34 µs  +628k  (decide alone: 257k)
-    replay: 327,056 / 337,409 decisions per CPU second (7007 MMLU prompts, median of 5)
+      body  no classifier        added, before -> now        added instructions, before -> now
+      2182   2.6 µs (32.4k)      +5.87 -> +5.74 µs            +76.4k -> +62.9k  (-18 %)
+     21235  18.5 µs (255.4k)     +47.1 -> +44.8 µs            +597.2k -> +490.4k  (-18 %)
+    replay: 354k-368k decisions per CPU second (old build: 365k-369k; ~380 B prompts, no measurable change)
 
 Version 1 hashing, same bench (load average 1.6): +15.04 µs / +102k at 2182 B, +148.92 µs / +887k at 21235 B.
-Latest run, same code (load average ~2.3, medians of 9): 2182 B 2.72 -> 8.62 µs (+5.90 µs), 21235 B 19.55 ->
-66.21 µs (+46.67 µs); replay 350,008 per CPU second; callgrind +77.8k / +602k (decide alone 33.7k / 256k).
-A word walk from 64-byte letter/digit masks was measured and reverted (no gain without SIMD; docs/classifier.md).
 The classifier targets are not met (see docs/classifier.md, "Speed"); the replay target is.
 """
 

@@ -269,10 +269,14 @@ struct Observer<'f, 'm, const COLLECT: bool> {
     ticks: u32,
     line_start: bool,
     last: u8,
+    /// Walk raw ASCII text with the AVX2 block masks (`walk`); false: the portable byte loop alone.
+    simd: bool,
+    /// No walk before this offset (after a walk that stopped at once).
+    rest_until: usize,
 }
 
 impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
-    fn new(f: &'f mut Features, table: &'m [f32], collect: Option<(&'m RefCell<Vec<u32>>, u32)>) -> Self {
+    fn new(f: &'f mut Features, table: &'m [f32], collect: Option<(&'m RefCell<Vec<u32>>, u32)>, simd: bool) -> Self {
         Self {
             f,
             table,
@@ -289,6 +293,8 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
             ticks: 0,
             line_start: true,
             last: 0,
+            simd,
+            rest_until: 0,
         }
     }
 
@@ -405,13 +411,257 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
         }
     }
 
+    /// Sum the weight of bucket `h` into `sum` (or record it, `COLLECT`).
+    #[inline(always)]
+    fn hit_into(&self, sum: &mut f32, h: u32) {
+        if COLLECT {
+            if let Some((out, mask)) = self.collect {
+                if let Ok(mut v) = out.try_borrow_mut() {
+                    v.push(h & mask);
+                }
+            }
+        } else if let Some(w) = self.table.get(h as usize & self.mask) {
+            *sum += *w;
+        }
+    }
+
+    /// `word`, on the walk's state `s`.
+    #[inline(always)]
+    fn word_into(&self, s: &mut Hot, w: u64) {
+        self.hit_into(&mut s.sum, unigram(w));
+        if s.words != 0 {
+            self.hit_into(&mut s.sum, bigram(s.prev, w));
+        }
+        s.words += 1;
+        s.prev = w;
+        let (word, bit) = bloom_slot(w);
+        if CUE_BLOOM[word] & bit == 0 {
+            s.step = 0;
+        } else {
+            let (step, reasoning, constraints) = cue(w, s.step);
+            s.step = step;
+            s.reasoning += reasoning;
+            s.constraints += constraints;
+        }
+    }
+
+    /// `word_into`, with the weight table and its mask in registers: `table` and `mask` must be `self.table` and
+    /// `self.mask` (`weight` relies on it).
+    #[inline(always)]
+    fn word_fast(&self, s: &mut Hot, table: &[f32], mask: usize, w: u64) {
+        if COLLECT {
+            self.word_into(s, w);
+            return;
+        }
+        s.sum += weight(table, unigram(w) as usize & mask);
+        if s.words != 0 {
+            s.sum += weight(table, bigram(s.prev, w) as usize & mask);
+        }
+        s.words += 1;
+        s.prev = w;
+        let (word, bit) = bloom_slot(w);
+        if CUE_BLOOM[word] & bit == 0 {
+            s.step = 0;
+        } else {
+            let (step, reasoning, constraints) = cue(w, s.step);
+            s.step = step;
+            s.reasoning += reasoning;
+            s.constraints += constraints;
+        }
+    }
+
+    /// The walk's state, taken out of `self` (counters from 0) so that it stays in registers.
+    #[inline(always)]
+    fn take(&self) -> Hot {
+        Hot {
+            sum: self.sum,
+            words: self.words,
+            prev: self.prev,
+            step: self.step,
+            line_start: self.line_start,
+            ticks: self.ticks,
+            last: self.last,
+            numbers: 0,
+            lines: 0,
+            list_items: 0,
+            reasoning: 0,
+            constraints: 0,
+        }
+    }
+
+    /// Put the walk's state back into `self` (adding its counters to the features).
+    #[inline(always)]
+    fn put(&mut self, s: &Hot) {
+        (self.sum, self.words, self.prev, self.step) = (s.sum, s.words, s.prev, s.step);
+        (self.line_start, self.ticks, self.last) = (s.line_start, s.ticks, s.last);
+        self.f.numbers += s.numbers;
+        self.f.lines += s.lines;
+        self.f.list_items += s.list_items;
+        self.f.reasoning += s.reasoning;
+        self.f.constraints += s.constraints;
+    }
+
+    /// Walk `text` from `start` (no word in progress) a 64-byte block at a time, from the block's letter/digit,
+    /// plain-separator and space bit masks (`simd::masks`): each word start and each other byte that is no plain
+    /// separator is an event, found by `trailing_zeros`; a word's end comes from the letter/digit mask and its
+    /// hash from its bytes; the plain separators between events are skipped. `\n` escapes and other ASCII bytes
+    /// are counted here. Returns where the byte loop must take over: the end of the text, a non-ASCII byte, an
+    /// escape other than `\n`, or the start of a word that goes on into one of those. Counts exactly what the
+    /// byte loop would (`block_walk_matches_the_byte_loop_*` tests).
+    #[inline(never)]
+    fn walk(&mut self, text: &[u8], start: usize) -> usize {
+        let n = text.len();
+        let (table, mask) = (self.table, self.mask);
+        debug_assert_eq!(mask, table.len() - 1);
+        let mut s = self.take();
+        // `ticks` and `last` describe the byte before `unit_end`: anything counted after it resets them.
+        let mut unit_end = start;
+        let mut base = start;
+        // The block's bytes, and 8 zero bytes after them (a word's 8 bytes are read from here).
+        let mut buf = [0u8; 72];
+        while base < n {
+            let m = block_masks(text, base, &mut buf);
+            let special = !m.plain & !m.alnum & m.valid;
+            // Events: word starts, and the bytes that are no plain separator.
+            let mut ev = (m.alnum & !(m.alnum << 1)) | special;
+            if s.line_start {
+                s.settle(&m, 0);
+            }
+            let next = loop {
+                if ev == 0 {
+                    break base + 64;
+                }
+                let q = ev.trailing_zeros();
+                let qi = (q & 63) as usize;
+                if m.alnum >> q & 1 != 0 {
+                    // The common case: a word inside the block, ended by a byte that does not continue it (a plain
+                    // separator, another ASCII byte, a `\n` escape), and no list marker to look for.
+                    let len = (!m.alnum >> q).trailing_zeros();
+                    let e = q + len;
+                    let ei = (e & 63) as usize;
+                    let first = buf[qi];
+                    if e < 64
+                        && (m.glue >> e & 1 == 0 || (buf[ei] == b'\\' && buf[ei + 1] == b'n'))
+                        && !(s.line_start && first.is_ascii_digit())
+                    {
+                        s.line_start = false;
+                        s.numbers += u32::from(first.is_ascii_digit());
+                        let (mut h, mut j) = (WORD_SEED, qi);
+                        while ei - j >= 8 {
+                            h = mix(h, load_block(&buf, j) | CASE);
+                            j += 8;
+                        }
+                        let w = mix(h, (load_block(&buf, j) | CASE) & ((1u64 << (8 * (ei - j))) - 1));
+                        self.word_fast(&mut s, table, mask, w);
+                        ev &= ev - 1;
+                        continue;
+                    }
+                    if e >= 64 && q > 0 {
+                        // The word runs past the block: the next block starts with it.
+                        break base + qi;
+                    }
+                } else if q < 62 && buf[qi] == b'\\' && buf[qi + 1] == b'n' {
+                    // A `\n` escape inside the block (the commonest one).
+                    s.newline();
+                    unit_end = base + qi + 2;
+                    let pos = q + 2;
+                    ev = (ev & (!0u64 << pos)) | (m.alnum & (1u64 << pos));
+                    s.settle(&m, pos);
+                    continue;
+                }
+                cold_path();
+                let at = base + q as usize;
+                let Some(&c) = text.get(at) else {
+                    break n;
+                };
+                let next;
+                if m.alnum >> q & 1 != 0 {
+                    // A raw ASCII word: its end from the mask, or (running past the block) from 8-byte steps.
+                    let e = q + (!m.alnum >> q).trailing_zeros();
+                    let end = if e < 64 {
+                        base + e as usize
+                    } else {
+                        ascii_word_end(text, base + 64)
+                    };
+                    if let Some(&t) = text.get(end) {
+                        if t >= 0x80 || (t == b'\\' && text.get(end + 1) != Some(&b'n')) {
+                            // The word goes on into a non-ASCII byte or an escape.
+                            if at != unit_end {
+                                (s.ticks, s.last) = (0, 0);
+                            }
+                            self.put(&s);
+                            return at;
+                        }
+                    }
+                    if s.line_start {
+                        s.line_start = false;
+                        if c.is_ascii_digit() && is_list_marker(&text[at..]) {
+                            s.list_items += 1;
+                        }
+                    }
+                    s.numbers += u32::from(c.is_ascii_digit());
+                    self.word_fast(&mut s, table, mask, span_hash(text, at, end));
+                    next = end;
+                } else {
+                    if at != unit_end {
+                        (s.ticks, s.last) = (0, 0);
+                    }
+                    if c == b'\\' && text.get(at + 1) == Some(&b'n') {
+                        s.newline();
+                        next = at + 2;
+                    } else if c >= 0x80 || c == b'\\' {
+                        self.put(&s);
+                        return at;
+                    } else {
+                        // Any other ASCII byte: the byte loop's own step.
+                        self.put(&s);
+                        self.unit(c, &text[at..]);
+                        s = self.take();
+                        next = at + 1;
+                    }
+                    unit_end = next;
+                }
+                if next - base >= 64 {
+                    break next;
+                }
+                #[expect(clippy::cast_possible_truncation, reason = "below 64")]
+                let pos = (next - base) as u32;
+                // Counted up to `pos`; a letter or digit there starts a word (after a `\n` escape, say).
+                ev = (ev & (!0u64 << pos)) | (m.alnum & (1u64 << pos));
+                if s.line_start {
+                    s.settle(&m, pos);
+                }
+            };
+            base = next;
+        }
+        if n != unit_end {
+            (s.ticks, s.last) = (0, 0);
+        }
+        self.put(&s);
+        n
+    }
+
     /// Count `text` (see `Features::observe`).
     #[inline(always)]
     fn run(&mut self, text: &[u8]) {
         let n = text.len();
         let mut i = 0;
         while i < n {
-            let b = text[i];
+            let mut b = text[i];
+            if self.simd && self.wlen == 0 && b < 0x80 && b != b'\\' && i >= self.rest_until {
+                // The block walk goes as far as it can; the byte it stops at (if any) takes the paths below. A walk
+                // that stops within a few bytes (text in another script, say) pays its block masks for little: the
+                // byte loop then goes on alone for the next 256 bytes.
+                let from = i;
+                i = self.walk(text, i);
+                if i - from < 4 {
+                    self.rest_until = i + 256;
+                }
+                match text.get(i) {
+                    Some(&c) => b = c,
+                    None => break,
+                }
+            }
             if self.wlen == 0 && ALNUM[usize::from(b)] {
                 // A raw ASCII word starts: hash it 8 bytes at a time. While words are separated by plain
                 // separators (most prose), go on from word to word in this loop; a `\n` escape ends it too.
@@ -532,6 +782,248 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
     }
 }
 
+/// The letter/digit, plain-separator and space bits of 64 bytes of text (bit `k`: byte `k`), and which of the 64
+/// bytes are text (all but at the end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Masks {
+    alnum: u64,
+    plain: u64,
+    space: u64,
+    /// Bytes that a word goes on into: non-ASCII bytes and backslashes.
+    glue: u64,
+    valid: u64,
+}
+
+/// The state `Observer::walk` keeps in registers: the observer's word and line state, and counters to add to the
+/// features when it is put back.
+#[derive(Debug, Clone, Copy)]
+struct Hot {
+    sum: f32,
+    words: u32,
+    prev: u64,
+    step: u8,
+    line_start: bool,
+    ticks: u32,
+    last: u8,
+    numbers: u32,
+    lines: u32,
+    list_items: u32,
+    reasoning: u32,
+    constraints: u32,
+}
+
+impl Hot {
+    /// A `\n` escape: a line break, and a line starts.
+    #[inline(always)]
+    fn newline(&mut self) {
+        self.lines += 1;
+        self.line_start = true;
+        (self.ticks, self.last) = (0, b'\n');
+    }
+
+    /// At a line's start, with every byte before offset `pos` of the block counted: spaces keep the line's start,
+    /// the first other plain separator ends it (no list marker starts with one).
+    #[inline(always)]
+    fn settle(&mut self, m: &Masks, pos: u32) {
+        let q = (!m.space & (!0u64 << pos)).trailing_zeros();
+        if q < 64 && m.plain >> q & 1 != 0 {
+            self.line_start = false;
+        }
+    }
+}
+
+/// `Masks` of the 64 bytes of `text` at `base`, copied to `buf` (zero-padded past its end: a zero byte is in no
+/// mask).
+#[inline(always)]
+fn block_masks(text: &[u8], base: usize, buf: &mut [u8; 72]) -> Masks {
+    let block = &mut buf[..64];
+    if let Some(b) = text.get(base..base + 64) {
+        block.copy_from_slice(b);
+        return simd::masks(buf);
+    }
+    let rest = text.get(base..).unwrap_or_default();
+    block.fill(0);
+    block[..rest.len()].copy_from_slice(rest);
+    let mut m = simd::masks(buf);
+    m.valid = (1u64 << rest.len()) - 1;
+    m
+}
+
+/// `Masks` a byte at a time: the reference for `simd::masks`, and what it is on other CPUs.
+#[cfg(any(test, not(target_arch = "x86_64")))]
+fn masks_portable(block: &[u8; 72]) -> Masks {
+    let mut m = Masks {
+        alnum: 0,
+        plain: 0,
+        space: 0,
+        glue: 0,
+        valid: !0,
+    };
+    for (k, &b) in block[..64].iter().enumerate() {
+        m.glue |= u64::from(b >= 0x80 || b == b'\\') << k;
+        m.alnum |= u64::from(ALNUM[usize::from(b)]) << k;
+        m.plain |= u64::from(PLAIN_SEP[usize::from(b)]) << k;
+        m.space |= u64::from(b == b' ') << k;
+    }
+    m
+}
+
+/// `table[k]` for `k = h & mask`, where `mask = table.len() - 1` (`Observer::new`; the table is never empty).
+#[inline(always)]
+#[allow(unsafe_code)]
+fn weight(table: &[f32], k: usize) -> f32 {
+    debug_assert!(k < table.len());
+    // SAFETY: `k` is a hash masked with `table.len() - 1` (the observer's `mask`, set from this table, which is
+    // `NO_WEIGHTS` or a non-empty `Grams::Weights` table), so `k <= table.len() - 1`. Measured: the two bounds
+    // checks per word were ~4 of the walk's ~76 instructions per word.
+    unsafe { *table.get_unchecked(k) }
+}
+
+/// Marks the branch that calls it as rarely taken (so that the walk's hot loop keeps its state in registers).
+#[cold]
+#[inline(never)]
+const fn cold_path() {}
+
+/// The 8 bytes of a block buffer at `j` (< 64), little-endian.
+#[inline(always)]
+fn load_block(buf: &[u8; 72], j: usize) -> u64 {
+    let mut b = [0u8; 8];
+    let j = j & 63;
+    b.copy_from_slice(&buf[j..j + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// The end of the raw ASCII word that runs on from `j`: the first byte from `j` on that is no letter or digit.
+#[inline(always)]
+fn ascii_word_end(text: &[u8], mut j: usize) -> usize {
+    loop {
+        let stop = !alnum_bytes(load8(text, j)) & HIGH;
+        if stop != 0 {
+            return j + (stop.trailing_zeros() / 8) as usize;
+        }
+        j += 8;
+    }
+}
+
+/// `word_hash` of the raw ASCII word `text[s..e]` (letters and digits only).
+#[inline(always)]
+fn span_hash(text: &[u8], mut s: usize, e: usize) -> u64 {
+    let mut h = WORD_SEED;
+    while e - s >= 8 {
+        h = mix(h, load8(text, s) | CASE);
+        s += 8;
+    }
+    let k = e - s;
+    mix(h, (load8(text, s) | CASE) & ((1u64 << (8 * k)) - 1))
+}
+
+/// The block masks with AVX2 (runtime-detected). Each set is looked up by nibbles: the low nibble picks a byte
+/// whose bit `h` says whether `h << 4 | low` is in the set (ASCII rows `h` 0..8), the high nibble picks `1 << h`
+/// (0 for non-ASCII bytes).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod simd {
+    use std::arch::x86_64::{
+        __m256i, _mm256_and_si256, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8, _mm256_or_si256,
+        _mm256_set1_epi8, _mm256_setr_epi8, _mm256_setzero_si256, _mm256_shuffle_epi8, _mm256_srli_epi16,
+    };
+
+    use super::{Masks, ALNUM, PLAIN_SEP};
+
+    /// Whether the CPU has AVX2 (cached by std after the first call).
+    #[inline]
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+
+    /// For each low nibble, the rows (high nibbles 0..8) whose byte is in `set`.
+    const fn rows(set: &[bool; 256]) -> [u8; 16] {
+        let mut t = [0u8; 16];
+        let mut b = 0;
+        while b < 128 {
+            if set[b] {
+                t[b & 15] |= 1 << (b >> 4);
+            }
+            b += 1;
+        }
+        t
+    }
+    const ALNUM_ROWS: [u8; 16] = rows(&ALNUM);
+    const PLAIN_ROWS: [u8; 16] = rows(&PLAIN_SEP);
+    const ROW_BIT: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    /// A 16-byte table in both 128-bit lanes (shuffles work per lane).
+    #[target_feature(enable = "avx2")]
+    fn table(t: &[u8; 16]) -> __m256i {
+        let b = t.map(|x| x.cast_signed());
+        _mm256_setr_epi8(
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15], b[0],
+            b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15],
+        )
+    }
+
+    /// `Masks` of `block`, equal to `masks_portable`.
+    #[inline]
+    pub(super) fn masks(block: &[u8; 72]) -> Masks {
+        debug_assert!(available());
+        // SAFETY: AVX2 is present: every `Observer` with `simd` set checked `available()` first (and the tests
+        // call this only after it).
+        unsafe { masks_avx2(block) }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn masks_avx2(block: &[u8; 72]) -> Masks {
+        let (alnum_t, plain_t, row_t) = (table(&ALNUM_ROWS), table(&PLAIN_ROWS), table(&ROW_BIT));
+        let (nibble, space, zero) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x20), _mm256_setzero_si256());
+        let backslash = _mm256_set1_epi8(b'\\'.cast_signed());
+        // Bits of the 32 bytes at `half` that are *not* in each set.
+        let half = |half: usize| {
+            // SAFETY: `block` holds 72 bytes and `half` is 0 or 32: 32 readable bytes; the load is unaligned.
+            let v = unsafe { _mm256_loadu_si256(block.as_ptr().add(half).cast()) };
+            let row = _mm256_shuffle_epi8(row_t, _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble));
+            // A shuffle index with its top bit set (a non-ASCII byte) gives 0; the low nibble picks the entry.
+            let not = |t| {
+                _mm256_movemask_epi8(_mm256_cmpeq_epi8(
+                    _mm256_and_si256(_mm256_shuffle_epi8(t, v), row),
+                    zero,
+                ))
+            };
+            let is_space = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, space));
+            let glue = _mm256_movemask_epi8(_mm256_or_si256(v, _mm256_cmpeq_epi8(v, backslash)));
+            (
+                not(alnum_t).cast_unsigned(),
+                not(plain_t).cast_unsigned(),
+                is_space.cast_unsigned(),
+                glue.cast_unsigned(),
+            )
+        };
+        let (a0, p0, s0, g0) = half(0);
+        let (a1, p1, s1, g1) = half(32);
+        let join = |lo: u32, hi: u32| u64::from(lo) | u64::from(hi) << 32;
+        Masks {
+            alnum: !join(a0, a1),
+            plain: !join(p0, p1),
+            space: join(s0, s1),
+            glue: join(g0, g1),
+            valid: !0,
+        }
+    }
+}
+
+/// Without AVX2: the portable masks (never used by `observe`, which walks bytes instead).
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    use super::{masks_portable, Masks};
+
+    pub(super) fn available() -> bool {
+        false
+    }
+
+    pub(super) fn masks(block: &[u8; 72]) -> Masks {
+        masks_portable(block)
+    }
+}
+
 /// A word that passed the bloom filter, after `step` ("step by step": 1 after "step", 2 after "step by"): the next
 /// `step`, and the reasoning and constraint cues it adds. Out of line, and no reference to the observer, so the
 /// observer's state stays in registers.
@@ -563,11 +1055,20 @@ impl Features {
     /// 8 bytes at a time; each word ends in two `grams` hits (one for the first word of the string) and one bloom
     /// filter lookup for the cue words. Non-ASCII text and escapes take a byte-at-a-time path.
     pub fn observe(&mut self, text: &[u8], grams: Grams<'_>) {
+        self.observe_with(text, grams, true);
+    }
+
+    /// `observe`, with the AVX2 block walk (when `simd` and the CPU has it) or the portable byte loop alone: both
+    /// count exactly the same features and n-grams.
+    fn observe_with(&mut self, text: &[u8], grams: Grams<'_>, simd: bool) {
+        let simd = simd && simd::available();
         self.bytes = self.bytes.saturating_add(u32::try_from(text.len()).unwrap_or(u32::MAX));
         match grams {
-            Grams::Collect(out, mask) => Observer::<true>::new(self, &NO_WEIGHTS, Some((out, mask))).run(text),
-            Grams::Weights(t) if !t.is_empty() => Observer::<false>::new(self, t, None).run(text),
-            _ => Observer::<false>::new(self, &NO_WEIGHTS, None).run(text),
+            Grams::Collect(out, mask) => {
+                Observer::<true>::new(self, &NO_WEIGHTS, Some((out, mask)), simd).run(text);
+            }
+            Grams::Weights(t) if !t.is_empty() => Observer::<false>::new(self, t, None, simd).run(text),
+            _ => Observer::<false>::new(self, &NO_WEIGHTS, None, simd).run(text),
         }
     }
 
@@ -1061,6 +1562,125 @@ mod tests {
         }
     }
 
+    /// Features and n-gram hits of `text` by the block walk and by the byte loop alone, which must agree exactly
+    /// (also the weight sum, summed in the same order).
+    fn walk_agrees(text: &[u8]) {
+        let table: Vec<f32> = (0..1u32 << 10).map(|i| (i as f32 * 0.618).sin()).collect();
+        let run = |simd: bool| {
+            let out = RefCell::new(Vec::new());
+            let mut f = Features::default();
+            f.observe_with(text, Grams::Collect(&out, (1 << 20) - 1), simd);
+            let mut w = Features::default();
+            w.observe_with(text, Grams::Weights(&table), simd);
+            (f, out.into_inner(), w)
+        };
+        let (walked, scalar) = (run(true), run(false));
+        assert_eq!(walked.0, scalar.0, "{:?}", String::from_utf8_lossy(text));
+        assert_eq!(walked.1, scalar.1, "{:?}", String::from_utf8_lossy(text));
+        assert_eq!(
+            walked.2.gram_sum.to_bits(),
+            scalar.2.gram_sum.to_bits(),
+            "{:?}",
+            String::from_utf8_lossy(text)
+        );
+    }
+
+    #[test]
+    fn simd_masks_match_the_portable_masks() {
+        if !simd::available() {
+            return;
+        }
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..20_000 {
+            let mut block = [0u8; 72];
+            for (k, b) in block.iter_mut().enumerate() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Every byte value at every position, then random bytes.
+                *b = if round < 256 {
+                    ((round + k) % 256) as u8
+                } else {
+                    (x >> 24) as u8
+                };
+            }
+            assert_eq!(simd::masks(&block), masks_portable(&block), "{block:?}");
+        }
+    }
+
+    #[test]
+    fn block_walk_matches_the_byte_loop_on_random_text() {
+        let mut seed = 0x5851_f42d_4c95_7f2du64;
+        for _ in 0..3_000 {
+            // Several pieces of random text: a few hundred bytes, across several blocks.
+            let text: String = (0..(seed % 12 + 1)).map(|_| random_text(&mut seed)).collect();
+            walk_agrees(text.as_bytes());
+        }
+    }
+
+    #[test]
+    fn block_walk_matches_the_byte_loop_around_block_edges() {
+        let pieces: [&[u8]; 8] = [
+            b" ",
+            b"\\n",
+            b"\\u00e9",
+            b"\\\"",
+            "é".as_bytes(),
+            b"?",
+            b"\\n- ",
+            b"\\n12. ",
+        ];
+        for pad in 0..72 {
+            for len in [1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65, 70, 130] {
+                for after in pieces {
+                    for before in pieces {
+                        let mut text = b"x ".repeat(pad / 2);
+                        text.extend_from_slice(&b"y"[..pad % 2]);
+                        text.extend_from_slice(before);
+                        text.extend((0..len).map(|k| b"aZ7q"[k % 4]));
+                        text.extend_from_slice(after);
+                        text.extend_from_slice(b"tail words here");
+                        for cut in [text.len(), text.len() - 5, pad + before.len() + len] {
+                            walk_agrees(&text[..cut]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn block_walk_matches_the_byte_loop_on_the_training_prompts() {
+        let path =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/fastroute/data/routing/mmlu-train.jsonl");
+        let data = std::fs::read_to_string(path).unwrap();
+        let mut all = Vec::new();
+        for line in data.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            // The prompt as raw JSON string content, escapes and all.
+            let raw = serde_json::to_string(&v["prompt"]).unwrap();
+            let raw = raw.as_bytes()[1..raw.len() - 1].to_vec();
+            walk_agrees(&raw);
+            all.extend_from_slice(&raw);
+            all.extend_from_slice(b"\\n\\n");
+        }
+        walk_agrees(&all[..all.len().min(300_000)]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn block_walk_matches_the_byte_loop_on_any_text(text in "[a-zA-Z0-9 ,.:()\\-*?=`\\\\nu\"é∑\t\n]{0,300}") {
+            walk_agrees(text.as_bytes());
+        }
+
+        #[test]
+        fn block_walk_matches_the_byte_loop_on_any_bytes(text in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            walk_agrees(&text);
+        }
+    }
+
     #[test]
     fn weights_sum_the_buckets_the_reference_hits() {
         let bits = 10;
@@ -1216,6 +1836,11 @@ mod timing {
     use super::*;
 
     fn run(name: &str, text: &str, grams: Grams<'_>) {
+        run_with(name, text, grams, true);
+        run_with(&format!("{name} (byte loop)"), text, grams, false);
+    }
+
+    fn run_with(name: &str, text: &str, grams: Grams<'_>, simd: bool) {
         if std::env::var("FR_ONLY").is_ok_and(|v| v != name) {
             return;
         }
@@ -1224,7 +1849,7 @@ mod timing {
         let mut acc = 0.0;
         for _ in 0..n {
             let mut f = Features::default();
-            f.observe(std::hint::black_box(text.as_bytes()), grams);
+            f.observe_with(std::hint::black_box(text.as_bytes()), grams, simd);
             acc += f.gram_sum + f.words as f32;
         }
         let el = t.elapsed();
@@ -1241,6 +1866,25 @@ mod timing {
         let text = "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\\nA. 0\\nB. 4\\nC. 2\\nD. 6\\nAnswer:".repeat(20);
         let table = vec![0.01f32; 1 << 16];
         run("weights", &text, Grams::Weights(&table));
+        // The 21 KB MMLU text of benches/bench_classify.py, as raw JSON string content.
+        let data = std::fs::read_to_string(
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/fastroute/data/routing/mmlu-train.jsonl"),
+        )
+        .unwrap_or_default();
+        let mut mmlu = String::new();
+        for line in data.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            mmlu.push_str(v["prompt"].as_str().unwrap_or_default());
+            mmlu.push_str("\n\n");
+            if mmlu.len() >= 21_000 {
+                break;
+            }
+        }
+        let mmlu = serde_json::to_string(&mmlu).unwrap_or_default();
+        run("mmlu 21k", &mmlu[1..mmlu.len() - 1], Grams::Weights(&table));
+        run("mmlu 2k", &mmlu[1..2180], Grams::Weights(&table));
+        run("cyrillic", &"слово, другое слово ".repeat(60), Grams::Weights(&table));
+        run("cjk", &"日本語の文章です。 ".repeat(80), Grams::Weights(&table));
         run("off", &text, Grams::Off);
         run("letters", &"abcdefghij".repeat(232), Grams::Off);
         run("spaces", &" ".repeat(2320), Grams::Off);
