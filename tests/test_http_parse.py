@@ -91,7 +91,7 @@ def test_response_head() -> None:
         b'HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nRetry-After: 3\r\n'
         b'Content-Encoding: gzip\r\nContent-Length: 2\r\n\r\n{}'
     )
-    end, status, headers, length, chunked, keep_alive, ctype, enc = parse_response_head(raw, 0, True)
+    end, status, headers, length, chunked, keep_alive, ctype, enc = parse_response_head(raw, 0, 0)
     assert raw[end:] == b'{}'
     assert (status, length, chunked, keep_alive, ctype, enc) == (429, 2, False, True, 'application/json', 'gzip')
     assert headers == [
@@ -100,7 +100,9 @@ def test_response_head() -> None:
         ('content-encoding', 'gzip'),
         ('content-length', '2'),
     ]
-    assert parse_response_head(raw)[2] is None  # only with `full`
+    assert parse_response_head(raw)[2] is None  # by default, no header list
+    assert parse_response_head(raw, 0, 300)[2] == headers  # 429: at or above the threshold
+    assert parse_response_head(raw, 0, 430)[2] is None
     h = parse_response_head(b'HTTP/1.0 200 OK\r\n\r\n')
     assert h is not None and h[3] == -1 and h[5] is False  # no length: to the end of the connection
     h = parse_response_head(b'HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n')
@@ -158,7 +160,7 @@ def test_response_head_leaves_out_dropped_headers() -> None:
     drop = HeaderNames(['Connection', 'server', 'content-length'])
     assert 'CONNECTION' in drop and 'date' not in drop and len(drop) == 3
     raw = b'HTTP/1.1 200 OK\r\nServer: x\r\nContent-Type: text/event-stream\r\nConnection: keep-alive\r\nX-A: 1\r\n\r\n'
-    h = parse_response_head(raw, 0, True, 65536, 256, drop)
+    h = parse_response_head(raw, 0, 0, 65536, 256, drop)
     assert h is not None
     assert h[2] == [('content-type', 'text/event-stream'), ('x-a', '1')]
     assert h[5] is True  # what was left out still counts: keep-alive

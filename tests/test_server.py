@@ -11,6 +11,7 @@ shapes request smuggling relies on).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -69,19 +70,20 @@ class App:
             proto.response_bytes(404, [], b'')
 
 
-@pytest.fixture(scope='module')
-def server() -> Iterator[tuple[int, App]]:
+@contextlib.contextmanager
+def running_server(backlog: int = 128, **kwargs: Any) -> Iterator[tuple[int, App]]:
+    """A native server with the test app on a loopback port, in a thread with its own loop; stopped on exit."""
     app = App()
     loop = uvloop.new_event_loop()
     sock = socket.create_server(('127.0.0.1', 0))
     sock.setblocking(False)
     port = sock.getsockname()[1]
-    srv = Server(app, loop)
+    srv = Server(app, loop, **kwargs)
     started = threading.Event()
 
     def run() -> None:
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(srv.start(sock, 128))
+        loop.run_until_complete(srv.start(sock, backlog))
         started.set()
         loop.run_until_complete(srv.stopped)
         loop.run_until_complete(srv.wait_drained(1.0))
@@ -89,10 +91,18 @@ def server() -> Iterator[tuple[int, App]]:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     assert started.wait(10)
-    yield port, app
-    loop.call_soon_threadsafe(srv.stop)
-    t.join(10)
-    sock.close()
+    try:
+        yield port, app
+    finally:
+        loop.call_soon_threadsafe(srv.stop)
+        t.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope='module')
+def server() -> Iterator[tuple[int, App]]:
+    with running_server() as s:
+        yield s
 
 
 def read_answer(f: Any) -> tuple[bytes, dict[str, str], bytes]:
@@ -311,31 +321,9 @@ def test_a_long_head_under_the_limit_is_served(server: tuple[int, App]) -> None:
 
 
 def test_a_slow_head_times_out() -> None:
-    app = App()
-    loop = uvloop.new_event_loop()
-    sock = socket.create_server(('127.0.0.1', 0))
-    sock.setblocking(False)
-    port = sock.getsockname()[1]
-    srv = Server(app, loop, header_timeout=0.3)
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(srv.start(sock, 16))
-        started.set()
-        loop.run_until_complete(srv.stopped)
-        loop.run_until_complete(srv.wait_drained(1.0))
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert started.wait(10)
-    try:
+    with running_server(16, header_timeout=0.3) as (port, _):
         with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
             s.sendall(b'GET /json HTTP/1.1\r\nhost: x\r\n')  # never finished
             t0 = time.monotonic()
             assert s.recv(100) == b''  # closed by the sweep
             assert time.monotonic() - t0 < 3.0
-    finally:
-        loop.call_soon_threadsafe(srv.stop)
-        t.join(10)
-        sock.close()

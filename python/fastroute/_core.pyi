@@ -194,14 +194,15 @@ class HeaderNames:
 def parse_response_head(
     buf: bytes,
     start: int = 0,
-    full: bool = False,
+    headers_from: int = 1000,
     max_len: int = 65536,
     max_headers: int = 256,
     drop: HeaderNames | None = None,
 ) -> tuple[int, int, list[tuple[str, str]] | None, int, bool, bool, str | None, str | None] | None:
     """The response head at `buf[start:]`: None until it is complete, else (end, status, headers, content_length
-    or -1, chunked, keep_alive, content_type, content_encoding); headers, with `full` (else None): every header
-    as (lower-case name, value), in order, but those named in `drop`.
+    or -1, chunked, keep_alive, content_type, content_encoding); headers, when the status is at least
+    `headers_from` (0: always; the default 1000: never; else None): every header as (lower-case name, value), in
+    order, but those named in `drop`.
 
     Raises:
         HeadTooLarge: as `parse_request_head`.

@@ -536,6 +536,34 @@ def baselines(examples: list[Any], k: int) -> dict[str, dict[str, float]]:
     }
 
 
+def data_digest(examples: list[Example]) -> str:
+    """The first 16 hex digits of the SHA-256 of the training bodies, so `eval` can tell in-sample data."""
+    return hashlib.sha256(b''.join(e.body for e in examples)).hexdigest()[:16]
+
+
+def figures(r: Any) -> dict[str, float]:
+    """APGR, CPT(50%) and CPT(80%) of a CV result (or anything with those attributes), rounded for a model file."""
+    return {'apgr': round(r.apgr, 4), 'cpt50': round(r.cpt50, 4), 'cpt80': round(r.cpt80, 4)}
+
+
+def training_record(
+    examples: list[Example], source: str, l2: float, l2s: tuple[float, ...], folds: int, by_group: bool
+) -> dict[str, Any]:
+    """The `label` and `trained` entries of a model file (fast or semantic): what was learnt, from what, how."""
+    return {
+        'label': 'P(strong model right and weak model wrong)' + (', smoothed by subject' if by_group else ''),
+        'trained': {
+            'source': source,
+            'examples': len(examples),
+            'data_sha256_16': data_digest(examples),
+            'l2': l2,
+            'l2_grid': list(l2s),
+            'folds': folds,
+            'seed': SEED,
+        },
+    }
+
+
 def train(
     examples: list[Example],
     *,
@@ -563,7 +591,6 @@ def train(
     best = max(results, key=lambda r: r.apgr)
     w = fit(d, targets(examples, np.arange(d.n), by_group=by_group), best.l2)
     cal = np.quantile(best.oof, np.linspace(0, 1, 101))
-    digest = hashlib.sha256(b''.join(e.body for e in examples)).hexdigest()[:16]
     return {
         'format': MODEL_FORMAT,
         'version': MODEL_VERSION,
@@ -571,20 +598,9 @@ def train(
         'hash_bits': hash_bits,
         'bias': _r(w.bias),
         'dense': [_r(v) for v in w.dense],
-        'label': 'P(strong model right and weak model wrong)' + (', smoothed by subject' if by_group else ''),
-        'trained': {
-            'source': source,
-            'examples': len(examples),
-            'data_sha256_16': digest,
-            'l2': best.l2,
-            'l2_grid': list(l2s),
-            'folds': folds,
-            'seed': SEED,
-        },
+        **training_record(examples, source, best.l2, l2s, folds, by_group),
         'cv': {
-            'apgr': round(best.apgr, 4),
-            'cpt50': round(best.cpt50, 4),
-            'cpt80': round(best.cpt80, 4),
+            **figures(best),
             'by_l2': {f'{r.l2:g}': round(r.apgr, 4) for r in results},
             **baselines(examples, folds),
         },
@@ -732,7 +748,7 @@ def cli_eval(args: argparse.Namespace) -> int:
     print(f'model {model_path}')
     trained = model.meta.get('trained', {})
     if isinstance(trained, dict) and trained.get('data_sha256_16'):
-        same = trained['data_sha256_16'] == hashlib.sha256(b''.join(e.body for e in examples)).hexdigest()[:16]
+        same = trained['data_sha256_16'] == data_digest(examples)
         if same:
             print('note: the model was trained on this very file, so these figures are in-sample (optimistic);')
             print('      the cross-validated figures from training are:')

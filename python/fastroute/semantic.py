@@ -491,8 +491,7 @@ def train_semantic(
     d = fast.design([e.body for e in examples], fast.DEFAULT_HASH_BITS)
     fast_cv = fast.cross_validate(examples, d, fast_l2, folds, by_group=by_group)
 
-    def fig(r: Any) -> dict[str, float]:
-        return {'apgr': round(r.apgr, 4), 'cpt50': round(r.cpt50, 4), 'cpt80': round(r.cpt80, 4)}
+    fig = fast.figures
 
     report = {
         'semantic': fig(best),
@@ -500,23 +499,13 @@ def train_semantic(
         'length': base['length_baseline'],
         'random': base['random_baseline'],
     }
-    digest = hashlib.sha256(b''.join(e.body for e in examples)).hexdigest()[:16]
     model = {
         'format': FORMAT,
         'version': VERSION,
         'embedding': {'model': MODEL_NAME, 'dim': DIM, 'max_tokens': enc.max_tokens, 'pooling': 'mean, L2-normalised'},
         'bias': float(f'{b:.6g}'),
         'weights': [float(f'{v:.6g}') for v in w],
-        'label': 'P(strong model right and weak model wrong)' + (', smoothed by subject' if by_group else ''),
-        'trained': {
-            'source': source,
-            'examples': len(examples),
-            'data_sha256_16': digest,
-            'l2': best.l2,
-            'l2_grid': list(l2s),
-            'folds': folds,
-            'seed': fast.SEED,
-        },
+        **fast.training_record(examples, source, best.l2, l2s, folds, by_group),
         'cv': {
             **fig(best),
             'by_l2': {f'{r.l2:g}': round(r.apgr, 4) for r in results},
@@ -872,9 +861,8 @@ def cli_eval(args: Any) -> int:
         f'data {data}: {len(examples)} prompts; weak-only accuracy W {weak.mean():.1%}, strong-only S {strong.mean():.1%}'
     )
     print(f'semantic model {path}; fast classifier: the shipped model')
-    digest = hashlib.sha256(b''.join(e.body for e in examples)).hexdigest()[:16]
     trained = model.meta.get('trained', {})
-    if isinstance(trained, dict) and trained.get('data_sha256_16') == digest:
+    if isinstance(trained, dict) and trained.get('data_sha256_16') == fast.data_digest(examples):
         cv = model.meta.get('cv', {})
         print('note: the semantic model was trained on this very file, so its figures below are in-sample;')
         print('      the cross-validated figures from training (same folds for every row) are:')

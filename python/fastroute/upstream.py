@@ -232,12 +232,11 @@ class _Conn(asyncio.Protocol):
             if self.buf:
                 data = self.buf + data
                 self.buf = b''
-            full = self.sink is not None
+            # a stream relays every header, and so does an error answer (status 300 and up)
+            headers_from = 0 if self.sink is not None else 300
             while True:
                 try:
-                    head = parse_response_head(data, pos, full, _MAX_HEAD, _MAX_HEADERS, _DROP)
-                    if head is not None and head[1] >= 300 and not full:  # an error relays every header
-                        head = parse_response_head(data, pos, True, _MAX_HEAD, _MAX_HEADERS, _DROP)
+                    head = parse_response_head(data, pos, headers_from, _MAX_HEAD, _MAX_HEADERS, _DROP)
                 except HttpError:
                     self.fail('protocol')
                     return

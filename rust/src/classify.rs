@@ -432,17 +432,7 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
         if s.words != 0 {
             self.hit_into(&mut s.sum, bigram(s.prev, w));
         }
-        s.words += 1;
-        s.prev = w;
-        let (word, bit) = bloom_slot(w);
-        if CUE_BLOOM[word] & bit == 0 {
-            s.step = 0;
-        } else {
-            let (step, reasoning, constraints) = cue(w, s.step);
-            s.step = step;
-            s.reasoning += reasoning;
-            s.constraints += constraints;
-        }
+        after_word(s, w);
     }
 
     /// `word_into`, with the weight table and its mask in registers: `table` and `mask` must be `self.table` and
@@ -457,17 +447,7 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
         if s.words != 0 {
             s.sum += weight(table, bigram(s.prev, w) as usize & mask);
         }
-        s.words += 1;
-        s.prev = w;
-        let (word, bit) = bloom_slot(w);
-        if CUE_BLOOM[word] & bit == 0 {
-            s.step = 0;
-        } else {
-            let (step, reasoning, constraints) = cue(w, s.step);
-            s.step = step;
-            s.reasoning += reasoning;
-            s.constraints += constraints;
-        }
+        after_word(s, w);
     }
 
     /// The walk's state, taken out of `self` (counters from 0) so that it stays in registers.
@@ -792,6 +772,22 @@ struct Masks {
     /// Bytes that a word goes on into: non-ASCII bytes and backslashes.
     glue: u64,
     valid: u64,
+}
+
+/// After a word's n-gram weights: count it, keep it for the next bigram, and look it up among the cue words.
+#[inline(always)]
+fn after_word(s: &mut Hot, w: u64) {
+    s.words += 1;
+    s.prev = w;
+    let (word, bit) = bloom_slot(w);
+    if CUE_BLOOM[word] & bit == 0 {
+        s.step = 0;
+    } else {
+        let (step, reasoning, constraints) = cue(w, s.step);
+        s.step = step;
+        s.reasoning += reasoning;
+        s.constraints += constraints;
+    }
 }
 
 /// The state `Observer::walk` keeps in registers: the observer's word and line state, and counters to add to the

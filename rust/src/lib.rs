@@ -857,14 +857,15 @@ impl HeaderNames {
 
 /// The response head at `buf[start:]`: None until it is complete, else
 /// (end, status, headers or None, content_length or -1, chunked, keep_alive, content_type, content_encoding);
-/// headers (with `full`): every header as (lower-case name, value), in order, but those named in `drop`.
+/// headers (when the status is at least `headers_from`; 0: always, the default 1000: never): every header as
+/// (lower-case name, value), in order, but those named in `drop`.
 #[pyfunction]
-#[pyo3(signature = (buf, start = 0, full = false, max_len = 65536, max_headers = HTTP_SLOTS, drop = None))]
+#[pyo3(signature = (buf, start = 0, headers_from = 1000, max_len = 65536, max_headers = HTTP_SLOTS, drop = None))]
 fn parse_response_head<'py>(
     py: Python<'py>,
     buf: &[u8],
     start: usize,
-    full: bool,
+    headers_from: u16,
     max_len: usize,
     max_headers: usize,
     drop: Option<PyRef<'py, HeaderNames>>,
@@ -873,7 +874,7 @@ fn parse_response_head<'py>(
     let Some(h) = http::parse_response(buf, start, max_len, slots.take(max_headers)).map_err(http_error)? else {
         return Ok(None);
     };
-    let headers = if full {
+    let headers = if h.status >= headers_from {
         let list = PyList::empty(py);
         for x in h.headers {
             if drop.as_ref().is_some_and(|d| d.has(x.name.as_bytes())) {

@@ -367,6 +367,25 @@ mod simd {
                 high: [table(&HIGH[0]), table(&HIGH[1]), table(&HIGH[2])],
             }
         }
+
+        /// The low and high bytes of the weight of each lane's pair index (0..48) in `idx`.
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        fn pair_weights(&self, idx: __m256i) -> (__m256i, __m256i) {
+            // Added with unsigned saturation to an index in 0..16, 0x70 keeps its low nibble and its top bit clear;
+            // to an index of 16 or more (or one below 0, wrapped), it sets the top bit, which makes a shuffle give 0.
+            let in_range = _mm256_set1_epi8(0x70);
+            let i0 = _mm256_adds_epu8(idx, in_range);
+            let i1 = _mm256_adds_epu8(_mm256_sub_epi8(idx, _mm256_set1_epi8(16)), in_range);
+            let i2 = _mm256_adds_epu8(_mm256_sub_epi8(idx, _mm256_set1_epi8(32)), in_range);
+            let look = |tables: &[__m256i; 3]| {
+                _mm256_or_si256(
+                    _mm256_or_si256(_mm256_shuffle_epi8(tables[0], i0), _mm256_shuffle_epi8(tables[1], i1)),
+                    _mm256_shuffle_epi8(tables[2], i2),
+                )
+            };
+            (look(&self.low), look(&self.high))
+        }
     }
 
     /// `acc` plus the pair weights of `text` (escapes included), whose first character follows one of class
@@ -411,8 +430,6 @@ mod simd {
         let bias = _mm256_set1_epi8(i8::MIN);
         let zero = _mm256_setzero_si256();
         let low3 = _mm256_set1_epi8(7);
-        let in_range = _mm256_set1_epi8(0x70);
-        let (sixteen, thirty_two) = (_mm256_set1_epi8(16), _mm256_set1_epi8(32));
         let (mut sum_lo, mut sum_hi) = (zero, zero);
         let mut vector_blocks = 0i64;
         let (mut acc, mut prev, mut pos) = (acc, prev, 0usize);
@@ -463,20 +480,9 @@ mod simd {
                 acc += i64::from(PAIR_WEIGHT[pair_index(usize::from(prev), first_class)]);
             }
             let idx = _mm256_or_si256(p8, c);
-            let i0 = _mm256_adds_epu8(idx, in_range);
-            let i1 = _mm256_adds_epu8(_mm256_sub_epi8(idx, sixteen), in_range);
-            let i2 = _mm256_adds_epu8(_mm256_sub_epi8(idx, thirty_two), in_range);
-            let look = |tables: &[__m256i; 3]| {
-                _mm256_or_si256(
-                    _mm256_or_si256(_mm256_shuffle_epi8(tables[0], i0), _mm256_shuffle_epi8(tables[1], i1)),
-                    _mm256_shuffle_epi8(tables[2], i2),
-                )
-            };
             // An escape's second byte adds nothing (weight 0: both bytes 0).
-            let (wl, wh) = (
-                _mm256_andnot_si256(second, look(&t.low)),
-                _mm256_andnot_si256(second, look(&t.high)),
-            );
+            let (wl, wh) = t.pair_weights(idx);
+            let (wl, wh) = (_mm256_andnot_si256(second, wl), _mm256_andnot_si256(second, wh));
             sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(wl, zero));
             sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(_mm256_xor_si256(wh, bias), zero));
             vector_blocks += 1;
@@ -539,10 +545,6 @@ mod simd {
         let (quote, space) = (_mm256_set1_epi8(b'"' as i8), _mm256_set1_epi8(0x20));
         let bias = _mm256_set1_epi8(i8::MIN);
         let zero = _mm256_setzero_si256();
-        // Added with unsigned saturation to an index in 0..16, 0x70 keeps its low nibble and its top bit clear; to
-        // an index of 16 or more (or one below 0, wrapped), it sets the top bit, which makes a shuffle give 0.
-        let in_range = _mm256_set1_epi8(0x70);
-        let (sixteen, thirty_two) = (_mm256_set1_epi8(16), _mm256_set1_epi8(32));
 
         let (mut sum_lo, mut sum_hi) = (zero, zero);
         let mut vector_blocks = 0i64;
@@ -585,16 +587,7 @@ mod simd {
                 }
             }
             let idx = _mm256_or_si256(p8, c);
-            let i0 = _mm256_adds_epu8(idx, in_range);
-            let i1 = _mm256_adds_epu8(_mm256_sub_epi8(idx, sixteen), in_range);
-            let i2 = _mm256_adds_epu8(_mm256_sub_epi8(idx, thirty_two), in_range);
-            let look = |tables: &[__m256i; 3]| {
-                _mm256_or_si256(
-                    _mm256_or_si256(_mm256_shuffle_epi8(tables[0], i0), _mm256_shuffle_epi8(tables[1], i1)),
-                    _mm256_shuffle_epi8(tables[2], i2),
-                )
-            };
-            let (wl, wh) = (look(&t.low), look(&t.high));
+            let (wl, wh) = t.pair_weights(idx);
             sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(wl, zero));
             sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(_mm256_xor_si256(wh, bias), zero));
             vector_blocks += 1;
