@@ -430,7 +430,7 @@ def decide(ctx: Ctx, method: str) -> Decision | None:
     return d
 
 
-async def semantic_decide(ctx: Ctx, method: str, d: Decision) -> Decision | None:
+async def semantic_decide(ctx: Ctx, method: str, d: Decision) -> Decision:
     """Phase 2b, a route with `semantic:`: the semantic classifier's score, computed off the event loop within
     the route's budget, decides simple vs complex (the core decides again with it, so the model, the rewrite
     and the trace follow). Over budget, busy or failed: the fast classifier's decision `d` stands."""
@@ -561,8 +561,6 @@ async def proxy(ctx: Ctx, method: str) -> None:
         return
     if ctx.snap.semantic and d.route in ctx.snap.semantic:
         d = await semantic_decide(ctx, method, d)
-        if d is None:
-            return
     if d.tenant in ctx.snap.obs.limits and not await admit(ctx, d):  # per-tenant limits: 429
         return
     if EXPERIMENTS.active:
