@@ -6,6 +6,7 @@ runs fastroute in front of `fastroute mock` upstreams with injected faults and c
 
 from __future__ import annotations
 
+import email.utils
 import json
 import time
 from typing import Any
@@ -94,7 +95,11 @@ def test_backoff_is_jittered_and_capped():
 def test_retry_after_parsing():
     assert parse_retry_after([('retry-after', '7')]) == 7
     assert parse_retry_after([('retry-after', '2'), ('retry-after-ms', '1500')]) == 1.5
-    assert parse_retry_after([('retry-after', 'Wed, 21 Oct 2015 07:28:00 GMT')]) is None
+    assert parse_retry_after([('retry-after', 'Wed, 21 Oct 2015 07:28:00 GMT')]) == 0  # a date in the past
+    soon = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 28 <= parse_retry_after([('retry-after', soon)]) <= 30  # type: ignore[operator]
+    assert parse_retry_after([('retry-after', 'soon')]) is None
+    assert parse_retry_after([('retry-after', '')]) is None
     assert parse_retry_after([]) is None
 
 

@@ -19,6 +19,8 @@ Everything here is plain state on the worker's event loop: no locks, no tasks, n
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import logging
 import random
 import time
@@ -250,7 +252,7 @@ def backoff_delay(policy: Policy, retry_no: int) -> float:
 
 
 def parse_retry_after(headers: list[tuple[str, str]]) -> float | None:
-    """Seconds from an upstream's `retry-after-ms` or `retry-after` (seconds; an HTTP date is not honoured)."""
+    """Seconds from an upstream's `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
     for name, value in headers:
         if name == 'retry-after-ms':
             try:
@@ -262,8 +264,20 @@ def parse_retry_after(headers: list[tuple[str, str]]) -> float | None:
             try:
                 return max(0.0, float(value))
             except ValueError:
-                return None
+                return _retry_after_date(value)
     return None
+
+
+def _retry_after_date(value: str) -> float | None:
+    """Seconds until an HTTP date (`Retry-After: Wed, 21 Oct 2015 07:28:00 GMT`), 0 if it has passed; None
+    when the value is not a date either."""
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a date without a zone is read as UTC
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - time.time())
 
 
 _decode = msgspec.json.Decoder().decode
