@@ -449,9 +449,14 @@ def start_slow_upstream(procs: Procs, tmp: Path, cpus: str | None, use_mock: boo
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process (all its threads), from /proc."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process (all its threads), from /proc."""
     raw = Path(f'/proc/{pid}/stat').read_text()
     fields = raw[raw.rindex(')') + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def strace_counts(pid: int, run) -> dict[str, int]:
@@ -589,13 +594,20 @@ def profile(args: argparse.Namespace) -> int:
                 body_file.write_bytes(body)
                 run_oha(url, body_file, cpu_load, rate=None, seconds=60, n=2000, conns=8)  # warm-up
                 for rnd in range(args.rounds or 3):
-                    c0 = cpu_seconds(worker)
+                    u0, s0 = cpu_split(worker)
                     res = run_oha(url, body_file, cpu_load, rate=None, seconds=120, n=n, conns=8)
-                    row = {'kind': kind, 'cpu_us': (cpu_seconds(worker) - c0) * 1e6 / n, 'rps': res['rps']}
+                    u1, s1 = cpu_split(worker)
+                    row = {
+                        'kind': kind,
+                        'cpu_us': (u1 - u0 + s1 - s0) * 1e6 / n,
+                        'user_us': (u1 - u0) * 1e6 / n,
+                        'sys_us': (s1 - s0) * 1e6 / n,
+                        'rps': res['rps'],
+                    }
                     rows.append(row)
                     print(
-                        f'# {kind} round {rnd + 1}: {row["cpu_us"]:.1f} CPU µs/req, {row["rps"]:,.0f} req/s, '
-                        f'{res["errors"]} errors',
+                        f'# {kind} round {rnd + 1}: {row["cpu_us"]:.1f} CPU µs/req (user {row["user_us"]:.1f}, '
+                        f'system {row["sys_us"]:.1f}), {row["rps"]:,.0f} req/s, {res["errors"]} errors',
                         file=sys.stderr,
                     )
                 if args.strace:
@@ -611,13 +623,17 @@ def profile(args: argparse.Namespace) -> int:
         f'fastroute worker per request, {args.rounds or 3} round(s), medians (load average {os.getloadavg()[0]:.1f}):'
     )
     print()
-    print(f'| answer | CPU µs/req (oha -c 8, n={n:,}) | req/s | instructions/req (callgrind, 1 in flight) |')
-    print('|---|---:|---:|---:|')
+    print(
+        f'| answer | CPU µs/req (oha -c 8, n={n:,}) | of it user / system | req/s '
+        '| instructions/req (callgrind, 1 in flight) |'
+    )
+    print('|---|---:|---:|---:|---:|')
     for kind in ('JSON', 'SSE'):
         rs = [r for r in rows if r['kind'] == kind]
         cg = [r['instr'] for r in cg_rows if r['kind'] == kind]
         print(
-            f'| {kind} | {med([r["cpu_us"] for r in rs]):.1f} | {med([r["rps"] for r in rs]):,.0f} | {med(cg):,.0f} |'
+            f'| {kind} | {med([r["cpu_us"] for r in rs]):.1f} | {med([r["user_us"] for r in rs]):.1f} / '
+            f'{med([r["sys_us"] for r in rs]):.1f} | {med([r["rps"] for r in rs]):,.0f} | {med(cg):,.0f} |'
         )
     for kind, text in syscalls.items():
         print(f'\n{kind} system calls per request: {text}')

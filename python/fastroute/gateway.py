@@ -271,19 +271,19 @@ class Ctx:
     classifier: str | None = None  # on a semantic route: `semantic` or `fast`, the classifier that decided
 
 
-_rid_prefix = os.urandom(4).hex()
+_rid_prefix = f'fr-{os.urandom(4).hex()}-'
 _rid_counter = itertools.count(1)
 
 
 def new_request_id() -> str:
     """Unique per worker and across workers (random prefix per process), cheap: no uuid."""
-    return f'fr-{_rid_prefix}-{next(_rid_counter)}'
+    return _rid_prefix + str(next(_rid_counter))
 
 
 def _reseed_request_ids() -> None:
     """A fresh prefix in each worker: forked workers would otherwise share the parent's."""
     global _rid_prefix, _rid_counter
-    _rid_prefix = os.urandom(4).hex()
+    _rid_prefix = f'fr-{os.urandom(4).hex()}-'
     _rid_counter = itertools.count(1)
 
 
@@ -356,8 +356,13 @@ def answer_json(ctx: Ctx, status: int, obj: object) -> None:
     ctx.proto.response_bytes(status, headers, obj if isinstance(obj, bytes) else _encode(obj))
 
 
-async def read_body(ctx: Ctx) -> bytes | None:
-    """Phase 1: check the content-type, read the body within `server.max_body_bytes` (413 beyond)."""
+_LATER = object()  # `take_body`: the body is not all in yet
+
+
+def take_body(ctx: Ctx) -> Any:
+    """Phase 1 without waiting: check the content-type and the length (413 beyond `server.max_body_bytes`), and
+    take the body when the server holds all of it already (the native server's `body_now`). Returns the body,
+    None when the request was answered (refused), or `_LATER`: `read_body` waits for the rest."""
     headers = ctx.scope.headers
     ctype = headers.get('content-type')
     if ctype is not None:
@@ -367,17 +372,34 @@ async def read_body(ctx: Ctx) -> bytes | None:
                 ctx, RequestError(f'Content-Type must be application/json, not {ctype!r}', code='invalid_content_type')
             )
             return None
-    limit = ctx.snap.max_body
     cl = headers.get('content-length')
-    if cl is not None:
-        try:
-            n = int(cl)
-        except ValueError:
-            answer_error(ctx, RequestError('invalid Content-Length', code='invalid_request'))
-            return None
-        if n > limit:
-            answer_error(ctx, _too_large(limit))
-            return None
+    if cl is None:
+        return _LATER
+    limit = ctx.snap.max_body
+    try:
+        n = int(cl)
+    except ValueError:
+        answer_error(ctx, RequestError('invalid Content-Length', code='invalid_request'))
+        return None
+    if n > limit:
+        answer_error(ctx, _too_large(limit))
+        return None
+    # NOTE: the body that came with the head is taken here: two coroutines fewer per request than awaiting it
+    now = getattr(ctx.proto, 'body_now', None)
+    body = now() if now is not None else None
+    return _LATER if body is None else _checked_body(ctx, body, limit)
+
+
+async def read_body(ctx: Ctx) -> bytes | None:
+    """Phase 1: `take_body`, waiting for the body when it is not all in yet."""
+    body = take_body(ctx)
+    return body if body is not _LATER else await _read_rest(ctx)
+
+
+async def _read_rest(ctx: Ctx) -> bytes | None:
+    """The body `take_body` could not take at once."""
+    limit = ctx.snap.max_body
+    if ctx.scope.headers.get('content-length') is not None:
         body = await ctx.proto()
     else:
         # No length given (chunked): read piecewise so a huge body is refused without holding it.
@@ -388,6 +410,10 @@ async def read_body(ctx: Ctx) -> bytes | None:
                 answer_error(ctx, _too_large(limit))
                 return None
         body = bytes(buf)
+    return _checked_body(ctx, body, limit)
+
+
+def _checked_body(ctx: Ctx, body: bytes, limit: int) -> bytes | None:
     if len(body) > limit:
         answer_error(ctx, _too_large(limit))
         return None
@@ -553,15 +579,19 @@ def relay(ctx: Ctx, resp: UpstreamResponse) -> None:
 
 async def proxy(ctx: Ctx, method: str) -> None:
     """The proxied request: read_body -> decide -> pick_endpoint -> send / stream_back."""
-    body = await read_body(ctx)
+    body = take_body(ctx)
+    if body is _LATER:
+        body = await _read_rest(ctx)
     if body is None:
         return
     d = decide(ctx, method)
     if d is None:
         return
-    if ctx.snap.semantic and d.route in ctx.snap.semantic:
+    snap = ctx.snap
+    if snap.semantic and d.route in snap.semantic:
         d = await semantic_decide(ctx, method, d)
-    if d.tenant in ctx.snap.obs.limits and not await admit(ctx, d):  # per-tenant limits: 429
+    obs = snap.obs
+    if d.tenant in obs.limits and not await admit(ctx, d):  # per-tenant limits: 429
         return
     if EXPERIMENTS.active:
         d = EXPERIMENTS.assign(ctx, d)
@@ -577,8 +607,8 @@ async def proxy(ctx: Ctx, method: str) -> None:
     if ctx.walk is not None and ctx.pool.name != d.pool:  # type: ignore[union-attr]
         send_body = ctx.walk.body_for(ctx.pool, send_body)  # type: ignore[arg-type]
     headers = upstream_headers(ctx)
-    if ctx.snap.obs.tracer is not None:  # a span for this request; its context goes upstream
-        ctx.snap.obs.tracer.start(ctx, headers)
+    if obs.tracer is not None:  # a span for this request; its context goes upstream
+        obs.tracer.start(ctx, headers)
     if d.stream:
         await stream_back(ctx, method, upath, headers, send_body)
     else:
@@ -663,8 +693,9 @@ async def _open_stream(
                     break
                 parts.append(bytes(c))
             raise _ErrorAnswer(UpstreamResponse(up.status, up.headers, up.content_type, b''.join(parts)))
-        if first_token is None:
-            return up, await up.read_chunk()
+        first = up.take()  # the first bytes came with the head (the common case): no read step
+        if first is not None or first_token is None:
+            return up, first if first is not None else await up.read_chunk()
         try:
             async with asyncio.timeout(first_token):
                 return up, await up.read_chunk()
@@ -677,7 +708,7 @@ async def _open_stream(
                 code='upstream_first_token_timeout',
             ) from None
     except BaseException:
-        await up.aclose()
+        up.close()
         raise
 
 
@@ -717,6 +748,11 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
             continue
         break
     ctx.upstream_ns = perf_counter_ns() - overhead_at
+    su = StreamUsage(ctx.decision.usage_injected)  # type: ignore[union-attr]
+    start = getattr(ctx.proto, 'stream_first', None)
+    if start is not None and first is not None and up.ended():
+        _relay_whole(ctx, ep, up, first, su, start)  # type: ignore[arg-type]
+        return
     task = asyncio.current_task(ep.loop)  # type: ignore[union-attr]  # (with the loop: no getpid call)
     watch = ctx.proto.client_disconnect()
     if not isinstance(watch, asyncio.Future):  # granian's is an awaitable, the native server's a future
@@ -727,13 +763,11 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
 
     watch.add_done_callback(on_disconnect)
     transport = None
-    su = StreamUsage(ctx.decision.usage_injected)  # type: ignore[union-attr]
     try:
         out = up.headers
         out += decision_headers(ctx)
         ctx.status = up.status
         ep.ok()  # type: ignore[union-attr]
-        start = getattr(ctx.proto, 'stream_first', None)
         if start is None or first is None:
             transport = ctx.proto.response_stream(up.status, out)
             await _relay_stream(ctx, ep, up, first, transport, su, False)  # type: ignore[arg-type]
@@ -758,7 +792,29 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
         # granian ends the response when the transport is released: never let a traceback keep it.
         transport = None
         ctx.usage = su.usage
-        await up.aclose()
+        up.close()
+
+
+def _relay_whole(ctx: Ctx, ep: Endpoint, up: UpstreamStream, first: bytes, su: StreamUsage, start: Any) -> None:
+    """A stream whose whole body is in hand (a short answer read at once): out in one write (`stream_first`)."""
+    # NOTE: nothing is awaited here, so there is no client to watch: a disconnect watch, its callback and the task
+    # lookup cost ~4% of a streamed request's samples (py-spy), ~5% of its instructions (callgrind)
+    try:
+        out = up.headers
+        out += decision_headers(ctx)
+        ctx.status = up.status
+        ep.win.n += 1  # ep.ok(), inlined
+        if ep.failures or ep.down:
+            ep.recovered()
+        _start_with_first(ctx, up, first, out, su, start)
+    except Exception as exc:
+        if type(exc).__name__ not in ('RSGIProtocolClosed', 'RSGIProtocolError'):
+            raise
+        ctx.error = RequestError('client disconnected', status=499, code='client_disconnected')
+    finally:
+        ep.release()
+        ctx.usage = su.usage
+        up.close()
 
 
 def _start_with_first(

@@ -95,7 +95,7 @@ class Observer:
         latency_ns = now - ctx.t0
         overhead_ns = ctx.overhead_ns or (latency_ns - ctx.upstream_ns)
         if self.metrics:
-            self._count(ctx, d, model, status, latency_ns, overhead_ns, tin, tout, cost, ref, estimated)
+            self._count(ctx, d, model, tenant, status, latency_ns, overhead_ns, tin, tout, cost, ref, estimated)
         if self.log is not None:
             self.log.add(
                 Entry(
@@ -133,6 +133,7 @@ class Observer:
         ctx: Ctx,
         d: Decision | None,
         model: str | None,
+        tenant: str | None,
         status: int,
         latency_ns: int,
         overhead_ns: int,
@@ -144,8 +145,11 @@ class Observer:
     ) -> None:
         m = _metrics.get()
         names = self.names
+        variant = None
         if d is not None:
-            key = (d.route, model, d.adapter, d.tenant, d.variant, status)
+            # NOTE: each Decision attribute is a getter call (~240 instructions, callgrind): each read once
+            variant = d.variant
+            key = (d.route, model, d.adapter, tenant, variant, status)
         else:
             key = (None, None, None, None, None, status)
         s = m.series.get(key)
@@ -165,7 +169,7 @@ class Observer:
         if d is None:
             return
         s.decisions.v += 1
-        if d.variant is not None:
+        if variant is not None:
             s.variant.v += 1
         if ctx.endpoint is not None:
             v = ctx.upstream_ns / 1e9

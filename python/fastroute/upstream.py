@@ -571,6 +571,19 @@ class UpstreamStream:
         """The body is complete and all of it was read: `read_chunk` would return None."""
         return self._eof and not self._buf and self._error is None
 
+    def take(self) -> bytes | None:
+        """What arrived and was not read yet, without waiting (None: nothing; see `ended` for the end). The
+        reader of a short answer that came in one piece reads it here, with no `read_chunk` step."""
+        buf = self._buf
+        if not buf:
+            return None
+        chunk = buf.popleft() if len(buf) == 1 else b''.join([buf.popleft() for _ in range(len(buf))])
+        self._size -= len(chunk)
+        conn = self._conn
+        if conn is not None and conn.paused and self._size < LOW_WATER:
+            conn.resume()
+        return chunk
+
     async def read_chunk(self) -> bytes | None:
         """What arrived since the last call (a bytes-like buffer), or None at the end.
 
@@ -579,14 +592,8 @@ class UpstreamStream:
                 the caller has started answering).
         """
         while True:
-            buf = self._buf
-            if buf:
-                chunk = buf.popleft() if len(buf) == 1 else b''.join([buf.popleft() for _ in range(len(buf))])
-                self._size -= len(chunk)
-                conn = self._conn
-                if conn is not None and conn.paused and self._size < LOW_WATER:
-                    conn.resume()
-                return chunk
+            if self._buf:
+                return self.take()
             if self._error is not None:
                 raise self._endpoint.error_from(_Fail(self._error), started=True)
             if self._eof:
@@ -599,6 +606,10 @@ class UpstreamStream:
 
     async def aclose(self) -> None:
         """Release the upstream connection. An unfinished body closes it, which cancels the upstream work."""
+        self.close()
+
+    def close(self) -> None:
+        """`aclose` without the await (it never waits)."""
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.sink = None
