@@ -232,14 +232,16 @@ fn find_backslash(text: &[u8]) -> usize {
 #[allow(unsafe_code)]
 mod simd {
     use std::arch::x86_64::{
-        __m256i, _mm256_add_epi64, _mm256_adds_epu8, _mm256_alignr_epi8, _mm256_and_si256, _mm256_andnot_si256,
-        _mm256_blendv_epi8, _mm256_cmpeq_epi8, _mm256_cmpgt_epi8, _mm256_extract_epi64, _mm256_loadu_si256,
-        _mm256_movemask_epi8, _mm256_or_si256, _mm256_permute2x128_si256, _mm256_sad_epu8, _mm256_set1_epi8,
-        _mm256_setr_epi8, _mm256_setzero_si256, _mm256_shuffle_epi8, _mm256_slli_epi16, _mm256_srli_epi16,
-        _mm256_sub_epi8, _mm256_xor_si256,
+        __m256i, _mm256_add_epi64, _mm256_add_epi8, _mm256_adds_epu8, _mm256_alignr_epi8, _mm256_and_si256,
+        _mm256_andnot_si256, _mm256_blendv_epi8, _mm256_cmpeq_epi8, _mm256_cmpgt_epi8, _mm256_extract_epi64,
+        _mm256_loadu_si256, _mm256_movemask_epi8, _mm256_or_si256, _mm256_permute2x128_si256, _mm256_sad_epu8,
+        _mm256_set1_epi8, _mm256_setr_epi8, _mm256_setzero_si256, _mm256_shuffle_epi8, _mm256_slli_epi16,
+        _mm256_srli_epi16, _mm256_sub_epi8, _mm256_testz_si256, _mm256_xor_si256,
     };
 
-    use super::{pair_index, run_weight_scalar, BREAK, BYTE_PAIR_WEIGHT, CLASS, LOWER, PAIR_WEIGHT, PUNCT};
+    use super::{
+        pair_index, run_weight_scalar, BREAK, BYTE_PAIR_WEIGHT, CLASS, DIGIT, LOWER, PAIR_WEIGHT, PUNCT, SPACE, UPPER,
+    };
 
     /// Shortest run worth the vector setup.
     pub(super) const MIN_RUN: usize = 64;
@@ -517,6 +519,112 @@ mod simd {
         unsafe { run_weight_avx2::<true>(text) }
     }
 
+    // A plain run's bytes, classified by two nibble lookups: the bits a byte's high nibble (row) and its low nibble
+    // (column) have in common say its class, or that it is special (a quote, a backslash, a control, DEL or a
+    // non-ASCII byte: the block leaves the vector path). The five classes of the other ASCII bytes are numbered
+    // `RUN_CLASSES` order, punctuation 0, so a pair of them indexes a 25-entry table: two shuffles per weight byte,
+    // where the ten ranges of `classes` and its 48-entry pair table take five shuffles and more compares.
+    /// Row 4 or 6 with a column of 1 or more: `A`..`O`, `a`..`o`.
+    const LETTER_FROM_1: u8 = 0x01;
+    /// Row 5 or 7 with a column of 10 or less: `P`..`Z`, `p`..`z`.
+    const LETTER_TO_10: u8 = 0x02;
+    /// Row 3, columns 0..=9: digits.
+    const DIGITS: u8 = 0x04;
+    /// Row 2, column 0: the space.
+    const SPACE_BYTE: u8 = 0x08;
+    /// Row 2, column 2: the quote.
+    const QUOTE: u8 = 0x10;
+    /// Row 5, column 12: the backslash.
+    const BACKSLASH: u8 = 0x20;
+    /// Rows 0 and 1 (controls) and 8..=15 (non-ASCII), every column.
+    const SPECIAL_ROW: u8 = 0x40;
+    /// Row 7, column 15: DEL (a control).
+    const DEL: u8 = 0x80;
+    const SPECIAL: u8 = QUOTE | BACKSLASH | SPECIAL_ROW | DEL;
+
+    const ROWS: [u8; 16] = {
+        let mut t = [SPECIAL_ROW; 16];
+        t[2] = SPACE_BYTE | QUOTE;
+        t[3] = DIGITS;
+        t[4] = LETTER_FROM_1;
+        t[5] = LETTER_TO_10 | BACKSLASH;
+        t[6] = LETTER_FROM_1;
+        t[7] = LETTER_TO_10 | DEL;
+        t
+    };
+    const COLUMNS: [u8; 16] = {
+        let mut t = [0u8; 16];
+        let mut c = 0;
+        while c < 16 {
+            t[c] = SPECIAL_ROW
+                | if c >= 1 { LETTER_FROM_1 } else { 0 }
+                | if c <= 10 { LETTER_TO_10 } else { 0 }
+                | if c <= 9 { DIGITS } else { 0 }
+                | if c == 0 { SPACE_BYTE } else { 0 }
+                | if c == 2 { QUOTE } else { 0 }
+                | if c == 12 { BACKSLASH } else { 0 }
+                | if c == 15 { DEL } else { 0 };
+            c += 1;
+        }
+        t
+    };
+
+    /// The classes of a plain run's bytes, by run class number.
+    const RUN_CLASSES: [u8; 5] = [PUNCT, LOWER, UPPER, DIGIT, SPACE];
+
+    /// The run class of a row's bytes whose row and column share a bit (the others are punctuation, 0); checked at
+    /// compile time against `class_of` for every byte, with the special bytes.
+    const ROW_CLASS: [u8; 16] = {
+        let t = [0, 0, 4, 3, 2, 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut b = 0usize;
+        while b < 256 {
+            let (row, col) = (b >> 4, b & 15);
+            let m = ROWS[row] & COLUMNS[col];
+            let special = b == b'"' as usize || b == b'\\' as usize || b < 0x20 || b >= 0x7f;
+            assert!((m & SPECIAL != 0) == special, "the nibble tables miss a special byte");
+            let k = if m != 0 { t[row] } else { 0 };
+            assert!(
+                special || RUN_CLASSES[k as usize] == super::class_of(b as u8),
+                "the nibble tables disagree with class_of"
+            );
+            b += 1;
+        }
+        t
+    };
+    const ROW_CLASS5: [u8; 16] = {
+        let mut t = [0u8; 16];
+        let mut i = 0;
+        while i < 16 {
+            t[i] = ROW_CLASS[i] * 5;
+            i += 1;
+        }
+        t
+    };
+
+    /// Byte `k` (0 = low, 1 = high, stored plus 128 so that sums of them are unsigned) of the weight of the run
+    /// class pair at index `prev * 5 + class`, in two 16-entry tables (indices 0..25).
+    const fn run_pair_table(k: u32) -> [[u8; 16]; 2] {
+        let mut t = [[0u8; 16]; 2];
+        let mut i = 0;
+        while i < 32 {
+            let w = if i < 25 {
+                PAIR_WEIGHT[pair_index(RUN_CLASSES[i / 5] as usize, RUN_CLASSES[i % 5])]
+            } else {
+                0
+            };
+            assert!(
+                w >= i16::MIN as i32 && w <= i16::MAX as i32,
+                "a pair weight does not fit in i16"
+            );
+            let byte = ((w as i16 as u16) >> (8 * k)) as u8;
+            t[i / 16][i % 16] = if k == 1 { byte ^ 0x80 } else { byte };
+            i += 1;
+        }
+        t
+    }
+    const RUN_LOW: [[u8; 16]; 2] = run_pair_table(0);
+    const RUN_HIGH: [[u8; 16]; 2] = run_pair_table(1);
+
     /// With `PREFIX` false, [`run_weight`]: every block, those the vector path cannot take summed by the scalar
     /// loop. With `PREFIX` true, [`plain_prefix`]: up to the first block holding a quote, a backslash, a control or
     /// a non-ASCII byte (or the tail shorter than a block), where it stops and says how far it got.
@@ -540,58 +648,65 @@ mod simd {
                 return (0, 0);
             }
         }
-        let t = Tables::load();
-        let backslash = _mm256_set1_epi8(b'\\' as i8);
-        let (quote, space) = (_mm256_set1_epi8(b'"' as i8), _mm256_set1_epi8(0x20));
-        let bias = _mm256_set1_epi8(i8::MIN);
+        let nibble = _mm256_set1_epi8(0x0f);
+        let (rows, columns) = (table(&ROWS), table(&COLUMNS));
+        let (row_class, row_class5) = (table(&ROW_CLASS), table(&ROW_CLASS5));
+        let low = [table(&RUN_LOW[0]), table(&RUN_LOW[1])];
+        let high = [table(&RUN_HIGH[0]), table(&RUN_HIGH[1])];
+        let special = _mm256_set1_epi8(SPECIAL as i8);
         let zero = _mm256_setzero_si256();
 
         let (mut sum_lo, mut sum_hi) = (zero, zero);
         let mut vector_blocks = 0i64;
         let mut acc = 0i64;
-        // Class × 8 of the previous block's bytes, when that block went through the vector path.
-        let mut prev8: Option<__m256i> = None;
+        // Run class × 5 of the previous block's bytes, when that block went through the vector path.
+        let mut prev5: Option<__m256i> = None;
         let blocks = run.chunks_exact(32);
         let mut end = run.len() - blocks.remainder().len();
         for (n, chunk) in blocks.enumerate() {
             let o = 32 * n;
             // SAFETY: `chunk` is 32 readable bytes; the load is unaligned.
             let v = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
-            let mut special = _mm256_or_si256(v, _mm256_cmpeq_epi8(v, backslash));
-            if PREFIX {
-                // Signed, `0x20 > v` also holds for the non-ASCII bytes, already flagged by their top bit.
-                special = _mm256_or_si256(
-                    special,
-                    _mm256_or_si256(_mm256_cmpeq_epi8(v, quote), _mm256_cmpgt_epi8(space, v)),
-                );
-            }
-            if _mm256_movemask_epi8(special) != 0 {
+            let row = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+            let bits = _mm256_and_si256(
+                _mm256_shuffle_epi8(rows, row),
+                _mm256_shuffle_epi8(columns, _mm256_and_si256(v, nibble)),
+            );
+            if _mm256_testz_si256(bits, special) == 0 {
                 if PREFIX {
                     end = o;
                     break;
                 }
                 acc += run_weight_scalar(&run[o.saturating_sub(1)..o + 32]);
-                prev8 = None;
+                prev5 = None;
                 continue;
             }
-            let (c, c8) = classes(v, &t);
-            // The previous byte's class × 8 in each lane: the last byte of the block before, then this block's.
-            let before = prev8.unwrap_or(_mm256_set1_epi8((LOWER * 8) as i8));
-            let p8 = _mm256_alignr_epi8::<15>(c8, _mm256_permute2x128_si256::<0x21>(before, c8));
-            if prev8.is_none() {
-                // Lane 0 paired with a stand-in: take it out, and put the real pair (if any) in.
+            // Punctuation shares no bit: run class 0.
+            let punct = _mm256_cmpeq_epi8(bits, zero);
+            let c = _mm256_andnot_si256(punct, _mm256_shuffle_epi8(row_class, row));
+            let c5 = _mm256_andnot_si256(punct, _mm256_shuffle_epi8(row_class5, row));
+            // The previous byte's class × 5 in each lane: the last byte of the block before, then this block's.
+            let before = prev5.unwrap_or(_mm256_set1_epi8(5));
+            let p5 = _mm256_alignr_epi8::<15>(c5, _mm256_permute2x128_si256::<0x21>(before, c5));
+            if prev5.is_none() {
+                // Lane 0 paired with a stand-in (a lowercase letter, run class 1): take it out, and put the real pair
+                // (if any) in.
                 let first = usize::from(chunk[0]);
                 acc -= i64::from(PAIR_WEIGHT[pair_index(usize::from(LOWER), CLASS[first])]);
                 if o > 0 {
                     acc += i64::from(BYTE_PAIR_WEIGHT[usize::from(run[o - 1]) | first << 8]);
                 }
             }
-            let idx = _mm256_or_si256(p8, c);
-            let (wl, wh) = t.pair_weights(idx);
-            sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(wl, zero));
-            sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(_mm256_xor_si256(wh, bias), zero));
+            // Indices 0..25: bit 4 picks the second table, the shuffles read the low four bits.
+            let idx = _mm256_add_epi8(p5, c);
+            let second = _mm256_slli_epi16::<3>(idx);
+            let look = |t: &[__m256i; 2]| {
+                _mm256_blendv_epi8(_mm256_shuffle_epi8(t[0], idx), _mm256_shuffle_epi8(t[1], idx), second)
+            };
+            sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(look(&low), zero));
+            sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(look(&high), zero));
             vector_blocks += 1;
-            prev8 = Some(c8);
+            prev5 = Some(c5);
         }
         if !PREFIX && end < run.len() {
             acc += run_weight_scalar(&run[end.saturating_sub(1)..]);
@@ -602,7 +717,7 @@ mod simd {
                 + _mm256_extract_epi64::<2>(v)
                 + _mm256_extract_epi64::<3>(v)
         };
-        // High bytes were biased by 128 to sum them unsigned.
+        // High bytes are stored biased by 128 to sum them unsigned.
         (
             end,
             acc + lanes(sum_lo) + 256 * (lanes(sum_hi) - 128 * 32 * vector_blocks),
