@@ -234,9 +234,9 @@ mod simd {
     use std::arch::x86_64::{
         __m256i, _mm256_add_epi64, _mm256_add_epi8, _mm256_adds_epu8, _mm256_alignr_epi8, _mm256_and_si256,
         _mm256_andnot_si256, _mm256_blendv_epi8, _mm256_cmpeq_epi8, _mm256_cmpgt_epi8, _mm256_extract_epi64,
-        _mm256_loadu_si256, _mm256_movemask_epi8, _mm256_or_si256, _mm256_permute2x128_si256, _mm256_sad_epu8,
-        _mm256_set1_epi8, _mm256_setr_epi8, _mm256_setzero_si256, _mm256_shuffle_epi8, _mm256_slli_epi16,
-        _mm256_srli_epi16, _mm256_sub_epi8, _mm256_testz_si256, _mm256_xor_si256,
+        _mm256_loadu_si256, _mm256_min_epu8, _mm256_movemask_epi8, _mm256_or_si256, _mm256_permute2x128_si256,
+        _mm256_sad_epu8, _mm256_set1_epi8, _mm256_setr_epi8, _mm256_setzero_si256, _mm256_shuffle_epi8,
+        _mm256_slli_epi16, _mm256_srli_epi16, _mm256_sub_epi8, _mm256_testz_si256, _mm256_xor_si256,
     };
 
     use super::{
@@ -524,18 +524,20 @@ mod simd {
     // non-ASCII byte: the block leaves the vector path). The five classes of the other ASCII bytes are numbered
     // `RUN_CLASSES` order, punctuation 0, so a pair of them indexes a 25-entry table: two shuffles per weight byte,
     // where the ten ranges of `classes` and its 48-entry pair table take five shuffles and more compares.
+    // The class bits are 4 or more, above every run class number, so that the class of a byte is the smaller of its
+    // row's class and its bits (0 for punctuation, which has none).
     /// Row 4 or 6 with a column of 1 or more: `A`..`O`, `a`..`o`.
-    const LETTER_FROM_1: u8 = 0x01;
+    const LETTER_FROM_1: u8 = 0x04;
     /// Row 5 or 7 with a column of 10 or less: `P`..`Z`, `p`..`z`.
-    const LETTER_TO_10: u8 = 0x02;
+    const LETTER_TO_10: u8 = 0x08;
     /// Row 3, columns 0..=9: digits.
-    const DIGITS: u8 = 0x04;
+    const DIGITS: u8 = 0x10;
     /// Row 2, column 0: the space.
-    const SPACE_BYTE: u8 = 0x08;
+    const SPACE_BYTE: u8 = 0x20;
     /// Row 2, column 2: the quote.
-    const QUOTE: u8 = 0x10;
+    const QUOTE: u8 = 0x01;
     /// Row 5, column 12: the backslash.
-    const BACKSLASH: u8 = 0x20;
+    const BACKSLASH: u8 = 0x02;
     /// Rows 0 and 1 (controls) and 8..=15 (non-ASCII), every column.
     const SPECIAL_ROW: u8 = 0x40;
     /// Row 7, column 15: DEL (a control).
@@ -584,6 +586,10 @@ mod simd {
             assert!((m & SPECIAL != 0) == special, "the nibble tables miss a special byte");
             let k = if m != 0 { t[row] } else { 0 };
             assert!(
+                special || k == if m < t[row] { m } else { t[row] },
+                "a class bit below a run class"
+            );
+            assert!(
                 special || RUN_CLASSES[k as usize] == super::class_of(b as u8),
                 "the nibble tables disagree with class_of"
             );
@@ -591,15 +597,8 @@ mod simd {
         }
         t
     };
-    const ROW_CLASS5: [u8; 16] = {
-        let mut t = [0u8; 16];
-        let mut i = 0;
-        while i < 16 {
-            t[i] = ROW_CLASS[i] * 5;
-            i += 1;
-        }
-        t
-    };
+    /// Run class × 5, by run class.
+    const TIMES5: [u8; 16] = [0, 5, 10, 15, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
     /// Byte `k` (0 = low, 1 = high, stored plus 128 so that sums of them are unsigned) of the weight of the run
     /// class pair at index `prev * 5 + class`, in two 16-entry tables (indices 0..25).
@@ -650,7 +649,7 @@ mod simd {
         }
         let nibble = _mm256_set1_epi8(0x0f);
         let (rows, columns) = (table(&ROWS), table(&COLUMNS));
-        let (row_class, row_class5) = (table(&ROW_CLASS), table(&ROW_CLASS5));
+        let (row_class, times5) = (table(&ROW_CLASS), table(&TIMES5));
         let low = [table(&RUN_LOW[0]), table(&RUN_LOW[1])];
         let high = [table(&RUN_HIGH[0]), table(&RUN_HIGH[1])];
         let special = _mm256_set1_epi8(SPECIAL as i8);
@@ -682,9 +681,8 @@ mod simd {
                 continue;
             }
             // Punctuation shares no bit: run class 0.
-            let punct = _mm256_cmpeq_epi8(bits, zero);
-            let c = _mm256_andnot_si256(punct, _mm256_shuffle_epi8(row_class, row));
-            let c5 = _mm256_andnot_si256(punct, _mm256_shuffle_epi8(row_class5, row));
+            let c = _mm256_min_epu8(_mm256_shuffle_epi8(row_class, row), bits);
+            let c5 = _mm256_shuffle_epi8(times5, c);
             // The previous byte's class × 5 in each lane: the last byte of the block before, then this block's.
             let before = prev5.unwrap_or(_mm256_set1_epi8(5));
             let p5 = _mm256_alignr_epi8::<15>(c5, _mm256_permute2x128_si256::<0x21>(before, c5));
@@ -705,11 +703,17 @@ mod simd {
             };
             sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(look(&low), zero));
             sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(look(&high), zero));
-            vector_blocks += 1;
+            if !PREFIX {
+                vector_blocks += 1;
+            }
             prev5 = Some(c5);
         }
         if !PREFIX && end < run.len() {
             acc += run_weight_scalar(&run[end.saturating_sub(1)..]);
+        }
+        // Every block of a prefix went through the vector path.
+        if PREFIX {
+            vector_blocks = i64::try_from(end / 32).unwrap_or(i64::MAX);
         }
         let lanes = |v: __m256i| {
             _mm256_extract_epi64::<0>(v)
