@@ -70,30 +70,63 @@ pub fn estimate_raw(text: &[u8], may_escape: bool) -> u32 {
     finish(weight_from(text, may_escape, BREAK, 0))
 }
 
-/// A JSON string's plain start, weighed while its end is still unknown: `(n, w)` where `text[..n]` holds no quote,
-/// backslash, control or non-ASCII byte and `w` is its weight (as [`estimate_raw`] counts it); `n` is a multiple
-/// of 32, and 0 when no AVX2 or `text` is short. `text` is the body from the string's first byte: the string ends
-/// at a quote, so its closing quote lies at `n` or later. The scanner finds the end from `n` and hands the rest to
-/// [`estimate_after`], so a long plain string is read once, not once to find its end and once to weigh it.
+/// A JSON string's plain start, weighed while its end is still unknown ([`plain_prefix`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    /// `text[..len]` holds no quote, backslash, control or non-ASCII byte.
+    pub len: usize,
+    /// The weight of `text[..len]` (as [`estimate_raw`] counts it).
+    pub weight: i64,
+    /// The string ends at `len`: `text[len]` is its closing quote.
+    pub whole: bool,
+}
+
+/// A JSON string's plain start, weighed while its end is still unknown: `text[..len]` holds no quote, backslash,
+/// control or non-ASCII byte and `weight` is its weight (as [`estimate_raw`] counts it); `len` is a multiple of 32,
+/// or the string's length when `whole` (its closing quote lies in the block after the last whole one and only plain
+/// bytes come before it), and 0 when no AVX2 or `text` is short. `text` is the body from the string's first byte:
+/// the string ends at a quote, so its closing quote lies at `len` or later. Unless the prefix is the whole string,
+/// the scanner finds the end from `len` and hands the rest to [`estimate_after`], so a long plain string is read once,
+/// not once to find its end and once to weigh it.
 #[must_use]
-pub fn plain_prefix(text: &[u8]) -> (usize, i64) {
+pub fn plain_prefix(text: &[u8]) -> Prefix {
     #[cfg(target_arch = "x86_64")]
     if text.len() >= simd::MIN_RUN && simd::available() {
-        let (n, w) = simd::plain_prefix(text);
-        if n > 0 {
+        let (len, weight, whole) = simd::plain_prefix(text);
+        if len > 0 {
             let first = PAIR_WEIGHT[pair_index(usize::from(BREAK), CLASS[usize::from(text[0])])];
-            return (n, w + i64::from(first));
+            return Prefix {
+                len,
+                weight: weight + i64::from(first),
+                whole,
+            };
         }
+        return Prefix {
+            len: 0,
+            weight: 0,
+            whole,
+        };
     }
     let _ = text;
-    (0, 0)
+    Prefix {
+        len: 0,
+        weight: 0,
+        whole: false,
+    }
 }
 
 /// [`estimate_raw`] of a string whose start `prefix` ([`plain_prefix`] of it) has already weighed: equal to
 /// `estimate_raw(text, may_escape)`.
 #[must_use]
-pub fn estimate_after(text: &[u8], may_escape: bool, prefix: (usize, i64)) -> u32 {
-    let (n, w) = prefix;
+pub fn estimate_after(text: &[u8], may_escape: bool, prefix: Prefix) -> u32 {
+    let Prefix {
+        len: n,
+        weight: w,
+        whole,
+    } = prefix;
+    if whole && n > 0 {
+        return finish(w);
+    }
     match n.checked_sub(1).and_then(|last| text.get(last)) {
         // The run the prefix ends inside goes on from `n`: its byte pairs by class equal its pairs by byte.
         Some(&last) => finish(weight_from(&text[n..], may_escape, CLASS[usize::from(last)], w)),
@@ -512,8 +545,9 @@ mod simd {
     }
 
     /// The whole 32-byte blocks at the start of `text` that hold no quote, backslash, control or non-ASCII byte,
-    /// as their length and the sum of the pair weights inside them.
-    pub(super) fn plain_prefix(text: &[u8]) -> (usize, i64) {
+    /// as their length and the sum of the pair weights inside them; or, when the string ends in the next block after
+    /// plain bytes only, all of it, and true.
+    pub(super) fn plain_prefix(text: &[u8]) -> (usize, i64, bool) {
         debug_assert!(available());
         // SAFETY: AVX2 is present (checked by the caller through `available`).
         unsafe { run_weight_avx2::<true>(text) }
@@ -624,85 +658,142 @@ mod simd {
     const RUN_LOW: [[u8; 16]; 2] = run_pair_table(0);
     const RUN_HIGH: [[u8; 16]; 2] = run_pair_table(1);
 
-    /// With `PREFIX` false, [`run_weight`]: every block, those the vector path cannot take summed by the scalar
-    /// loop. With `PREFIX` true, [`plain_prefix`]: up to the first block holding a quote, a backslash, a control or
-    /// a non-ASCII byte (or the tail shorter than a block), where it stops and says how far it got.
-    #[target_feature(enable = "avx2")]
-    fn run_weight_avx2<const PREFIX: bool>(run: &[u8]) -> (usize, i64) {
-        if PREFIX {
-            // Most strings end within their first block: say so before loading the tables.
-            let first = run.first_chunk::<32>().map_or(0, |b| {
-                // SAFETY: `b` is 32 readable bytes; the load is unaligned.
-                let v = unsafe { _mm256_loadu_si256(b.as_ptr().cast()) };
-                let special = _mm256_or_si256(
-                    _mm256_or_si256(v, _mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'\\' as i8))),
-                    _mm256_or_si256(
-                        _mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'"' as i8)),
-                        _mm256_cmpgt_epi8(_mm256_set1_epi8(0x20), v),
-                    ),
-                );
-                _mm256_movemask_epi8(special)
-            });
-            if first != 0 || run.len() < 32 {
-                return (0, 0);
+    /// The tables of the plain-run path, loaded into vectors once per call.
+    struct RunTables {
+        nibble: __m256i,
+        rows: __m256i,
+        columns: __m256i,
+        row_class: __m256i,
+        times5: __m256i,
+        low: [__m256i; 2],
+        high: [__m256i; 2],
+        special: __m256i,
+        zero: __m256i,
+    }
+
+    impl RunTables {
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        fn load() -> Self {
+            Self {
+                nibble: _mm256_set1_epi8(0x0f),
+                rows: table(&ROWS),
+                columns: table(&COLUMNS),
+                row_class: table(&ROW_CLASS),
+                times5: table(&TIMES5),
+                low: [table(&RUN_LOW[0]), table(&RUN_LOW[1])],
+                high: [table(&RUN_HIGH[0]), table(&RUN_HIGH[1])],
+                special: _mm256_set1_epi8(SPECIAL as i8),
+                zero: _mm256_setzero_si256(),
             }
         }
-        let nibble = _mm256_set1_epi8(0x0f);
-        let (rows, columns) = (table(&ROWS), table(&COLUMNS));
-        let (row_class, times5) = (table(&ROW_CLASS), table(&TIMES5));
-        let low = [table(&RUN_LOW[0]), table(&RUN_LOW[1])];
-        let high = [table(&RUN_HIGH[0]), table(&RUN_HIGH[1])];
-        let special = _mm256_set1_epi8(SPECIAL as i8);
-        let zero = _mm256_setzero_si256();
 
-        let (mut sum_lo, mut sum_hi) = (zero, zero);
-        let mut vector_blocks = 0i64;
-        let mut acc = 0i64;
-        // Run class × 5 of the previous block's bytes, when that block went through the vector path.
-        let mut prev5: Option<__m256i> = None;
-        let blocks = run.chunks_exact(32);
-        let mut end = run.len() - blocks.remainder().len();
-        for (n, chunk) in blocks.enumerate() {
-            let o = 32 * n;
-            // SAFETY: `chunk` is 32 readable bytes; the load is unaligned.
-            let v = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
-            let row = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+        /// Each byte's row (high nibble), and the bits its row and column share.
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        fn bits(&self, v: __m256i) -> (__m256i, __m256i) {
+            let row = _mm256_and_si256(_mm256_srli_epi16::<4>(v), self.nibble);
             let bits = _mm256_and_si256(
-                _mm256_shuffle_epi8(rows, row),
-                _mm256_shuffle_epi8(columns, _mm256_and_si256(v, nibble)),
+                _mm256_shuffle_epi8(self.rows, row),
+                _mm256_shuffle_epi8(self.columns, _mm256_and_si256(v, self.nibble)),
             );
-            if _mm256_testz_si256(bits, special) == 0 {
-                if PREFIX {
-                    end = o;
-                    break;
-                }
-                acc += run_weight_scalar(&run[o.saturating_sub(1)..o + 32]);
-                prev5 = None;
-                continue;
-            }
+            (row, bits)
+        }
+
+        /// The weight of each lane's pair, low byte and high byte (biased by 128), and the run class × 5 of each
+        /// lane; `before` is the run class × 5 of the previous block's bytes (its last lane is the one used).
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        fn weights(&self, (row, bits): (__m256i, __m256i), before: __m256i) -> (__m256i, __m256i, __m256i) {
             // Punctuation shares no bit: run class 0.
-            let c = _mm256_min_epu8(_mm256_shuffle_epi8(row_class, row), bits);
-            let c5 = _mm256_shuffle_epi8(times5, c);
+            let c = _mm256_min_epu8(_mm256_shuffle_epi8(self.row_class, row), bits);
+            let c5 = _mm256_shuffle_epi8(self.times5, c);
             // The previous byte's class × 5 in each lane: the last byte of the block before, then this block's.
-            let before = prev5.unwrap_or(_mm256_set1_epi8(5));
             let p5 = _mm256_alignr_epi8::<15>(c5, _mm256_permute2x128_si256::<0x21>(before, c5));
-            if prev5.is_none() {
-                // Lane 0 paired with a stand-in (a lowercase letter, run class 1): take it out, and put the real pair
-                // (if any) in.
-                let first = usize::from(chunk[0]);
-                acc -= i64::from(PAIR_WEIGHT[pair_index(usize::from(LOWER), CLASS[first])]);
-                if o > 0 {
-                    acc += i64::from(BYTE_PAIR_WEIGHT[usize::from(run[o - 1]) | first << 8]);
-                }
-            }
             // Indices 0..25: bit 4 picks the second table, the shuffles read the low four bits.
             let idx = _mm256_add_epi8(p5, c);
             let second = _mm256_slli_epi16::<3>(idx);
             let look = |t: &[__m256i; 2]| {
                 _mm256_blendv_epi8(_mm256_shuffle_epi8(t[0], idx), _mm256_shuffle_epi8(t[1], idx), second)
             };
-            sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(look(&low), zero));
-            sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(look(&high), zero));
+            (look(&self.low), look(&self.high), c5)
+        }
+    }
+
+    /// `0xff` then `0x00`, 32 of each: the 32 bytes from offset `32 - k` keep the first `k` lanes.
+    static KEEP_FIRST: [u8; 64] = {
+        let mut t = [0u8; 64];
+        let mut i = 0;
+        while i < 32 {
+            t[i] = 0xff;
+            i += 1;
+        }
+        t
+    };
+
+    /// With `PREFIX` false, [`run_weight`]: every block, those the vector path cannot take summed by the scalar
+    /// loop. With `PREFIX` true, [`plain_prefix`]: up to the first block holding a quote, a backslash, a control or
+    /// a non-ASCII byte (or the tail shorter than a block), where it stops and says how far it got; when that byte is
+    /// a quote after plain bytes only, the string ends there, and the block's bytes before it are weighed too (the
+    /// third value is then true).
+    #[target_feature(enable = "avx2")]
+    fn run_weight_avx2<const PREFIX: bool>(run: &[u8]) -> (usize, i64, bool) {
+        let t = RunTables::load();
+        let (mut sum_lo, mut sum_hi) = (t.zero, t.zero);
+        let mut vector_blocks = 0i64;
+        let mut acc = 0i64;
+        // Run class × 5 of the previous block's bytes, when that block went through the vector path.
+        let mut prev5: Option<__m256i> = None;
+        // A lowercase letter (run class 1), the stand-in before a block that follows none weighed by the vector path.
+        let stand_in = _mm256_set1_epi8(5);
+        // Lane 0 paired with the stand-in: take it out, and put the real pair (if any) in.
+        let first_pair = |o: usize| {
+            let first = usize::from(run[o]);
+            let real = o
+                .checked_sub(1)
+                .map_or(0, |p| BYTE_PAIR_WEIGHT[usize::from(run[p]) | first << 8]);
+            i64::from(real) - i64::from(PAIR_WEIGHT[pair_index(usize::from(LOWER), CLASS[first])])
+        };
+        let blocks = run.chunks_exact(32);
+        let mut end = run.len() - blocks.remainder().len();
+        let mut whole = false;
+        for (n, chunk) in blocks.enumerate() {
+            let o = 32 * n;
+            // SAFETY: `chunk` is 32 readable bytes; the load is unaligned.
+            let v = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
+            let rb = t.bits(v);
+            if _mm256_testz_si256(rb.1, t.special) == 0 {
+                if PREFIX {
+                    end = o;
+                    let special = _mm256_cmpeq_epi8(_mm256_and_si256(rb.1, t.special), t.zero);
+                    let k = (!_mm256_movemask_epi8(special).cast_unsigned()).trailing_zeros() as usize;
+                    if chunk.get(k) == Some(&b'"') {
+                        // The string ends in this block, plain to its end: weigh the lanes before the quote.
+                        whole = true;
+                        if k > 0 {
+                            end = o + k;
+                            let (wl, wh, _) = t.weights(rb, prev5.unwrap_or(stand_in));
+                            if prev5.is_none() {
+                                acc += first_pair(o);
+                            }
+                            // SAFETY: `32 - k..64 - k` lies within the 64 bytes; the load is unaligned.
+                            let keep = unsafe { _mm256_loadu_si256(KEEP_FIRST[32 - k..].as_ptr().cast()) };
+                            sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(_mm256_and_si256(wl, keep), t.zero));
+                            sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(_mm256_and_si256(wh, keep), t.zero));
+                        }
+                    }
+                    break;
+                }
+                acc += run_weight_scalar(&run[o.saturating_sub(1)..o + 32]);
+                prev5 = None;
+                continue;
+            }
+            let (wl, wh, c5) = t.weights(rb, prev5.unwrap_or(stand_in));
+            if prev5.is_none() {
+                acc += first_pair(o);
+            }
+            sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(wl, t.zero));
+            sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(wh, t.zero));
             if !PREFIX {
                 vector_blocks += 1;
             }
@@ -711,20 +802,23 @@ mod simd {
         if !PREFIX && end < run.len() {
             acc += run_weight_scalar(&run[end.saturating_sub(1)..]);
         }
-        // Every block of a prefix went through the vector path.
-        if PREFIX {
-            vector_blocks = i64::try_from(end / 32).unwrap_or(i64::MAX);
-        }
+        // Every byte of a prefix went through the vector path; of a run, every byte of its vector blocks.
+        let lanes_weighed = if PREFIX {
+            i64::try_from(end).unwrap_or(i64::MAX)
+        } else {
+            32 * vector_blocks
+        };
         let lanes = |v: __m256i| {
             _mm256_extract_epi64::<0>(v)
                 + _mm256_extract_epi64::<1>(v)
                 + _mm256_extract_epi64::<2>(v)
                 + _mm256_extract_epi64::<3>(v)
         };
-        // High bytes are stored biased by 128 to sum them unsigned.
+        // High bytes are stored biased by 128 to sum them unsigned (the lanes left out are 0, not 128).
         (
             end,
-            acc + lanes(sum_lo) + 256 * (lanes(sum_hi) - 128 * 32 * vector_blocks),
+            acc + lanes(sum_lo) + 256 * (lanes(sum_hi) - 128 * lanes_weighed),
+            whole,
         )
     }
 
@@ -1244,8 +1338,16 @@ mod tests {
         buf.push(b'"');
         buf.extend_from_slice(after);
         let prefix = plain_prefix(&buf);
-        assert!(prefix.0 <= s.len() && prefix.0.is_multiple_of(32), "{prefix:?}");
-        assert!(s[..prefix.0]
+        assert!(
+            prefix.len <= s.len() && (prefix.len.is_multiple_of(32) || prefix.whole),
+            "{prefix:?}"
+        );
+        // A whole prefix is the whole string, plain (the quote after it is its closing quote).
+        assert!(
+            !prefix.whole || (prefix.len == s.len() && buf[s.len()] == b'"'),
+            "{prefix:?}"
+        );
+        assert!(s[..prefix.len]
             .iter()
             .all(|&b| (0x20..0x80).contains(&b) && b != b'"' && b != b'\\'));
         assert_eq!(
@@ -1278,10 +1380,23 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if simd::available() {
             assert_eq!(
-                plain_prefix(&long).0,
+                plain_prefix(&long).len,
                 1984,
                 "every whole block of plain text is weighed in one pass"
             );
+            // A string that ends in a block the prefix reads is weighed to its end, short or long.
+            for len in [0, 1, 28, 31, 32, 33, 1999, 2000] {
+                let mut buf = long[..len].to_vec();
+                buf.extend_from_slice(
+                    b"\"}, {\"role\": \"assistant\", \"content\": \"\"}], \"max_tokens\": 256, \"stream\": true}",
+                );
+                let p = plain_prefix(&buf);
+                assert!(p.whole && p.len == len, "{len}: {p:?}");
+                assert_eq!(
+                    estimate_after(&long[..len], false, p),
+                    estimate_raw(&long[..len], false)
+                );
+            }
         }
     }
 
