@@ -787,7 +787,12 @@ impl CompiledRouter {
             } else {
                 v
             };
-            let v = v.trim();
+            // NOTE: a key that starts and ends with a visible ASCII byte has nothing to trim; `str::trim` looks for
+            // Unicode white space at both ends (~50 instructions, callgrind).
+            let v = match (v.as_bytes().first(), v.as_bytes().last()) {
+                (Some(a), Some(z)) if a.is_ascii_graphic() && z.is_ascii_graphic() => v,
+                _ => v.trim(),
+            };
             (!v.is_empty()).then_some(v)
         });
         match key {
