@@ -12,8 +12,55 @@ Targets (issue 2): 2 KB / 50 routes / 10k keys median < 2 µs including the cros
 100 KB < 100 µs.
 
 Instructions per decide (`benches/callgrind_decide.py`: callgrind, a loop of N calls minus a loop of 0, release
-build; the crossing is included; SHA-256 runs its portable path under valgrind, SHA-NI natively). "before" is the
-start of the route-index pass (d25944a), "after" its end, both measured the same day with the same harness:
+build; the crossing is included; SHA-256 runs its portable path under valgrind, SHA-NI natively). The decide pass
+(issue 2: at most 15.5k at 2 KB / 50 routes, nothing else worse): "before" is its start (f3529a9), "after" its end,
+both measured the same day with the same harness:
+
+    body     routes   before    after
+    200 B       5     13.04k    11.47k    (-12 %)
+    200 B      50     13.80k    12.21k    (-12 %)
+    200 B     500     16.40k    14.84k    (-10 %)
+    2 KB        5     17.24k    14.09k    (-18 %)
+    2 KB       50     17.99k    14.82k    (-18 %)
+    2 KB      500     20.60k    17.46k    (-15 %)
+    100 KB      5    359.2k    260.2k     (-28 %)
+    100 KB     50    360.0k    261.0k     (-28 %)
+    100 KB    500    362.5k    263.5k     (-27 %)
+    msgspec.json.decode: 9.6k / 17.2k / 513k; one `_core.noop()` loop iteration: 0.4k
+
+Step by step at 2 KB / 50 routes: the plain-run token loop classifies a block by the AND of two nibble lookups
+(five classes and the special bytes, one `vptest`) and looks pairs up in a 25-entry table (four shuffles, two
+blends), where ten byte ranges and a 48-entry table took 37 more instructions per 32 bytes; with it the key digest
+compared four words at a time under one barrier (`subtle` compares byte by byte), the scan's `Body` borrowed from
+its `Result` (not a ~600-byte move) and no second UTF-8 check of `model` and `user`: 17.99k -> 15.78k. The run class
+as the smaller of the row's class and the nibble bits (no compare), and object keys read inline (not a call whose
+result goes through memory): -> 15.17k. A string that ends in a block the prefix reads is weighed to its end there
+(masked lanes) and its end taken from the prefix, so short strings and the tails of long ones skip the end search
+and the scalar loop: -> 14.96k. `max_tokens` parsed digit by digit, no `trim` of a key with visible ASCII at both
+ends: -> 14.82k. Tried and dropped: a masked vector block for the tail after the prefix, as a second call (its table
+setup cost more than the ~16-byte scalar tail it replaced: 15.78k -> 15.94k).
+
+Where the 14.8k go now: the body scan 6.0k (of which the token estimate, fused with the string scan, 2.3k); SHA-256
+3.5k (valgrind only; natively SHA-NI); the rest of decide 2.0k (key lookup, route index and one full route check,
+tenant rules, the rewrite plan 0.3k); the binding 2.3k (header lookups 0.3k, the new body 1.0k, the `Decision`
+object); the call, argument parsing and the `Decision`'s deallocation (with the new body's) ~1.4k.
+
+Timed (no hardware counters on this VM; load average 2.7-5.2 from other work on the 2 shared cores, so medians
+wander and minimums are steadier). `make bench`'s pytest run, the build before this pass against this one,
+alternating, same quarter hour: 2 KB / 50 routes min 1.84, 1.87 -> 1.54, 1.56 µs, median 1.96, 3.51 -> 1.68, 2.94
+µs; 2 KB / 5 routes min 1.70, 1.75 -> 1.42, 1.44 µs; 2 KB / 500 routes min 2.13, 2.14 -> 1.81, 1.83 µs; msgspec 2 KB
+min 1.74-2.73 µs. A full run of this build (load ~3): 2 KB / 50 routes median 1.74 µs (min 1.61) against msgspec's
+1.90 µs; 200 B / 50 routes 1.48 µs; 100 KB / 50 routes 17.4 µs against msgspec's 77 µs. Both builds loaded side by
+side in one process, alternating rounds of 2,000 calls (timeit, 40 rounds, four processes): 2 KB / 50 routes, the
+median of the paired per-round ratios new / before 0.83, 0.89, 0.92, 0.84; min 1.91-2.91 -> 1.57-2.50 µs; CPU time
+per call (median) 2.2-3.5 -> 1.8-3.0 µs; against msgspec's decode in the same rounds 0.83-1.04x. The fast token
+estimator is unchanged (its escaped-text loop is not this pass's): 1 MiB mixed, pytest median 1.28 GB/s (best 1.59).
+
+Conclusions: 2 KB / 50 routes / 10k keys is under the 2 µs target with room on this loaded machine (1.54-1.61 µs
+minimums, 1.68-1.74 µs medians in the calmer runs, at or under one msgspec parse of the same body), at 14.8k
+instructions against the 15.5k asked; 100 KB stays far under 100 µs (~17-27 µs). No grid point got worse.
+
+The route-index pass before it ("before" d25944a, "after" its end):
 
     body     routes   before    after
     200 B       5     13.99k    13.04k    (-7 %)
@@ -25,7 +72,6 @@ start of the route-index pass (d25944a), "after" its end, both measured the same
     100 KB      5    411.8k    359.2k     (-13 %)
     100 KB     50    414.1k    360.0k     (-13 %)
     100 KB    500    437.2k    362.6k     (-17 %)
-    msgspec.json.decode: 9.6k / 17.2k / 514k; one `_core.noop()` loop iteration: 0.4k
 
 What changed, step by step at 2 KB / 50 routes: a route index of bitsets (for each field routes test by value --
 path, header, model, tenant, stream, metadata, token ranges -- the routes that can match each value; decide ANDs one
@@ -45,7 +91,7 @@ walk), alternating, same hour (load average ~3.0 from other builds; medians): 2 
 23.6-23.8 (50) µs against msgspec's 44 µs. timeit in separate processes, alternating (12 rounds, load ~3.7), 2 KB /
 50 routes: median 3.06 -> 1.99 µs, min 2.18 -> 1.79 µs.
 
-Conclusions: 100 KB meets its target with room (~24 µs, about half of one msgspec parse). 2 KB / 50 routes / 10k
+Conclusions of that pass: 100 KB meets its target with room (~24 µs, about half of one msgspec parse). 2 KB / 50 routes / 10k
 keys is at the < 2 µs target on this loaded machine (1.94-2.04 µs medians, 1.8 µs minimums, ~1.1x msgspec in the
 same run); a quiet-machine figure is for the lead's run. Where its 18.0k instructions go now: the body scan 8.6k
 (of which the token estimate, fused with the string scan, 3.7k); SHA-256 3.5k (valgrind only); the rest of decide

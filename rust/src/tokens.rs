@@ -70,30 +70,63 @@ pub fn estimate_raw(text: &[u8], may_escape: bool) -> u32 {
     finish(weight_from(text, may_escape, BREAK, 0))
 }
 
-/// A JSON string's plain start, weighed while its end is still unknown: `(n, w)` where `text[..n]` holds no quote,
-/// backslash, control or non-ASCII byte and `w` is its weight (as [`estimate_raw`] counts it); `n` is a multiple
-/// of 32, and 0 when no AVX2 or `text` is short. `text` is the body from the string's first byte: the string ends
-/// at a quote, so its closing quote lies at `n` or later. The scanner finds the end from `n` and hands the rest to
-/// [`estimate_after`], so a long plain string is read once, not once to find its end and once to weigh it.
+/// A JSON string's plain start, weighed while its end is still unknown ([`plain_prefix`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    /// `text[..len]` holds no quote, backslash, control or non-ASCII byte.
+    pub len: usize,
+    /// The weight of `text[..len]` (as [`estimate_raw`] counts it).
+    pub weight: i64,
+    /// The string ends at `len`: `text[len]` is its closing quote.
+    pub whole: bool,
+}
+
+/// A JSON string's plain start, weighed while its end is still unknown: `text[..len]` holds no quote, backslash,
+/// control or non-ASCII byte and `weight` is its weight (as [`estimate_raw`] counts it); `len` is a multiple of 32,
+/// or the string's length when `whole` (its closing quote lies in the block after the last whole one and only plain
+/// bytes come before it), and 0 when no AVX2 or `text` is short. `text` is the body from the string's first byte:
+/// the string ends at a quote, so its closing quote lies at `len` or later. Unless the prefix is the whole string,
+/// the scanner finds the end from `len` and hands the rest to [`estimate_after`], so a long plain string is read once,
+/// not once to find its end and once to weigh it.
 #[must_use]
-pub fn plain_prefix(text: &[u8]) -> (usize, i64) {
+pub fn plain_prefix(text: &[u8]) -> Prefix {
     #[cfg(target_arch = "x86_64")]
     if text.len() >= simd::MIN_RUN && simd::available() {
-        let (n, w) = simd::plain_prefix(text);
-        if n > 0 {
+        let (len, weight, whole) = simd::plain_prefix(text);
+        if len > 0 {
             let first = PAIR_WEIGHT[pair_index(usize::from(BREAK), CLASS[usize::from(text[0])])];
-            return (n, w + i64::from(first));
+            return Prefix {
+                len,
+                weight: weight + i64::from(first),
+                whole,
+            };
         }
+        return Prefix {
+            len: 0,
+            weight: 0,
+            whole,
+        };
     }
     let _ = text;
-    (0, 0)
+    Prefix {
+        len: 0,
+        weight: 0,
+        whole: false,
+    }
 }
 
 /// [`estimate_raw`] of a string whose start `prefix` ([`plain_prefix`] of it) has already weighed: equal to
 /// `estimate_raw(text, may_escape)`.
 #[must_use]
-pub fn estimate_after(text: &[u8], may_escape: bool, prefix: (usize, i64)) -> u32 {
-    let (n, w) = prefix;
+pub fn estimate_after(text: &[u8], may_escape: bool, prefix: Prefix) -> u32 {
+    let Prefix {
+        len: n,
+        weight: w,
+        whole,
+    } = prefix;
+    if whole && n > 0 {
+        return finish(w);
+    }
     match n.checked_sub(1).and_then(|last| text.get(last)) {
         // The run the prefix ends inside goes on from `n`: its byte pairs by class equal its pairs by byte.
         Some(&last) => finish(weight_from(&text[n..], may_escape, CLASS[usize::from(last)], w)),
@@ -232,14 +265,16 @@ fn find_backslash(text: &[u8]) -> usize {
 #[allow(unsafe_code)]
 mod simd {
     use std::arch::x86_64::{
-        __m256i, _mm256_add_epi64, _mm256_adds_epu8, _mm256_alignr_epi8, _mm256_and_si256, _mm256_andnot_si256,
-        _mm256_blendv_epi8, _mm256_cmpeq_epi8, _mm256_cmpgt_epi8, _mm256_extract_epi64, _mm256_loadu_si256,
-        _mm256_movemask_epi8, _mm256_or_si256, _mm256_permute2x128_si256, _mm256_sad_epu8, _mm256_set1_epi8,
-        _mm256_setr_epi8, _mm256_setzero_si256, _mm256_shuffle_epi8, _mm256_slli_epi16, _mm256_srli_epi16,
-        _mm256_sub_epi8, _mm256_xor_si256,
+        __m256i, _mm256_add_epi64, _mm256_add_epi8, _mm256_adds_epu8, _mm256_alignr_epi8, _mm256_and_si256,
+        _mm256_andnot_si256, _mm256_blendv_epi8, _mm256_cmpeq_epi8, _mm256_cmpgt_epi8, _mm256_extract_epi64,
+        _mm256_loadu_si256, _mm256_min_epu8, _mm256_movemask_epi8, _mm256_or_si256, _mm256_permute2x128_si256,
+        _mm256_sad_epu8, _mm256_set1_epi8, _mm256_setr_epi8, _mm256_setzero_si256, _mm256_shuffle_epi8,
+        _mm256_slli_epi16, _mm256_srli_epi16, _mm256_sub_epi8, _mm256_testz_si256, _mm256_xor_si256,
     };
 
-    use super::{pair_index, run_weight_scalar, BREAK, BYTE_PAIR_WEIGHT, CLASS, LOWER, PAIR_WEIGHT, PUNCT};
+    use super::{
+        pair_index, run_weight_scalar, BREAK, BYTE_PAIR_WEIGHT, CLASS, DIGIT, LOWER, PAIR_WEIGHT, PUNCT, SPACE, UPPER,
+    };
 
     /// Shortest run worth the vector setup.
     pub(super) const MIN_RUN: usize = 64;
@@ -510,102 +545,280 @@ mod simd {
     }
 
     /// The whole 32-byte blocks at the start of `text` that hold no quote, backslash, control or non-ASCII byte,
-    /// as their length and the sum of the pair weights inside them.
-    pub(super) fn plain_prefix(text: &[u8]) -> (usize, i64) {
+    /// as their length and the sum of the pair weights inside them; or, when the string ends in the next block after
+    /// plain bytes only, all of it, and true.
+    pub(super) fn plain_prefix(text: &[u8]) -> (usize, i64, bool) {
         debug_assert!(available());
         // SAFETY: AVX2 is present (checked by the caller through `available`).
         unsafe { run_weight_avx2::<true>(text) }
     }
 
-    /// With `PREFIX` false, [`run_weight`]: every block, those the vector path cannot take summed by the scalar
-    /// loop. With `PREFIX` true, [`plain_prefix`]: up to the first block holding a quote, a backslash, a control or
-    /// a non-ASCII byte (or the tail shorter than a block), where it stops and says how far it got.
-    #[target_feature(enable = "avx2")]
-    fn run_weight_avx2<const PREFIX: bool>(run: &[u8]) -> (usize, i64) {
-        if PREFIX {
-            // Most strings end within their first block: say so before loading the tables.
-            let first = run.first_chunk::<32>().map_or(0, |b| {
-                // SAFETY: `b` is 32 readable bytes; the load is unaligned.
-                let v = unsafe { _mm256_loadu_si256(b.as_ptr().cast()) };
-                let special = _mm256_or_si256(
-                    _mm256_or_si256(v, _mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'\\' as i8))),
-                    _mm256_or_si256(
-                        _mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'"' as i8)),
-                        _mm256_cmpgt_epi8(_mm256_set1_epi8(0x20), v),
-                    ),
-                );
-                _mm256_movemask_epi8(special)
-            });
-            if first != 0 || run.len() < 32 {
-                return (0, 0);
+    // A plain run's bytes, classified by two nibble lookups: the bits a byte's high nibble (row) and its low nibble
+    // (column) have in common say its class, or that it is special (a quote, a backslash, a control, DEL or a
+    // non-ASCII byte: the block leaves the vector path). The five classes of the other ASCII bytes are numbered
+    // `RUN_CLASSES` order, punctuation 0, so a pair of them indexes a 25-entry table: two shuffles per weight byte,
+    // where the ten ranges of `classes` and its 48-entry pair table take five shuffles and more compares.
+    // The class bits are 4 or more, above every run class number, so that the class of a byte is the smaller of its
+    // row's class and its bits (0 for punctuation, which has none).
+    /// Row 4 or 6 with a column of 1 or more: `A`..`O`, `a`..`o`.
+    const LETTER_FROM_1: u8 = 0x04;
+    /// Row 5 or 7 with a column of 10 or less: `P`..`Z`, `p`..`z`.
+    const LETTER_TO_10: u8 = 0x08;
+    /// Row 3, columns 0..=9: digits.
+    const DIGITS: u8 = 0x10;
+    /// Row 2, column 0: the space.
+    const SPACE_BYTE: u8 = 0x20;
+    /// Row 2, column 2: the quote.
+    const QUOTE: u8 = 0x01;
+    /// Row 5, column 12: the backslash.
+    const BACKSLASH: u8 = 0x02;
+    /// Rows 0 and 1 (controls) and 8..=15 (non-ASCII), every column.
+    const SPECIAL_ROW: u8 = 0x40;
+    /// Row 7, column 15: DEL (a control).
+    const DEL: u8 = 0x80;
+    const SPECIAL: u8 = QUOTE | BACKSLASH | SPECIAL_ROW | DEL;
+
+    const ROWS: [u8; 16] = {
+        let mut t = [SPECIAL_ROW; 16];
+        t[2] = SPACE_BYTE | QUOTE;
+        t[3] = DIGITS;
+        t[4] = LETTER_FROM_1;
+        t[5] = LETTER_TO_10 | BACKSLASH;
+        t[6] = LETTER_FROM_1;
+        t[7] = LETTER_TO_10 | DEL;
+        t
+    };
+    const COLUMNS: [u8; 16] = {
+        let mut t = [0u8; 16];
+        let mut c = 0;
+        while c < 16 {
+            t[c] = SPECIAL_ROW
+                | if c >= 1 { LETTER_FROM_1 } else { 0 }
+                | if c <= 10 { LETTER_TO_10 } else { 0 }
+                | if c <= 9 { DIGITS } else { 0 }
+                | if c == 0 { SPACE_BYTE } else { 0 }
+                | if c == 2 { QUOTE } else { 0 }
+                | if c == 12 { BACKSLASH } else { 0 }
+                | if c == 15 { DEL } else { 0 };
+            c += 1;
+        }
+        t
+    };
+
+    /// The classes of a plain run's bytes, by run class number.
+    const RUN_CLASSES: [u8; 5] = [PUNCT, LOWER, UPPER, DIGIT, SPACE];
+
+    /// The run class of a row's bytes whose row and column share a bit (the others are punctuation, 0); checked at
+    /// compile time against `class_of` for every byte, with the special bytes.
+    const ROW_CLASS: [u8; 16] = {
+        let t = [0, 0, 4, 3, 2, 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut b = 0usize;
+        while b < 256 {
+            let (row, col) = (b >> 4, b & 15);
+            let m = ROWS[row] & COLUMNS[col];
+            let special = b == b'"' as usize || b == b'\\' as usize || b < 0x20 || b >= 0x7f;
+            assert!((m & SPECIAL != 0) == special, "the nibble tables miss a special byte");
+            let k = if m != 0 { t[row] } else { 0 };
+            assert!(
+                special || k == if m < t[row] { m } else { t[row] },
+                "a class bit below a run class"
+            );
+            assert!(
+                special || RUN_CLASSES[k as usize] == super::class_of(b as u8),
+                "the nibble tables disagree with class_of"
+            );
+            b += 1;
+        }
+        t
+    };
+    /// Run class × 5, by run class.
+    const TIMES5: [u8; 16] = [0, 5, 10, 15, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    /// Byte `k` (0 = low, 1 = high, stored plus 128 so that sums of them are unsigned) of the weight of the run
+    /// class pair at index `prev * 5 + class`, in two 16-entry tables (indices 0..25).
+    const fn run_pair_table(k: u32) -> [[u8; 16]; 2] {
+        let mut t = [[0u8; 16]; 2];
+        let mut i = 0;
+        while i < 32 {
+            let w = if i < 25 {
+                PAIR_WEIGHT[pair_index(RUN_CLASSES[i / 5] as usize, RUN_CLASSES[i % 5])]
+            } else {
+                0
+            };
+            assert!(
+                w >= i16::MIN as i32 && w <= i16::MAX as i32,
+                "a pair weight does not fit in i16"
+            );
+            let byte = ((w as i16 as u16) >> (8 * k)) as u8;
+            t[i / 16][i % 16] = if k == 1 { byte ^ 0x80 } else { byte };
+            i += 1;
+        }
+        t
+    }
+    const RUN_LOW: [[u8; 16]; 2] = run_pair_table(0);
+    const RUN_HIGH: [[u8; 16]; 2] = run_pair_table(1);
+
+    /// The tables of the plain-run path, loaded into vectors once per call.
+    struct RunTables {
+        nibble: __m256i,
+        rows: __m256i,
+        columns: __m256i,
+        row_class: __m256i,
+        times5: __m256i,
+        low: [__m256i; 2],
+        high: [__m256i; 2],
+        special: __m256i,
+        zero: __m256i,
+    }
+
+    impl RunTables {
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        fn load() -> Self {
+            Self {
+                nibble: _mm256_set1_epi8(0x0f),
+                rows: table(&ROWS),
+                columns: table(&COLUMNS),
+                row_class: table(&ROW_CLASS),
+                times5: table(&TIMES5),
+                low: [table(&RUN_LOW[0]), table(&RUN_LOW[1])],
+                high: [table(&RUN_HIGH[0]), table(&RUN_HIGH[1])],
+                special: _mm256_set1_epi8(SPECIAL as i8),
+                zero: _mm256_setzero_si256(),
             }
         }
-        let t = Tables::load();
-        let backslash = _mm256_set1_epi8(b'\\' as i8);
-        let (quote, space) = (_mm256_set1_epi8(b'"' as i8), _mm256_set1_epi8(0x20));
-        let bias = _mm256_set1_epi8(i8::MIN);
-        let zero = _mm256_setzero_si256();
 
-        let (mut sum_lo, mut sum_hi) = (zero, zero);
+        /// Each byte's row (high nibble), and the bits its row and column share.
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        fn bits(&self, v: __m256i) -> (__m256i, __m256i) {
+            let row = _mm256_and_si256(_mm256_srli_epi16::<4>(v), self.nibble);
+            let bits = _mm256_and_si256(
+                _mm256_shuffle_epi8(self.rows, row),
+                _mm256_shuffle_epi8(self.columns, _mm256_and_si256(v, self.nibble)),
+            );
+            (row, bits)
+        }
+
+        /// The weight of each lane's pair, low byte and high byte (biased by 128), and the run class × 5 of each
+        /// lane; `before` is the run class × 5 of the previous block's bytes (its last lane is the one used).
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        fn weights(&self, (row, bits): (__m256i, __m256i), before: __m256i) -> (__m256i, __m256i, __m256i) {
+            // Punctuation shares no bit: run class 0.
+            let c = _mm256_min_epu8(_mm256_shuffle_epi8(self.row_class, row), bits);
+            let c5 = _mm256_shuffle_epi8(self.times5, c);
+            // The previous byte's class × 5 in each lane: the last byte of the block before, then this block's.
+            let p5 = _mm256_alignr_epi8::<15>(c5, _mm256_permute2x128_si256::<0x21>(before, c5));
+            // Indices 0..25: bit 4 picks the second table, the shuffles read the low four bits.
+            let idx = _mm256_add_epi8(p5, c);
+            let second = _mm256_slli_epi16::<3>(idx);
+            let look = |t: &[__m256i; 2]| {
+                _mm256_blendv_epi8(_mm256_shuffle_epi8(t[0], idx), _mm256_shuffle_epi8(t[1], idx), second)
+            };
+            (look(&self.low), look(&self.high), c5)
+        }
+    }
+
+    /// `0xff` then `0x00`, 32 of each: the 32 bytes from offset `32 - k` keep the first `k` lanes.
+    static KEEP_FIRST: [u8; 64] = {
+        let mut t = [0u8; 64];
+        let mut i = 0;
+        while i < 32 {
+            t[i] = 0xff;
+            i += 1;
+        }
+        t
+    };
+
+    /// With `PREFIX` false, [`run_weight`]: every block, those the vector path cannot take summed by the scalar
+    /// loop. With `PREFIX` true, [`plain_prefix`]: up to the first block holding a quote, a backslash, a control or
+    /// a non-ASCII byte (or the tail shorter than a block), where it stops and says how far it got; when that byte is
+    /// a quote after plain bytes only, the string ends there, and the block's bytes before it are weighed too (the
+    /// third value is then true).
+    #[target_feature(enable = "avx2")]
+    fn run_weight_avx2<const PREFIX: bool>(run: &[u8]) -> (usize, i64, bool) {
+        let t = RunTables::load();
+        let (mut sum_lo, mut sum_hi) = (t.zero, t.zero);
         let mut vector_blocks = 0i64;
         let mut acc = 0i64;
-        // Class × 8 of the previous block's bytes, when that block went through the vector path.
-        let mut prev8: Option<__m256i> = None;
+        // Run class × 5 of the previous block's bytes, when that block went through the vector path.
+        let mut prev5: Option<__m256i> = None;
+        // A lowercase letter (run class 1), the stand-in before a block that follows none weighed by the vector path.
+        let stand_in = _mm256_set1_epi8(5);
+        // Lane 0 paired with the stand-in: take it out, and put the real pair (if any) in.
+        let first_pair = |o: usize| {
+            let first = usize::from(run[o]);
+            let real = o
+                .checked_sub(1)
+                .map_or(0, |p| BYTE_PAIR_WEIGHT[usize::from(run[p]) | first << 8]);
+            i64::from(real) - i64::from(PAIR_WEIGHT[pair_index(usize::from(LOWER), CLASS[first])])
+        };
         let blocks = run.chunks_exact(32);
         let mut end = run.len() - blocks.remainder().len();
+        let mut whole = false;
         for (n, chunk) in blocks.enumerate() {
             let o = 32 * n;
             // SAFETY: `chunk` is 32 readable bytes; the load is unaligned.
             let v = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
-            let mut special = _mm256_or_si256(v, _mm256_cmpeq_epi8(v, backslash));
-            if PREFIX {
-                // Signed, `0x20 > v` also holds for the non-ASCII bytes, already flagged by their top bit.
-                special = _mm256_or_si256(
-                    special,
-                    _mm256_or_si256(_mm256_cmpeq_epi8(v, quote), _mm256_cmpgt_epi8(space, v)),
-                );
-            }
-            if _mm256_movemask_epi8(special) != 0 {
+            let rb = t.bits(v);
+            if _mm256_testz_si256(rb.1, t.special) == 0 {
                 if PREFIX {
                     end = o;
+                    let special = _mm256_cmpeq_epi8(_mm256_and_si256(rb.1, t.special), t.zero);
+                    let k = (!_mm256_movemask_epi8(special).cast_unsigned()).trailing_zeros() as usize;
+                    if chunk.get(k) == Some(&b'"') {
+                        // The string ends in this block, plain to its end: weigh the lanes before the quote.
+                        whole = true;
+                        if k > 0 {
+                            end = o + k;
+                            let (wl, wh, _) = t.weights(rb, prev5.unwrap_or(stand_in));
+                            if prev5.is_none() {
+                                acc += first_pair(o);
+                            }
+                            // SAFETY: `32 - k..64 - k` lies within the 64 bytes; the load is unaligned.
+                            let keep = unsafe { _mm256_loadu_si256(KEEP_FIRST[32 - k..].as_ptr().cast()) };
+                            sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(_mm256_and_si256(wl, keep), t.zero));
+                            sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(_mm256_and_si256(wh, keep), t.zero));
+                        }
+                    }
                     break;
                 }
                 acc += run_weight_scalar(&run[o.saturating_sub(1)..o + 32]);
-                prev8 = None;
+                prev5 = None;
                 continue;
             }
-            let (c, c8) = classes(v, &t);
-            // The previous byte's class × 8 in each lane: the last byte of the block before, then this block's.
-            let before = prev8.unwrap_or(_mm256_set1_epi8((LOWER * 8) as i8));
-            let p8 = _mm256_alignr_epi8::<15>(c8, _mm256_permute2x128_si256::<0x21>(before, c8));
-            if prev8.is_none() {
-                // Lane 0 paired with a stand-in: take it out, and put the real pair (if any) in.
-                let first = usize::from(chunk[0]);
-                acc -= i64::from(PAIR_WEIGHT[pair_index(usize::from(LOWER), CLASS[first])]);
-                if o > 0 {
-                    acc += i64::from(BYTE_PAIR_WEIGHT[usize::from(run[o - 1]) | first << 8]);
-                }
+            let (wl, wh, c5) = t.weights(rb, prev5.unwrap_or(stand_in));
+            if prev5.is_none() {
+                acc += first_pair(o);
             }
-            let idx = _mm256_or_si256(p8, c);
-            let (wl, wh) = t.pair_weights(idx);
-            sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(wl, zero));
-            sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(_mm256_xor_si256(wh, bias), zero));
-            vector_blocks += 1;
-            prev8 = Some(c8);
+            sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(wl, t.zero));
+            sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(wh, t.zero));
+            if !PREFIX {
+                vector_blocks += 1;
+            }
+            prev5 = Some(c5);
         }
         if !PREFIX && end < run.len() {
             acc += run_weight_scalar(&run[end.saturating_sub(1)..]);
         }
+        // Every byte of a prefix went through the vector path; of a run, every byte of its vector blocks.
+        let lanes_weighed = if PREFIX {
+            i64::try_from(end).unwrap_or(i64::MAX)
+        } else {
+            32 * vector_blocks
+        };
         let lanes = |v: __m256i| {
             _mm256_extract_epi64::<0>(v)
                 + _mm256_extract_epi64::<1>(v)
                 + _mm256_extract_epi64::<2>(v)
                 + _mm256_extract_epi64::<3>(v)
         };
-        // High bytes were biased by 128 to sum them unsigned.
+        // High bytes are stored biased by 128 to sum them unsigned (the lanes left out are 0, not 128).
         (
             end,
-            acc + lanes(sum_lo) + 256 * (lanes(sum_hi) - 128 * 32 * vector_blocks),
+            acc + lanes(sum_lo) + 256 * (lanes(sum_hi) - 128 * lanes_weighed),
+            whole,
         )
     }
 
@@ -1125,8 +1338,16 @@ mod tests {
         buf.push(b'"');
         buf.extend_from_slice(after);
         let prefix = plain_prefix(&buf);
-        assert!(prefix.0 <= s.len() && prefix.0.is_multiple_of(32), "{prefix:?}");
-        assert!(s[..prefix.0]
+        assert!(
+            prefix.len <= s.len() && (prefix.len.is_multiple_of(32) || prefix.whole),
+            "{prefix:?}"
+        );
+        // A whole prefix is the whole string, plain (the quote after it is its closing quote).
+        assert!(
+            !prefix.whole || (prefix.len == s.len() && buf[s.len()] == b'"'),
+            "{prefix:?}"
+        );
+        assert!(s[..prefix.len]
             .iter()
             .all(|&b| (0x20..0x80).contains(&b) && b != b'"' && b != b'\\'));
         assert_eq!(
@@ -1159,10 +1380,23 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if simd::available() {
             assert_eq!(
-                plain_prefix(&long).0,
+                plain_prefix(&long).len,
                 1984,
                 "every whole block of plain text is weighed in one pass"
             );
+            // A string that ends in a block the prefix reads is weighed to its end, short or long.
+            for len in [0, 1, 28, 31, 32, 33, 1999, 2000] {
+                let mut buf = long[..len].to_vec();
+                buf.extend_from_slice(
+                    b"\"}, {\"role\": \"assistant\", \"content\": \"\"}], \"max_tokens\": 256, \"stream\": true}",
+                );
+                let p = plain_prefix(&buf);
+                assert!(p.whole && p.len == len, "{len}: {p:?}");
+                assert_eq!(
+                    estimate_after(&long[..len], false, p),
+                    estimate_raw(&long[..len], false)
+                );
+            }
         }
     }
 

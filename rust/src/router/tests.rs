@@ -256,6 +256,75 @@ fn many_keys() {
     }
 }
 
+#[test]
+fn a_key_is_trimmed_of_white_space_at_both_ends() {
+    let r = compile(&tenant_spec(3));
+    for auth in [
+        "Bearer key-1",
+        "Bearer  key-1 ",
+        "Bearer \tkey-1\t",
+        "Bearer key-1\u{a0}",
+        "Bearer \u{2003}key-1",
+    ] {
+        let values = [Some(auth)];
+        let req = Request {
+            method: "POST",
+            path: "/",
+            headers: &values,
+            body: b"{}",
+        };
+        let d = r.decide(&req, None).unwrap();
+        assert_eq!(d.status, 200, "{auth:?}");
+        assert_eq!(r.tenant_names()[d.tenant.unwrap() as usize].as_ref(), "t1", "{auth:?}");
+    }
+    // Not the key: refused; nothing but white space: no key (this spec allows anonymous callers).
+    for (auth, status) in [
+        ("Bearer key-1x", 401),
+        ("Bearer k ey-1", 401),
+        ("Bearer ", 200),
+        ("Bearer \u{a0}", 200),
+    ] {
+        let values = [Some(auth)];
+        let req = Request {
+            method: "POST",
+            path: "/",
+            headers: &values,
+            body: b"{}",
+        };
+        let d = r.decide(&req, None).unwrap();
+        assert_eq!((d.status, d.tenant), (status, None), "{auth:?}");
+    }
+}
+
+#[test]
+fn digests_differing_in_any_one_bit_are_not_equal() {
+    let a: [u8; 32] = Sha256::digest(b"key-0").into();
+    assert!(digest_eq(&a, &a));
+    assert!(digest_eq(&a, &{ a }));
+    for byte in 0..32 {
+        for bit in 0..8 {
+            let mut b = a;
+            b[byte] ^= 1 << bit;
+            assert!(!digest_eq(&a, &b), "byte {byte} bit {bit}");
+            assert!(!digest_eq(&b, &a), "byte {byte} bit {bit}");
+        }
+    }
+    let b: [u8; 32] = Sha256::digest(b"key-1").into();
+    assert!(!digest_eq(&a, &b));
+}
+
+#[test]
+fn a_key_sharing_a_digest_prefix_is_still_compared_in_full() {
+    // Two digests with the same first 8 bytes land in one index slot; only the one equal in full matches.
+    let a: [u8; 32] = Sha256::digest(b"key-0").into();
+    let mut b = a;
+    b[31] ^= 0x80;
+    let table = KeyTable::build(vec![(b, 7)]);
+    assert_eq!(table.lookup(b"key-0"), None);
+    let table = KeyTable::build(vec![(b, 7), (a, 3)]);
+    assert_eq!(table.lookup(b"key-0"), Some(3));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
