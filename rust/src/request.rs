@@ -1278,6 +1278,48 @@ mod tests {
     }
 
     #[test]
+    fn the_feature_pass_observes_each_text_string_whole() {
+        // Strings around the 32-byte blocks of the end search, with escaped quotes and backslashes anywhere.
+        let pieces = [r#"\""#, r"\\", r#"\\\""#, r"\n", r"\u00e9", "é", "word", " ", "?"];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..400 {
+            let mut texts = Vec::new();
+            for _ in 0..3 {
+                let mut t = String::new();
+                while t.len() < round % 150 {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    t.push_str(pieces[(seed % pieces.len() as u64) as usize]);
+                }
+                texts.push(t);
+            }
+            let body = format!(
+                r#"{{"messages":[{{"role":"system","content":"{}"}},{{"role":"user","content":[{{"type":"text","text":"{}"}}]}}],"prompt":"{}","user":"{}"}}"#,
+                texts[0], texts[1], texts[2], texts[2]
+            );
+            assert!(scan(body.as_bytes(), &OPTS).is_ok(), "{body}");
+            let (got_hits, want_hits) = (std::cell::RefCell::new(Vec::new()), std::cell::RefCell::new(Vec::new()));
+            let opts = ScanOptions {
+                features: true,
+                grams: Grams::Collect(&got_hits, u32::MAX),
+                ..OPTS
+            };
+            let got = scan(body.as_bytes(), &opts).unwrap().features;
+            let mut want = Features {
+                turns: 2,
+                ..Features::default()
+            };
+            for t in &texts {
+                want.observe(t.as_bytes(), Grams::Collect(&want_hits, u32::MAX));
+            }
+            want.system_bytes = u32::try_from(texts[0].len()).unwrap();
+            assert_eq!(got, want, "{body}");
+            assert_eq!(got_hits, want_hits, "{body}");
+        }
+    }
+
+    #[test]
     fn close_offset() {
         let b = ok("{\"a\":1 }\n");
         assert_eq!(b.close, 7);
@@ -1330,7 +1372,7 @@ mod tests {
         }
 
         #[test]
-        fn string_end_finds_the_closing_quote(text in "(\\PC|[\"\\\\\n\u{1}]){0,120}", after in "[\"\\\\a ,}\\]]{0,4}") {
+        fn string_end_finds_the_closing_quote(text in "(\\PC|[\"\\\\\n\u{1}]){0,200}", after in "[\"\\\\a ,}\\]]{0,4}") {
             // Any string as JSON encodes it, then anything: the end is where the encoding's closing quote is.
             let encoded = serde_json::to_string(&text).unwrap();
             let inner = &encoded.as_bytes()[1..];
