@@ -6,24 +6,26 @@ counts instead, for use under valgrind). One process, `timeit`; medians of repea
 
 Prompts: real MMLU questions (the bundled training file) joined to 2 KB and 20 KB, in a one-message chat body.
 Two configs that differ only in the route: `to: small` (no classifier) and `classify: complexity` with the
-shipped model. The difference of the medians is the classifier's cost (a second pass over the body counting
-features and summing n-gram weights, then a 16-term dot product and one `exp`).
+shipped model. The difference of the medians is the classifier's cost (a second pass over the body that finds
+the text strings' ends and counts their features and n-gram weights, then a 16-term dot product and one `exp`).
 
 Replay: `fastroute simulate`'s loop (`Router.decide` per line, bodies already encoded) over the 7,007 bundled
 prompts through the classify config; decisions per CPU second on one core.
 
-Targets (issue 6): +<= 5 µs at 2 KB, +<= 30 µs at 20 KB; replay >= 100k requests/s.
+Targets (issue 6): +<= 5 µs at 2 KB, +<= 30 µs at 20 KB (as instructions: +<= 50k and +<= 330k); replay
+>= 100k requests/s.
 
-Last results (2 shared cores, load average 4-5.6; CPU-time medians of 9, the build before the AVX2 block walk
-and the current one run alternately four times, medians of the four; instructions from callgrind, python calling
-decide 200 times minus 0 times, divided by 200, with PYTHONHASHSEED=0 (unseeded counts swing by ~5k)):
+Last results (2 shared cores). Instructions from callgrind, python calling decide 200 times minus 0 times,
+divided by 200, with PYTHONHASHSEED=0 (unseeded counts swing by ~5k); the build before the feature pass stopped
+re-validating text strings, and the current one, in the same session. CPU time: medians over 20 alternating runs
+of each build (each run: the median of 15 repeats), load average 2.8-3.1:
 
-      body  no classifier        added, before -> now        added instructions, before -> now
-      2182   2.6 µs (32.4k)      +5.87 -> +5.74 µs            +76.4k -> +62.9k  (-18 %)
-     21235  18.5 µs (255.4k)     +47.1 -> +44.8 µs            +597.2k -> +490.4k  (-18 %)
-    replay: 354k-368k decisions per CPU second (old build: 365k-369k; ~380 B prompts, no measurable change)
+      body  no classifier        added instructions, before -> now     added CPU time, before -> now
+      2182  25.1k instr.         +64.0k -> +53.0k  (-17 %)              +6.88 -> +5.67 µs
+     21235  192.7k instr.        +501.7k -> +424.2k  (-15 %)            +59.46 -> +53.36 µs
+    replay: 272k -> 295k decisions per CPU second (medians; single runs range 184k-359k under this load)
 
-Version 1 hashing, same bench (load average 1.6): +15.04 µs / +102k at 2182 B, +148.92 µs / +887k at 21235 B.
+Earlier: version 1 hashing +102k / +887k instructions; version 2 before the AVX2 block walk +76.4k / +597.2k.
 The classifier targets are not met (see docs/classifier.md, "Speed"); the replay target is.
 """
 

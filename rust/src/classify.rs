@@ -466,6 +466,9 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
             list_items: 0,
             reasoning: 0,
             constraints: 0,
+            questions: 0,
+            math: 0,
+            code_fences: 0,
         }
     }
 
@@ -479,6 +482,9 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
         self.f.list_items += s.list_items;
         self.f.reasoning += s.reasoning;
         self.f.constraints += s.constraints;
+        self.f.questions += s.questions;
+        self.f.math += s.math;
+        self.f.code_fences += s.code_fences;
     }
 
     /// Walk `text` from `start` (no word in progress) a 64-byte block at a time, from the block's letter/digit,
@@ -547,6 +553,26 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
                     let pos = q + 2;
                     ev = (ev & (!0u64 << pos)) | (m.alnum & (1u64 << pos));
                     s.settle(&m, pos);
+                    continue;
+                } else if !s.line_start && buf[qi] < 0x80 && !matches!(buf[qi], b'\\' | b'\n') {
+                    // Any other ASCII byte inside a line (`?`, `-`, `/`, math, backticks): the byte loop's `unit`,
+                    // on the walk's state.
+                    let c = buf[qi];
+                    let at = base + qi;
+                    let ticks = if at == unit_end { s.ticks } else { 0 };
+                    s.ticks = 0;
+                    if c == b'`' {
+                        if ticks == 2 {
+                            s.code_fences += 1;
+                        } else {
+                            s.ticks = ticks + 1;
+                        }
+                    }
+                    s.questions += u32::from(c == b'?');
+                    s.math += u32::from(matches!(c, b'=' | b'^' | b'+' | b'$'));
+                    s.last = c;
+                    unit_end = at + 1;
+                    ev &= ev - 1;
                     continue;
                 }
                 cold_path();
@@ -806,6 +832,9 @@ struct Hot {
     list_items: u32,
     reasoning: u32,
     constraints: u32,
+    questions: u32,
+    math: u32,
+    code_fences: u32,
 }
 
 impl Hot {

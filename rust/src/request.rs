@@ -143,6 +143,29 @@ fn plain_run_scalar(s: &[u8]) -> (usize, bool, bool) {
     (end, lo < 0x20, hi >= 0x80)
 }
 
+/// The offset in `s` of the quote that ends a string whose content starts at `s[0]` and that a `scan` has already
+/// validated (`s.len()` when there is none): the first quote that no backslash escapes. Nothing is checked.
+#[inline]
+fn string_end(s: &[u8]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if s.len() >= 32 && simd::available() {
+        return simd::string_end(s);
+    }
+    string_end_scalar(s, 0)
+}
+
+/// [`string_end`] from `i` (not inside an escape) by `memchr2`: the portable path, and the reference for the SIMD
+/// one. An escape is a backslash and one byte (the four hex digits of `\u` are neither quote nor backslash).
+fn string_end_scalar(s: &[u8], mut i: usize) -> usize {
+    loop {
+        match s.get(i..).and_then(|rest| memchr2(b'"', b'\\', rest)) {
+            None => return s.len(),
+            Some(k) if s[i + k] == b'"' => return i + k,
+            Some(k) => i += k + 2,
+        }
+    }
+}
+
 /// [`plain_run`] 32 bytes at a time with AVX2 (detected at run time): the end search and both checks in one pass,
 /// instead of a `memchr2` pass and a fold pass.
 #[cfg(target_arch = "x86_64")]
@@ -153,7 +176,7 @@ mod simd {
         _mm256_set1_epi8, _mm256_setzero_si256,
     };
 
-    use super::plain_run_scalar;
+    use super::{plain_run_scalar, string_end_scalar};
 
     /// Whether the CPU has AVX2 (cached by std after the first call).
     #[inline]
@@ -204,8 +227,45 @@ mod simd {
         (o + off, c || mask(control) != 0, w || mask(wide) != 0)
     }
 
+    /// [`super::string_end`]; the caller has checked [`available`].
+    pub(super) fn string_end(s: &[u8]) -> usize {
+        debug_assert!(available());
+        // SAFETY: AVX2 is present (checked by the caller through `available`).
+        unsafe { string_end_avx2(s) }
+    }
+
+    /// Quote and backslash bits 32 bytes at a time; each backslash that is not itself escaped escapes the byte
+    /// after it (bit 32 of `escaped` carries into the next block).
+    #[target_feature(enable = "avx2")]
+    fn string_end_avx2(s: &[u8]) -> usize {
+        let quote = _mm256_set1_epi8(b'"' as i8);
+        let backslash = _mm256_set1_epi8(b'\\' as i8);
+        let mask = |v: __m256i| u64::from(_mm256_movemask_epi8(v).cast_unsigned());
+        let mut carry = 0u64;
+        let blocks = s.chunks_exact(32);
+        let tail = blocks.remainder().len();
+        for (n, chunk) in blocks.enumerate() {
+            // SAFETY: `chunk` is 32 readable bytes; the load is unaligned.
+            let v = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
+            let mut escaped = carry;
+            let mut open = mask(_mm256_cmpeq_epi8(v, backslash)) & !carry;
+            while open != 0 {
+                let k = open.trailing_zeros();
+                escaped |= 2 << k;
+                open &= !(3 << k);
+            }
+            let ends = mask(_mm256_cmpeq_epi8(v, quote)) & !escaped;
+            if ends != 0 {
+                return 32 * n + ends.trailing_zeros() as usize;
+            }
+            carry = escaped >> 32;
+        }
+        string_end_scalar(s, s.len() - tail + usize::from(carry != 0))
+    }
+
     #[cfg(test)]
     mod tests {
+        use super::super::string_end;
         use super::*;
         use proptest::prelude::*;
 
@@ -240,7 +300,38 @@ mod simd {
             }
         }
 
+        fn check_end(s: &[u8]) {
+            if available() && s.len() >= 32 {
+                assert_eq!(
+                    string_end(s),
+                    string_end_scalar(s, 0),
+                    "{:?}",
+                    String::from_utf8_lossy(s)
+                );
+            }
+        }
+
+        #[test]
+        fn string_end_at_all_lengths_and_positions() {
+            let fill = br#"Say \"hi\" \\ twice\n \u00e9 \\\" or a plain run of words and numbers 0123 "#.repeat(4);
+            for len in 32..fill.len().min(260) {
+                for at in 0..len {
+                    let mut t = fill[..len].to_vec();
+                    t[at] = b'"';
+                    check_end(&t);
+                    t[at] = b'\\';
+                    check_end(&t);
+                }
+            }
+        }
+
         proptest! {
+            #[test]
+            fn string_end_equals_the_scalar_scan(s in proptest::collection::vec(
+                prop_oneof![8 => 0x20u8..0x7f, 1 => any::<u8>(), 2 => Just(b'"'), 4 => Just(b'\\')], 32..300)) {
+                check_end(&s);
+            }
+
             #[test]
             fn equals_the_scalar_scan(s in proptest::collection::vec(
                 prop_oneof![16 => 0x20u8..0x7f, 1 => any::<u8>(), 1 => Just(b'"'), 1 => Just(b'\\')], 0..300)) {
@@ -331,7 +422,8 @@ pub struct ScanOptions<'r> {
     /// How text is counted.
     pub estimator: Estimator,
     /// Collect the complexity features of the text instead of estimating its tokens: the second pass a classify
-    /// route asks for when it is reached (`est_tokens` is then not meaningful).
+    /// route asks for when it is reached (`est_tokens` is then not meaningful). Only for a body that a token pass
+    /// has accepted: the text strings' content is not validated again.
     pub features: bool,
     /// What the feature pass does with hashed n-grams (a trained model's weights, or nothing).
     pub grams: Grams<'r>,
@@ -841,15 +933,12 @@ impl<'a> Scanner<'a, '_, '_> {
         }
     }
 
-    /// Count one text string (raw content) toward the token estimate, or the complexity features.
+    /// Count one text string (raw content) toward the token estimate (the feature pass observes its strings in
+    /// `text_value`).
     #[inline]
     fn text(&mut self, raw: &[u8], escaped: bool) {
-        if self.opts.features {
-            self.features.observe(raw, self.opts.grams);
-        } else {
-            let n = self.opts.estimator.count_raw(raw, escaped);
-            self.tokens = self.tokens.saturating_add(n);
-        }
+        let n = self.opts.estimator.count_raw(raw, escaped);
+        self.tokens = self.tokens.saturating_add(n);
     }
 
     /// A value that carries prompt text: strings count; arrays and objects are searched
@@ -872,6 +961,20 @@ impl<'a> Scanner<'a, '_, '_> {
                     tokens::estimate_after(raw, escaped, prefix)
                 };
                 self.tokens = self.tokens.saturating_add(n);
+                Ok(())
+            }
+            Some(b'"') if self.opts.features => {
+                // NOTE: the feature pass reads a body the token pass has validated: a text string's end is its
+                // first unescaped quote, found without checking escapes, control characters or UTF-8 again (~80k
+                // fewer instructions per 20 KB chat body, callgrind).
+                let start = self.pos + 1;
+                let rest = self.buf.get(start..).unwrap_or_default();
+                let end = start + string_end(rest);
+                if end >= self.buf.len() {
+                    return Err(DecideError::syntax("unterminated string", self.buf.len()));
+                }
+                self.pos = end + 1;
+                self.features.observe(&self.buf[start..end], self.opts.grams);
                 Ok(())
             }
             Some(b'"') => {
@@ -1228,6 +1331,48 @@ mod tests {
     }
 
     #[test]
+    fn the_feature_pass_observes_each_text_string_whole() {
+        // Strings around the 32-byte blocks of the end search, with escaped quotes and backslashes anywhere.
+        let pieces = [r#"\""#, r"\\", r#"\\\""#, r"\n", r"\u00e9", "é", "word", " ", "?"];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..400 {
+            let mut texts = Vec::new();
+            for _ in 0..3 {
+                let mut t = String::new();
+                while t.len() < round % 150 {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    t.push_str(pieces[(seed % pieces.len() as u64) as usize]);
+                }
+                texts.push(t);
+            }
+            let body = format!(
+                r#"{{"messages":[{{"role":"system","content":"{}"}},{{"role":"user","content":[{{"type":"text","text":"{}"}}]}}],"prompt":"{}","user":"{}"}}"#,
+                texts[0], texts[1], texts[2], texts[2]
+            );
+            assert!(scan(body.as_bytes(), &OPTS).is_ok(), "{body}");
+            let (got_hits, want_hits) = (std::cell::RefCell::new(Vec::new()), std::cell::RefCell::new(Vec::new()));
+            let opts = ScanOptions {
+                features: true,
+                grams: Grams::Collect(&got_hits, u32::MAX),
+                ..OPTS
+            };
+            let got = scan(body.as_bytes(), &opts).unwrap().features;
+            let mut want = Features {
+                turns: 2,
+                ..Features::default()
+            };
+            for t in &texts {
+                want.observe(t.as_bytes(), Grams::Collect(&want_hits, u32::MAX));
+            }
+            want.system_bytes = u32::try_from(texts[0].len()).unwrap();
+            assert_eq!(got, want, "{body}");
+            assert_eq!(got_hits, want_hits, "{body}");
+        }
+    }
+
+    #[test]
     fn close_offset() {
         let b = ok("{\"a\":1 }\n");
         assert_eq!(b.close, 7);
@@ -1277,6 +1422,15 @@ mod tests {
                     t.get("model").and_then(|v| v.as_str()).map(str::to_owned)
                 );
             }
+        }
+
+        #[test]
+        fn string_end_finds_the_closing_quote(text in "(\\PC|[\"\\\\\n\u{1}]){0,200}", after in "[\"\\\\a ,}\\]]{0,4}") {
+            // Any string as JSON encodes it, then anything: the end is where the encoding's closing quote is.
+            let encoded = serde_json::to_string(&text).unwrap();
+            let inner = &encoded.as_bytes()[1..];
+            let s = [inner, after.as_bytes()].concat();
+            proptest::prop_assert_eq!(string_end(&s), inner.len() - 1, "{:?}", encoded);
         }
 
         #[test]
