@@ -126,6 +126,22 @@ def test_prompt_logging_when_turned_on(endpoints, procs, tmp_path):
     assert rows[1]['status'] == 400 and 'request' not in rows[1]
 
 
+def test_a_rotated_log_is_reopened(endpoints, procs, tmp_path):
+    """logrotate's default: the file is moved away and nothing is signalled; every worker writes on in a new
+    file at the configured path, and the moved file keeps what was written before."""
+    fr, log = _start(procs, endpoints, tmp_path, log_prompts=False, workers=2)
+    before = [fr.chat('small', 'globex').headers['x-request-id'] for _ in range(8)]
+    assert {r['request_id'] for r in _lines(log, 8)} == set(before)
+    moved = tmp_path / 'access.jsonl.1'
+    log.rename(moved)
+    after = [fr.chat('small', 'globex').headers['x-request-id'] for _ in range(8)]
+    assert {r['request_id'] for r in _lines(log, 8)} == set(after)
+    assert {json.loads(ln)['request_id'] for ln in moved.read_text().splitlines()} == set(before)
+    log.unlink()  # deleted outright: a new file again
+    last = fr.chat('small', 'globex').headers['x-request-id']
+    assert [r['request_id'] for r in _lines(log, 1)] == [last]
+
+
 def _entry(i: int) -> Entry:
     return Entry(
         ts='2026-01-01T00:00:00.000Z',

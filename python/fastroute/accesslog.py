@@ -7,7 +7,8 @@ prompt text only in `request`, only when the operator turns it on.
 
 Lines are buffered and written by a thread every `flush_interval` seconds, so a slow disk never blocks the event
 loop. Each write is one `write()` of whole lines on a file opened for appending, so the lines of several
-workers never interleave. If the disk stalls and more than `max_buffer_lines` wait, new lines are dropped and
+workers never interleave. Before each write the writer checks that the path still names its open file; after
+a rotation (the file moved or deleted) it opens a new one there, so logrotate's default `create` works. If the disk stalls and more than `max_buffer_lines` wait, new lines are dropped and
 counted (`fastroute_access_log_dropped_lines_total`).
 """
 
@@ -70,18 +71,34 @@ class Writer:
         self.dropped = 0
         self.on_drop: Any = None  # callback() for metrics
         self._fd: int | None = None
+        self._inode = (0, 0)  # (device, inode) of the open file
         self._lock = threading.Lock()  # one write at a time
         self._timer: asyncio.TimerHandle | None = None
         self._writing = False
         self._last_error = 0.0
 
     def _open(self) -> int:
-        if self._fd is None:
-            if self.path == '-':
-                self._fd = sys.stdout.fileno()
-            else:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        return self._fd
+        """The file to append to: opened on first use, and again when the path no longer names the open file
+        (moved or deleted by a log rotation), so rotating needs neither `copytruncate` nor a signal."""
+        fd = self._fd
+        if self.path == '-':
+            if fd is None:
+                fd = self._fd = sys.stdout.fileno()
+            return fd
+        if fd is not None:
+            try:
+                st = os.stat(self.path)
+                rotated = (st.st_dev, st.st_ino) != self._inode
+            except FileNotFoundError:
+                rotated = True
+            if not rotated:
+                return fd
+            self._fd = None
+            os.close(fd)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        st = os.fstat(fd)
+        self._fd, self._inode = fd, (st.st_dev, st.st_ino)
+        return fd
 
     def add(self, entry: Entry) -> None:
         if self.lines >= self.max_lines:
