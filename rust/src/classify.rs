@@ -450,6 +450,19 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
         after_word(s, w);
     }
 
+    /// `word_fast` for a word that is not the first one (`s.words != 0`).
+    #[inline(always)]
+    fn next_word_fast(&self, s: &mut Hot, table: &[f32], mask: usize, w: u64) {
+        debug_assert!(s.words != 0);
+        if COLLECT {
+            self.word_into(s, w);
+            return;
+        }
+        s.sum += weight(table, unigram(w) as usize & mask);
+        s.sum += weight(table, bigram(s.prev, w) as usize & mask);
+        after_word(s, w);
+    }
+
     /// The walk's state, taken out of `self` (counters from 0) so that it stays in registers.
     #[inline(always)]
     fn take(&self) -> Hot {
@@ -513,9 +526,50 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
             if s.line_start {
                 s.settle(&m, 0);
             }
+            // The last byte of each run of letters and digits (byte 63 when one runs to the block's end).
+            let last_bytes = m.alnum & !(m.alnum >> 1);
             let next = loop {
                 if ev == 0 {
                     break base + 64;
+                }
+                if s.words != 0 {
+                    // The words before the next event that is no word start, each ended by a plain separator: word
+                    // starts and word ends in step, from the two masks. The word that reaches that event (or the
+                    // block's end) takes the paths below.
+                    let sp = ev & special;
+                    let below = sp.wrapping_sub(1) & !sp;
+                    let mut starts = ev & below;
+                    // At a line's start (only spaces before the first word), a word that starts with a digit may
+                    // be a list marker: the paths below.
+                    let first = buf[(starts.trailing_zeros() & 63) as usize];
+                    if starts != 0 && !(s.line_start && first.is_ascii_digit()) {
+                        s.line_start = false;
+                        // A word may end at that event too, when it is no byte that a word goes on into (or a `\n`
+                        // escape); not at the block's end (the word may go on in the next block).
+                        let lim = sp.trailing_zeros();
+                        let li = (lim & 63) as usize;
+                        let lim = lim
+                            + u32::from(
+                                lim < 64 && (m.glue >> li & 1 == 0 || (buf[li] == b'\\' && buf[li + 1] == b'n')),
+                            );
+                        // The last bytes of those words, from the first one's start (`lim >= 1`: a start is below).
+                        let mut ends = last_bytes
+                            & !(starts & starts.wrapping_neg()).wrapping_sub(1)
+                            & ((1u64 << ((lim - 1) & 63)) - 1);
+                        while ends != 0 {
+                            let qi = (starts.trailing_zeros() & 63) as usize;
+                            let ei = ((ends.trailing_zeros() + 1) & 63) as usize;
+                            s.numbers += u32::from(buf[qi].is_ascii_digit());
+                            let w = block_word_hash(&buf, qi, ei);
+                            self.next_word_fast(&mut s, table, mask, w);
+                            starts &= starts - 1;
+                            ends &= ends - 1;
+                        }
+                        ev = starts | (ev & !below);
+                        if ev == 0 {
+                            break base + 64;
+                        }
+                    }
                 }
                 let q = ev.trailing_zeros();
                 let qi = (q & 63) as usize;
@@ -532,12 +586,7 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
                     {
                         s.line_start = false;
                         s.numbers += u32::from(first.is_ascii_digit());
-                        let (mut h, mut j) = (WORD_SEED, qi);
-                        while ei - j >= 8 {
-                            h = mix(h, load_block(&buf, j) | CASE);
-                            j += 8;
-                        }
-                        let w = mix(h, (load_block(&buf, j) | CASE) & ((1u64 << (8 * (ei - j))) - 1));
+                        let w = block_word_hash(&buf, qi, ei);
                         self.word_fast(&mut s, table, mask, w);
                         ev &= ev - 1;
                         continue;
@@ -916,6 +965,17 @@ fn load_block(buf: &[u8; 72], j: usize) -> u64 {
     let j = j & 63;
     b.copy_from_slice(&buf[j..j + 8]);
     u64::from_le_bytes(b)
+}
+
+/// `word_hash` of the raw ASCII word `buf[s..e]` of a block buffer (`s < e < 64`: letters and digits only).
+#[inline(always)]
+fn block_word_hash(buf: &[u8; 72], mut s: usize, e: usize) -> u64 {
+    let mut h = WORD_SEED;
+    while e - s >= 8 {
+        h = mix(h, load_block(buf, s) | CASE);
+        s += 8;
+    }
+    mix(h, (load_block(buf, s) | CASE) & ((1u64 << (8 * (e - s))) - 1))
 }
 
 /// The end of the raw ASCII word that runs on from `j`: the first byte from `j` on that is no letter or digit.
