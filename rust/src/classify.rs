@@ -526,8 +526,9 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
             if s.line_start {
                 s.settle(&m, 0);
             }
-            // The last byte of each run of letters and digits (byte 63 when one runs to the block's end).
-            let last_bytes = m.alnum & !(m.alnum >> 1);
+            // The last byte of each word that ends inside the block before a byte that does not continue it (a
+            // plain separator, another ASCII byte, a `\n` escape): not byte 63, whose word may go on.
+            let clean_ends = m.alnum & !(m.alnum >> 1) & ((!m.glue | m.newline) >> 1);
             let next = loop {
                 if ev == 0 {
                     break base + 64;
@@ -544,18 +545,8 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
                     let first = buf[(starts.trailing_zeros() & 63) as usize];
                     if starts != 0 && !(s.line_start && first.is_ascii_digit()) {
                         s.line_start = false;
-                        // A word may end at that event too, when it is no byte that a word goes on into (or a `\n`
-                        // escape); not at the block's end (the word may go on in the next block).
-                        let lim = sp.trailing_zeros();
-                        let li = (lim & 63) as usize;
-                        let lim = lim
-                            + u32::from(
-                                lim < 64 && (m.glue >> li & 1 == 0 || (buf[li] == b'\\' && buf[li + 1] == b'n')),
-                            );
-                        // The last bytes of those words, from the first one's start (`lim >= 1`: a start is below).
-                        let mut ends = last_bytes
-                            & !(starts & starts.wrapping_neg()).wrapping_sub(1)
-                            & ((1u64 << ((lim - 1) & 63)) - 1);
+                        // The words before that event, and the one that reaches it if that ends cleanly.
+                        let mut ends = clean_ends & below & !(starts & starts.wrapping_neg()).wrapping_sub(1);
                         while ends != 0 {
                             let qi = (starts.trailing_zeros() & 63) as usize;
                             let ei = ((ends.trailing_zeros() + 1) & 63) as usize;
@@ -846,6 +837,8 @@ struct Masks {
     space: u64,
     /// Bytes that a word goes on into: non-ASCII bytes and backslashes.
     glue: u64,
+    /// Backslashes followed by an `n` within the block (a `\n` escape where the backslash is not itself escaped).
+    newline: u64,
     valid: u64,
 }
 
@@ -931,10 +924,12 @@ fn masks_portable(block: &[u8; 72]) -> Masks {
         plain: 0,
         space: 0,
         glue: 0,
+        newline: 0,
         valid: !0,
     };
     for (k, &b) in block[..64].iter().enumerate() {
         m.glue |= u64::from(b >= 0x80 || b == b'\\') << k;
+        m.newline |= u64::from(b == b'\\' && k < 63 && block[k + 1] == b'n') << k;
         m.alnum |= u64::from(ALNUM[usize::from(b)]) << k;
         m.plain |= u64::from(PLAIN_SEP[usize::from(b)]) << k;
         m.space |= u64::from(b == b' ') << k;
@@ -1060,7 +1055,10 @@ mod simd {
     fn masks_avx2(block: &[u8; 72]) -> Masks {
         let (alnum_t, plain_t, row_t) = (table(&ALNUM_ROWS), table(&PLAIN_ROWS), table(&ROW_BIT));
         let (nibble, space, zero) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x20), _mm256_setzero_si256());
-        let backslash = _mm256_set1_epi8(b'\\'.cast_signed());
+        let (backslash, letter_n) = (
+            _mm256_set1_epi8(b'\\'.cast_signed()),
+            _mm256_set1_epi8(b'n'.cast_signed()),
+        );
         // Bits of the 32 bytes at `half` that are *not* in each set.
         let half = |half: usize| {
             // SAFETY: `block` holds 72 bytes and `half` is 0 or 32: 32 readable bytes; the load is unaligned.
@@ -1074,22 +1072,27 @@ mod simd {
                 ))
             };
             let is_space = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, space));
-            let glue = _mm256_movemask_epi8(_mm256_or_si256(v, _mm256_cmpeq_epi8(v, backslash)));
+            let is_backslash = _mm256_cmpeq_epi8(v, backslash);
+            let glue = _mm256_movemask_epi8(_mm256_or_si256(v, is_backslash));
+            let is_n = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, letter_n));
             (
                 not(alnum_t).cast_unsigned(),
                 not(plain_t).cast_unsigned(),
                 is_space.cast_unsigned(),
                 glue.cast_unsigned(),
+                _mm256_movemask_epi8(is_backslash).cast_unsigned(),
+                is_n.cast_unsigned(),
             )
         };
-        let (a0, p0, s0, g0) = half(0);
-        let (a1, p1, s1, g1) = half(32);
+        let (a0, p0, s0, g0, b0, n0) = half(0);
+        let (a1, p1, s1, g1, b1, n1) = half(32);
         let join = |lo: u32, hi: u32| u64::from(lo) | u64::from(hi) << 32;
         Masks {
             alnum: !join(a0, a1),
             plain: !join(p0, p1),
             space: join(s0, s1),
             glue: join(g0, g1),
+            newline: join(b0, b1) & join(n0, n1) >> 1,
             valid: !0,
         }
     }
@@ -1690,6 +1693,18 @@ mod tests {
                 };
             }
             assert_eq!(simd::masks(&block), masks_portable(&block), "{block:?}");
+        }
+        // `\n` escapes (and escaped backslashes before an `n`) at every offset, also across the two halves and at
+        // the block's last byte.
+        let text = b"ab\\n\\\\n \\nn\\\\\\n\\";
+        for off in 0..text.len() {
+            let mut block = [0u8; 72];
+            for (k, b) in block.iter_mut().enumerate() {
+                *b = text[(k + off) % text.len()];
+            }
+            let m = simd::masks(&block);
+            assert_eq!(m, masks_portable(&block), "{block:?}");
+            assert_ne!(m.newline, 0);
         }
     }
 
