@@ -1730,14 +1730,14 @@ mod tests {
             b"\\n- ",
             b"\\n12. ",
         ];
-        for pad in 0..72 {
+        for (pad, word) in (0..72).flat_map(|pad| [(pad, b"aZ7q"), (pad, b"7qaZ")]) {
             for len in [1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65, 70, 130] {
                 for after in pieces {
                     for before in pieces {
                         let mut text = b"x ".repeat(pad / 2);
                         text.extend_from_slice(&b"y"[..pad % 2]);
                         text.extend_from_slice(before);
-                        text.extend((0..len).map(|k| b"aZ7q"[k % 4]));
+                        text.extend((0..len).map(|k| word[k % 4]));
                         text.extend_from_slice(after);
                         text.extend_from_slice(b"tail words here");
                         for cut in [text.len(), text.len() - 5, pad + before.len() + len] {
@@ -1745,6 +1745,51 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn block_walk_matches_the_byte_loop_on_runs_of_short_words() {
+        // Many words per block (the walk takes the words before each event in one run), each followed by a
+        // separator or an event: words of 1 to 17 bytes, some starting with a digit, `\n` escapes, line starts with
+        // and without list markers, other escapes and non-ASCII bytes right after a word; at every offset.
+        let words: [&[u8]; 8] = [
+            b"a",
+            b"Ok",
+            b"7",
+            b"1234567",
+            b"Abcdefgh",
+            b"x1y2z3w4v",
+            b"9lives",
+            b"Sixteen0bytes00X",
+        ];
+        let seps: [&[u8]; 12] = [
+            b" ",
+            b" ",
+            b", ",
+            b"\\n",
+            b"\\n\\n",
+            b"?",
+            b"\\n- ",
+            b"\\n2. ",
+            "é".as_bytes(),
+            b"\\\"",
+            b"  ",
+            b"-",
+        ];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..400 {
+            let mut text = Vec::new();
+            while text.len() < 300 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                text.extend_from_slice(words[(x % 8) as usize]);
+                text.extend_from_slice(seps[(x >> 8) as usize % 12]);
+            }
+            for off in 0..66 {
+                walk_agrees(&text[off..]);
             }
         }
     }
