@@ -1752,7 +1752,7 @@ mod tests {
     #[test]
     fn block_walk_matches_the_byte_loop_on_runs_of_short_words() {
         // Many words per block (the walk takes the words before each event in one run), each followed by a
-        // separator or an event: words of 1 to 17 bytes, some starting with a digit, `\n` escapes, line starts with
+        // separator or an event: words of 1 to 16 bytes, some starting with a digit, `\n` escapes, line starts with
         // and without list markers, other escapes and non-ASCII bytes right after a word; at every offset.
         let words: [&[u8]; 8] = [
             b"a",
