@@ -450,6 +450,19 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
         after_word(s, w);
     }
 
+    /// `word_fast` for a word that is not the first one (`s.words != 0`).
+    #[inline(always)]
+    fn next_word_fast(&self, s: &mut Hot, table: &[f32], mask: usize, w: u64) {
+        debug_assert!(s.words != 0);
+        if COLLECT {
+            self.word_into(s, w);
+            return;
+        }
+        s.sum += weight(table, unigram(w) as usize & mask);
+        s.sum += weight(table, bigram(s.prev, w) as usize & mask);
+        after_word(s, w);
+    }
+
     /// The walk's state, taken out of `self` (counters from 0) so that it stays in registers.
     #[inline(always)]
     fn take(&self) -> Hot {
@@ -513,9 +526,41 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
             if s.line_start {
                 s.settle(&m, 0);
             }
+            // The last byte of each word that ends inside the block before a byte that does not continue it (a
+            // plain separator, another ASCII byte, a `\n` escape): not byte 63, whose word may go on.
+            let clean_ends = m.alnum & !(m.alnum >> 1) & ((!m.glue | m.newline) >> 1);
             let next = loop {
                 if ev == 0 {
                     break base + 64;
+                }
+                if s.words != 0 {
+                    // The words before the next event that is no word start, each ended by a plain separator: word
+                    // starts and word ends in step, from the two masks. The word that reaches that event (or the
+                    // block's end) takes the paths below.
+                    let sp = ev & special;
+                    let below = sp.wrapping_sub(1) & !sp;
+                    let mut starts = ev & below;
+                    // At a line's start (only spaces before the first word), a word that starts with a digit may
+                    // be a list marker: the paths below.
+                    let first = buf[(starts.trailing_zeros() & 63) as usize];
+                    if starts != 0 && !(s.line_start && first.is_ascii_digit()) {
+                        s.line_start = false;
+                        // The words before that event, and the one that reaches it if that ends cleanly.
+                        let mut ends = clean_ends & below & !(starts & starts.wrapping_neg()).wrapping_sub(1);
+                        while ends != 0 {
+                            let qi = (starts.trailing_zeros() & 63) as usize;
+                            let ei = ((ends.trailing_zeros() + 1) & 63) as usize;
+                            s.numbers += u32::from(buf[qi].is_ascii_digit());
+                            let w = block_word_hash(&buf, qi, ei);
+                            self.next_word_fast(&mut s, table, mask, w);
+                            starts &= starts - 1;
+                            ends &= ends - 1;
+                        }
+                        ev = starts | (ev & !below);
+                        if ev == 0 {
+                            break base + 64;
+                        }
+                    }
                 }
                 let q = ev.trailing_zeros();
                 let qi = (q & 63) as usize;
@@ -532,12 +577,7 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
                     {
                         s.line_start = false;
                         s.numbers += u32::from(first.is_ascii_digit());
-                        let (mut h, mut j) = (WORD_SEED, qi);
-                        while ei - j >= 8 {
-                            h = mix(h, load_block(&buf, j) | CASE);
-                            j += 8;
-                        }
-                        let w = mix(h, (load_block(&buf, j) | CASE) & ((1u64 << (8 * (ei - j))) - 1));
+                        let w = block_word_hash(&buf, qi, ei);
                         self.word_fast(&mut s, table, mask, w);
                         ev &= ev - 1;
                         continue;
@@ -797,6 +837,8 @@ struct Masks {
     space: u64,
     /// Bytes that a word goes on into: non-ASCII bytes and backslashes.
     glue: u64,
+    /// Backslashes followed by an `n` within the block (a `\n` escape where the backslash is not itself escaped).
+    newline: u64,
     valid: u64,
 }
 
@@ -882,10 +924,12 @@ fn masks_portable(block: &[u8; 72]) -> Masks {
         plain: 0,
         space: 0,
         glue: 0,
+        newline: 0,
         valid: !0,
     };
     for (k, &b) in block[..64].iter().enumerate() {
         m.glue |= u64::from(b >= 0x80 || b == b'\\') << k;
+        m.newline |= u64::from(b == b'\\' && k < 63 && block[k + 1] == b'n') << k;
         m.alnum |= u64::from(ALNUM[usize::from(b)]) << k;
         m.plain |= u64::from(PLAIN_SEP[usize::from(b)]) << k;
         m.space |= u64::from(b == b' ') << k;
@@ -916,6 +960,17 @@ fn load_block(buf: &[u8; 72], j: usize) -> u64 {
     let j = j & 63;
     b.copy_from_slice(&buf[j..j + 8]);
     u64::from_le_bytes(b)
+}
+
+/// `word_hash` of the raw ASCII word `buf[s..e]` of a block buffer (`s < e < 64`: letters and digits only).
+#[inline(always)]
+fn block_word_hash(buf: &[u8; 72], mut s: usize, e: usize) -> u64 {
+    let mut h = WORD_SEED;
+    while e - s >= 8 {
+        h = mix(h, load_block(buf, s) | CASE);
+        s += 8;
+    }
+    mix(h, (load_block(buf, s) | CASE) & ((1u64 << (8 * (e - s))) - 1))
 }
 
 /// The end of the raw ASCII word that runs on from `j`: the first byte from `j` on that is no letter or digit.
@@ -1000,7 +1055,10 @@ mod simd {
     fn masks_avx2(block: &[u8; 72]) -> Masks {
         let (alnum_t, plain_t, row_t) = (table(&ALNUM_ROWS), table(&PLAIN_ROWS), table(&ROW_BIT));
         let (nibble, space, zero) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x20), _mm256_setzero_si256());
-        let backslash = _mm256_set1_epi8(b'\\'.cast_signed());
+        let (backslash, letter_n) = (
+            _mm256_set1_epi8(b'\\'.cast_signed()),
+            _mm256_set1_epi8(b'n'.cast_signed()),
+        );
         // Bits of the 32 bytes at `half` that are *not* in each set.
         let half = |half: usize| {
             // SAFETY: `block` holds 72 bytes and `half` is 0 or 32: 32 readable bytes; the load is unaligned.
@@ -1014,22 +1072,27 @@ mod simd {
                 ))
             };
             let is_space = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, space));
-            let glue = _mm256_movemask_epi8(_mm256_or_si256(v, _mm256_cmpeq_epi8(v, backslash)));
+            let is_backslash = _mm256_cmpeq_epi8(v, backslash);
+            let glue = _mm256_movemask_epi8(_mm256_or_si256(v, is_backslash));
+            let is_n = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, letter_n));
             (
                 not(alnum_t).cast_unsigned(),
                 not(plain_t).cast_unsigned(),
                 is_space.cast_unsigned(),
                 glue.cast_unsigned(),
+                _mm256_movemask_epi8(is_backslash).cast_unsigned(),
+                is_n.cast_unsigned(),
             )
         };
-        let (a0, p0, s0, g0) = half(0);
-        let (a1, p1, s1, g1) = half(32);
+        let (a0, p0, s0, g0, b0, n0) = half(0);
+        let (a1, p1, s1, g1, b1, n1) = half(32);
         let join = |lo: u32, hi: u32| u64::from(lo) | u64::from(hi) << 32;
         Masks {
             alnum: !join(a0, a1),
             plain: !join(p0, p1),
             space: join(s0, s1),
             glue: join(g0, g1),
+            newline: join(b0, b1) & join(n0, n1) >> 1,
             valid: !0,
         }
     }
@@ -1631,6 +1694,18 @@ mod tests {
             }
             assert_eq!(simd::masks(&block), masks_portable(&block), "{block:?}");
         }
+        // `\n` escapes (and escaped backslashes before an `n`) at every offset, also across the two halves and at
+        // the block's last byte.
+        let text = b"ab\\n\\\\n \\nn\\\\\\n\\";
+        for off in 0..text.len() {
+            let mut block = [0u8; 72];
+            for (k, b) in block.iter_mut().enumerate() {
+                *b = text[(k + off) % text.len()];
+            }
+            let m = simd::masks(&block);
+            assert_eq!(m, masks_portable(&block), "{block:?}");
+            assert_ne!(m.newline, 0);
+        }
     }
 
     #[test]
@@ -1655,14 +1730,14 @@ mod tests {
             b"\\n- ",
             b"\\n12. ",
         ];
-        for pad in 0..72 {
+        for (pad, word) in (0..72).flat_map(|pad| [(pad, b"aZ7q"), (pad, b"7qaZ")]) {
             for len in [1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65, 70, 130] {
                 for after in pieces {
                     for before in pieces {
                         let mut text = b"x ".repeat(pad / 2);
                         text.extend_from_slice(&b"y"[..pad % 2]);
                         text.extend_from_slice(before);
-                        text.extend((0..len).map(|k| b"aZ7q"[k % 4]));
+                        text.extend((0..len).map(|k| word[k % 4]));
                         text.extend_from_slice(after);
                         text.extend_from_slice(b"tail words here");
                         for cut in [text.len(), text.len() - 5, pad + before.len() + len] {
@@ -1670,6 +1745,51 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn block_walk_matches_the_byte_loop_on_runs_of_short_words() {
+        // Many words per block (the walk takes the words before each event in one run), each followed by a
+        // separator or an event: words of 1 to 16 bytes, some starting with a digit, `\n` escapes, line starts with
+        // and without list markers, other escapes and non-ASCII bytes right after a word; at every offset.
+        let words: [&[u8]; 8] = [
+            b"a",
+            b"Ok",
+            b"7",
+            b"1234567",
+            b"Abcdefgh",
+            b"x1y2z3w4v",
+            b"9lives",
+            b"Sixteen0bytes00X",
+        ];
+        let seps: [&[u8]; 12] = [
+            b" ",
+            b" ",
+            b", ",
+            b"\\n",
+            b"\\n\\n",
+            b"?",
+            b"\\n- ",
+            b"\\n2. ",
+            "é".as_bytes(),
+            b"\\\"",
+            b"  ",
+            b"-",
+        ];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..400 {
+            let mut text = Vec::new();
+            while text.len() < 300 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                text.extend_from_slice(words[(x % 8) as usize]);
+                text.extend_from_slice(seps[(x >> 8) as usize % 12]);
+            }
+            for off in 0..66 {
+                walk_agrees(&text[off..]);
             }
         }
     }
