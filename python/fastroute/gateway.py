@@ -779,11 +779,11 @@ async def stream_back(ctx: Ctx, method: str, upath: str, headers: list[tuple[str
         if not (watch.done() and not watch.cancelled()):
             raise
         task.uncancel()  # type: ignore[union-attr]
-        ctx.error = RequestError('client disconnected', status=499, code='client_disconnected')
-    except Exception as exc:  # the client went away while we wrote (both servers' RSGIProtocolClosed)
-        if type(exc).__name__ not in ('RSGIProtocolClosed', 'RSGIProtocolError'):
+        ctx.error = _client_gone()
+    except Exception as exc:
+        if not _closed(exc):
             raise
-        ctx.error = RequestError('client disconnected', status=499, code='client_disconnected')
+        ctx.error = _client_gone()
     finally:
         watch.remove_done_callback(on_disconnect)
         if not watch.done():
@@ -808,13 +808,22 @@ def _relay_whole(ctx: Ctx, ep: Endpoint, up: UpstreamStream, first: bytes, su: S
             ep.recovered()
         _start_with_first(ctx, up, first, out, su, start)
     except Exception as exc:
-        if type(exc).__name__ not in ('RSGIProtocolClosed', 'RSGIProtocolError'):
+        if not _closed(exc):
             raise
-        ctx.error = RequestError('client disconnected', status=499, code='client_disconnected')
+        ctx.error = _client_gone()
     finally:
         ep.release()
         ctx.usage = su.usage
         up.close()
+
+
+def _closed(exc: Exception) -> bool:
+    """The client went away while we wrote (both servers' RSGIProtocolClosed / RSGIProtocolError)."""
+    return type(exc).__name__ in ('RSGIProtocolClosed', 'RSGIProtocolError')
+
+
+def _client_gone() -> RequestError:
+    return RequestError('client disconnected', status=499, code='client_disconnected')
 
 
 def _start_with_first(

@@ -29,6 +29,11 @@ impl HttpError {
     }
 }
 
+/// How many bytes of `buf` come before the first `stop`, and whether a `stop` was found (else: all of them).
+fn run_to(buf: &[u8], stop: u8) -> (usize, bool) {
+    memchr::memchr(stop, buf).map_or((buf.len(), false), |k| (k, true))
+}
+
 #[cold]
 fn malformed(msg: &'static str) -> HttpError {
     HttpError::Malformed(msg)
@@ -334,16 +339,11 @@ impl ChunkDecoder {
                 }
                 State::Ext => {
                     // chunk extensions are ignored, up to the end of the line
-                    match memchr::memchr(b'\r', &buf[i..]) {
-                        Some(k) => {
-                            self.line += k;
-                            i += k + 1;
-                            self.state = State::SizeLf;
-                        }
-                        None => {
-                            self.line += n - i;
-                            i = n;
-                        }
+                    let (k, found) = run_to(&buf[i..], b'\r');
+                    self.line += k;
+                    i += k + usize::from(found);
+                    if found {
+                        self.state = State::SizeLf;
                     }
                     if self.line > MAX_SIZE_LINE {
                         return Err(malformed("chunk extension too long"));
@@ -391,16 +391,11 @@ impl ChunkDecoder {
                     self.trailers += 1;
                 }
                 State::TrailerLine => {
-                    match memchr::memchr(b'\n', &buf[i..]) {
-                        Some(k) => {
-                            self.trailers += k + 1;
-                            i += k + 1;
-                            self.state = State::TrailerStart;
-                        }
-                        None => {
-                            self.trailers += n - i;
-                            i = n;
-                        }
+                    let (k, found) = run_to(&buf[i..], b'\n');
+                    self.trailers += k + usize::from(found);
+                    i += k + usize::from(found);
+                    if found {
+                        self.state = State::TrailerStart;
                     }
                     if self.trailers > MAX_TRAILERS {
                         return Err(malformed("chunked trailers too long"));
