@@ -9,6 +9,10 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)  # tests/test_dashboard.py (headless, via playwright)
+# the distribution's optimized CPython 3.11 (see PYTHON in the Makefile) needs its venv module
+if [ -x /usr/bin/python3.11 ] && ! /usr/bin/python3.11 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  need+=(python3.11-venv)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
