@@ -10,6 +10,10 @@ error relayed with its status, and every request on the connection answered in o
 
 from __future__ import annotations
 
+import json
+import socket
+import time
+
 import httpx
 import pytest
 from test_gateway import KEYS, _sha, start_fastroute
@@ -110,3 +114,56 @@ def test_every_request_on_a_kept_connection_is_answered_in_order(lane, client):
         assert r.status_code == 200, r.text
         assert r.headers['x-request-id'] == rid
     assert lane['main'].stats()['requests'] == 201
+
+
+def _raw_request(body: bytes, *, length: int | None = None) -> tuple[bytes, bytes]:
+    head = (
+        'POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n'
+        f'authorization: Bearer {KEYS["acme"]}\r\ncontent-length: {len(body) if length is None else length}\r\n\r\n'
+    ).encode()
+    return head, body
+
+
+def _read_answer(sock: socket.socket) -> tuple[int, bytes]:
+    buf = b''
+    while b'\r\n\r\n' not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, 'closed before an answer'
+        buf += chunk
+    head, _, rest = buf.partition(b'\r\n\r\n')
+    length = int(
+        next(v for k, _, v in (ln.partition(b':') for ln in head.split(b'\r\n')) if k.lower() == b'content-length')
+    )
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head.split(b' ', 2)[1]), rest[:length]
+
+
+def test_a_body_written_after_its_head_is_waited_for_and_answered(lane, client):
+    _warm(client)
+    url = httpx.URL(lane['fr'].url)
+    body = json.dumps({'model': 'main', 'messages': [{'role': 'user', 'content': 'late body'}]}).encode()
+    with socket.create_connection((url.host, url.port), timeout=10) as s:
+        for _ in range(3):  # the head, a pause, the body in two pieces; three times on one connection
+            head, _ = _raw_request(body)
+            s.sendall(head)
+            time.sleep(0.05)
+            s.sendall(body[:10])
+            time.sleep(0.02)
+            s.sendall(body[10:])
+            status, answer = _read_answer(s)
+            assert status == 200, answer
+            assert json.loads(answer)['model'] == 'main-up'
+
+
+def test_a_client_that_leaves_before_its_body_ends_leaves_nothing_behind(lane, client):
+    _warm(client)
+    url = httpx.URL(lane['fr'].url)
+    body = json.dumps({'model': 'main', 'messages': [{'role': 'user', 'content': 'never finished'}]}).encode()
+    for _ in range(5):
+        with socket.create_connection((url.host, url.port), timeout=10) as s:
+            head, _ = _raw_request(body)
+            s.sendall(head + body[:-5])
+            time.sleep(0.02)
+    assert lane['main'].stats()['requests'] == 1  # only the warm-up reached the upstream
+    _warm(client)  # the worker goes on serving

@@ -567,7 +567,7 @@ class HttpProtocol(asyncio.Protocol):
             req.wake_body()
         if req is self.lane_wait:  # its body is in: now the fast lane may take it
             self.lane_wait = None
-            self.current = None
+            self.current = self.lane_req = None
             self.n_requests -= 1
             self.begin(req)
 
@@ -599,7 +599,7 @@ class HttpProtocol(asyncio.Protocol):
             # NOTE: clients often write the head and the body apart (httpx, so the openai SDK): a small body
             # is waited for here, without a task, and the request goes to the lane when it is in
             if self.chunker is None and self.body_left <= LANE_BODY_MAX:
-                self.current = self.lane_wait = req
+                self.current = self.lane_wait = self.lane_req = req  # lane_req: the task leaves it alone
                 self.n_requests += 1
             else:
                 self.start(req)
