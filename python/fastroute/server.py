@@ -53,6 +53,7 @@ GRACE_PERIOD = 30.0  # on SIGTERM, in-flight requests get this long to finish
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers
 MAX_HEADERS = 256
 BODY_HIGH_WATER = 256 * 1024  # buffered request body beyond which reading pauses (for `async for` readers)
+LANE_BODY_MAX = 64 * 1024  # a body that comes after its head is awaited for the app's fast lane up to this size
 PROFILE_ENV = 'FASTROUTE_PROFILE'  # a file path: profile each worker into PATH.<pid> (off by default)
 LINGER = 2.0  # after answering a request whose body was not read: how long to drain before closing
 
@@ -340,14 +341,18 @@ class HttpProtocol(asyncio.Protocol):
         'disconnect_waiters',
         'drain_waiters',
         'eof',
+        'fast',
         'idle_waiter',
         'in_head',
+        'lane_req',
+        'lane_wait',
         'linger',
         'loop',
         'n_requests',
         'parsing',
         'queue',
         'reading_paused',
+        'resume',
         'server',
         'since',
         'task',
@@ -359,6 +364,10 @@ class HttpProtocol(asyncio.Protocol):
         self.server = server
         self.loop = server.loop
         self.app = server.handler
+        self.fast = server.fast
+        self.lane_req: Request | None = None  # the request the app's fast lane took (see `begin`)
+        self.lane_wait: Request | None = None  # a request whose body comes after its head, for the lane
+        self.resume: Any = None  # a coroutine that goes on with the lane's request in this task (`hand_over`)
         self.transport: Any = None
         self.buf = b''  # an incomplete request head, waiting for the rest
         self.body_left = 0  # bytes of a content-length body still to come
@@ -440,17 +449,17 @@ class HttpProtocol(asyncio.Protocol):
                     self.parsing = req
             else:
                 req.complete = True
-            if self.current is None:
-                self.start(req)
-            else:
-                self.queue.append(req)
-                self.pause_reading()
             if upgrade:
                 # Upgrades (websocket, h2c) are not served: answer this request as plain HTTP, then close.
                 req.keep_alive = False
-                if req.complete:
-                    self.discarding = True
-                    return
+            if self.current is not None:
+                self.queue.append(req)
+                self.pause_reading()
+            elif not self.begin(req):
+                return
+            if upgrade and req.complete:
+                self.discarding = True
+                return
 
     def read_body(self, req: Request, data: bytes, pos: int) -> int:
         """Take the body of `req` from `data[pos:]`; return where it stopped (-1: malformed, answered)."""
@@ -466,6 +475,8 @@ class HttpProtocol(asyncio.Protocol):
             if ended:
                 self.chunker = None
                 self.on_message_complete(req)
+                if self.closed or self.transport.is_closing():  # answered and closed (the fast lane)
+                    return -1
             return pos
         left = self.body_left
         avail = len(data) - pos
@@ -479,6 +490,8 @@ class HttpProtocol(asyncio.Protocol):
         self.on_body(req, piece)
         if take == left:
             self.on_message_complete(req)
+            if self.closed or self.transport.is_closing():  # answered and closed (the fast lane)
+                return -1
         return pos + take
 
     def eof_received(self) -> bool | None:
@@ -552,6 +565,11 @@ class HttpProtocol(asyncio.Protocol):
         req.complete = True
         if req.body_waiter is not None:
             req.wake_body()
+        if req is self.lane_wait:  # its body is in: now the fast lane may take it
+            self.lane_wait = None
+            self.current = self.lane_req = None
+            self.n_requests -= 1
+            self.begin(req)
 
     # --- flow ------------------------------------------------------------------------------------
 
@@ -569,6 +587,43 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.reading_paused = False
         self.transport.resume_reading()
+
+    def begin(self, req: Request) -> bool:
+        """Answer `req` (no other request is being answered): the app's fast lane when it takes a whole
+        request, else `start`. False: the connection was closed meanwhile, stop reading."""
+        fast = self.fast
+        if fast is None or req.expect_continue:
+            self.start(req)
+            return True
+        if not req.complete:
+            # NOTE: clients often write the head and the body apart (httpx, so the openai SDK): a small body
+            # is waited for here, without a task, and the request goes to the lane when it is in
+            if self.chunker is None and self.body_left <= LANE_BODY_MAX:
+                self.current = self.lane_wait = self.lane_req = req  # lane_req: the task leaves it alone
+                self.n_requests += 1
+            else:
+                self.start(req)
+            return True
+        # the lane may answer inside this call, or end the request later with `done` or `hand_over`
+        self.current = self.lane_req = req
+        self.n_requests += 1
+        if not fast(req):
+            self.current = self.lane_req = None
+            self.n_requests -= 1
+            self.start(req)
+            return True
+        return not self.closed and not self.transport.is_closing()
+
+    def hand_over(self, coro: Any) -> None:
+        """The fast lane's request goes on in this connection's task: it runs `coro`, then `done`."""
+        self.resume = coro
+        waiter = self.idle_waiter
+        if waiter is not None:
+            self.idle_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self.task is None:
+            self.task = self.loop.create_task(self.run())
 
     def start(self, req: Request) -> None:
         self.current = req
@@ -593,7 +648,8 @@ class HttpProtocol(asyncio.Protocol):
         try:
             while True:
                 req = self.current
-                if req is None:
+                coro = self.resume
+                if coro is None and (req is None or req is self.lane_req):  # nothing, or the lane's own
                     if self.closed:
                         return
                     waiter = self.idle_waiter = self.loop.create_future()
@@ -603,7 +659,11 @@ class HttpProtocol(asyncio.Protocol):
                         return
                     continue
                 try:
-                    await self.app(req, req)
+                    if coro is not None:
+                        self.resume = None
+                        await coro
+                    else:
+                        await self.app(req, req)  # type: ignore[misc]
                 except asyncio.CancelledError:
                     self.done(True, None)
                     return
@@ -617,6 +677,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def done(self, cancelled: bool, exc: BaseException | None) -> None:
         req = self.current
+        self.lane_req = None
         self.disconnect_waiters.clear()  # the request's own watchers; the app cancels what it awaited
         if req is None:
             return
@@ -726,6 +787,8 @@ class Server:
     ) -> None:
         self.app = app
         self.handler = app.__rsgi__ if hasattr(app, '__rsgi__') else app
+        # `fast_lane(request) -> bool`: an app's way to take a whole request without a task (fastroute.gateway)
+        self.fast = getattr(app, 'fast_lane', None)
         self.loop = loop
         self.access_log = access_log
         self.keepalive_timeout = KEEPALIVE_TIMEOUT if keepalive_timeout is None else keepalive_timeout
