@@ -230,10 +230,11 @@ const ALNUM: [bool; 256] = {
     t
 };
 
-/// ASCII punctuation that only ends a word: no feature counts it and no list item starts with it.
+/// ASCII punctuation that only ends a word: no feature counts it and no list item starts with it. Not the quote:
+/// an unescaped one ends the text (`Features::observe`).
 const PLAIN_SEP: [bool; 256] = {
     let mut t = [false; 256];
-    let seps = b" ,.;:!()[]{}<>'\"%&@#|~_";
+    let seps = b" ,.;:!()[]{}<>'%&@#|~_";
     let mut i = 0;
     while i < seps.len() {
         t[seps[i] as usize] = true;
@@ -614,7 +615,7 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
                     ev = (ev & (!0u64 << pos)) | (m.alnum & (1u64 << pos));
                     s.settle(&m, pos);
                     continue;
-                } else if !s.line_start && buf[qi] < 0x80 && !matches!(buf[qi], b'\\' | b'\n') {
+                } else if !s.line_start && buf[qi] < 0x80 && !matches!(buf[qi], b'\\' | b'\n' | b'"') {
                     // Any other ASCII byte inside a line (`?`, `-`, `/`, math, backticks): the byte loop's `unit`,
                     // on the walk's state.
                     let c = buf[qi];
@@ -675,7 +676,8 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
                     if c == b'\\' && text.get(at + 1) == Some(&b'n') {
                         s.newline();
                         next = at + 2;
-                    } else if c >= 0x80 || c == b'\\' {
+                    } else if c >= 0x80 || c == b'\\' || c == b'"' {
+                        // Non-ASCII, an escape, or the string's end: the byte loop's.
                         self.put(&s);
                         return at;
                     } else {
@@ -707,14 +709,15 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
         n
     }
 
-    /// Count `text` (see `Features::observe`).
+    /// Count `text` up to its first unescaped quote, and return that quote's offset (`text.len()` without one; see
+    /// `Features::observe`).
     #[inline(always)]
-    fn run(&mut self, text: &[u8]) {
+    fn run(&mut self, text: &[u8]) -> usize {
         let n = text.len();
         let mut i = 0;
         while i < n {
             let mut b = text[i];
-            if self.simd && self.wlen == 0 && b < 0x80 && b != b'\\' && i >= self.rest_until {
+            if self.simd && self.wlen == 0 && b < 0x80 && !matches!(b, b'\\' | b'"') && i >= self.rest_until {
                 // The block walk goes as far as it can; the byte it stops at (if any) takes the paths below. A walk
                 // that stops within a few bytes (text in another script, say) pays its block masks for little: the
                 // byte loop then goes on alone for the next 256 bytes.
@@ -727,6 +730,10 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
                     Some(&c) => b = c,
                     None => break,
                 }
+            }
+            if b == b'"' {
+                // The string's end (an escaped quote is read with its backslash below).
+                break;
             }
             if self.wlen == 0 && ALNUM[usize::from(b)] {
                 // A raw ASCII word starts: hash it 8 bytes at a time. While words are separated by plain
@@ -845,6 +852,7 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
             .saturating_add(self.words.saturating_mul(2).saturating_sub(1));
         self.f.words += self.words;
         self.f.gram_sum += self.sum;
+        i.min(n)
     }
 }
 
@@ -1169,26 +1177,27 @@ fn hex4(b: &[u8]) -> Option<u32> {
 }
 
 impl Features {
-    /// Add the features of one text string (raw JSON string content: escapes are decoded here, so
-    /// `\n`, `\u00e9` and a literal `é` count alike). Linear in `text`: a raw ASCII word is classified and hashed
-    /// 8 bytes at a time; each word ends in two `grams` hits (one for the first word of the string) and one bloom
-    /// filter lookup for the cue words. Non-ASCII text and escapes take a byte-at-a-time path.
-    pub fn observe(&mut self, text: &[u8], grams: Grams<'_>) {
-        self.observe_with(text, grams, true);
+    /// Add the features of one text string: raw JSON string content from its first byte, up to its first
+    /// unescaped quote (the string's end; the end of `text` without one), whose offset is returned. Escapes are
+    /// decoded here, so `\n`, `\u00e9` and a literal `é` count alike. Linear in the string: a raw ASCII word is
+    /// classified and hashed 8 bytes at a time; each word ends in two `grams` hits (one for the first word of the
+    /// string) and one bloom filter lookup for the cue words. Non-ASCII text and escapes take a byte-at-a-time path.
+    /// Nothing is validated: the body scan has accepted the string before.
+    pub fn observe(&mut self, text: &[u8], grams: Grams<'_>) -> usize {
+        self.observe_with(text, grams, true)
     }
 
     /// `observe`, with the AVX2 block walk (when `simd` and the CPU has it) or the portable byte loop alone: both
     /// count exactly the same features and n-grams.
-    fn observe_with(&mut self, text: &[u8], grams: Grams<'_>, simd: bool) {
+    fn observe_with(&mut self, text: &[u8], grams: Grams<'_>, simd: bool) -> usize {
         let simd = simd && simd::available();
-        self.bytes = self.bytes.saturating_add(u32::try_from(text.len()).unwrap_or(u32::MAX));
-        match grams {
-            Grams::Collect(out, mask) => {
-                Observer::<true>::new(self, &NO_WEIGHTS, Some((out, mask)), simd).run(text);
-            }
+        let len = match grams {
+            Grams::Collect(out, mask) => Observer::<true>::new(self, &NO_WEIGHTS, Some((out, mask)), simd).run(text),
             Grams::Weights(t) if !t.is_empty() => Observer::<false>::new(self, t, None, simd).run(text),
             _ => Observer::<false>::new(self, &NO_WEIGHTS, None, simd).run(text),
-        }
+        };
+        self.bytes = self.bytes.saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
+        len
     }
 
     /// The dense feature vector a trained model weighs, in `DENSE_FEATURES` order.
@@ -1475,6 +1484,9 @@ mod tests {
         let mut units: Vec<(u8, Option<usize>)> = Vec::new();
         let mut i = 0;
         while i < text.len() {
+            if text[i] == b'"' {
+                break;
+            }
             if text[i] != b'\\' {
                 units.push((text[i], Some(i)));
                 i += 1;
@@ -1507,7 +1519,7 @@ mod tests {
             }
         }
         let mut f = Features {
-            bytes: u32::try_from(text.len()).unwrap(),
+            bytes: u32::try_from(i.min(text.len())).unwrap(),
             ..Features::default()
         };
         let (mut words, mut word) = (Vec::<Vec<u8>>::new(), Vec::new());
@@ -1923,8 +1935,9 @@ mod tests {
 
     #[test]
     fn escapes_and_literal_text_hash_alike() {
-        let literal = "Café naïve − résumé \"quoted\" ∑ 日本";
-        let escaped = "Caf\\u00e9 na\\u00efve \\u2212 r\\u00e9sum\\u00e9 \\\"quoted\\\" \\u2211 \\u65e5\\u672c";
+        // (A raw quote would end the string: the escaped text's `\/` stands for the literal's `/`.)
+        let literal = "Café naïve − résumé /quoted/ ∑ 日本";
+        let escaped = "Caf\\u00e9 na\\u00efve \\u2212 r\\u00e9sum\\u00e9 \\/quoted\\/ \\u2211 \\u65e5\\u672c";
         assert_eq!(hits(literal, 16), hits(escaped, 16));
         let (a, b) = (feats(literal), feats(escaped));
         assert_eq!((a.words, a.non_ascii, a.math), (b.words, b.non_ascii, b.math));
