@@ -267,8 +267,8 @@ struct Observer<'f, 'm, const COLLECT: bool> {
     wlen: u32,
     /// The previous word's hash (when `words > 0`), for the bigram.
     prev: u64,
-    /// "step by step": 1 after "step", 2 after "step by".
-    step: u8,
+    /// "step by step" so far, by word index.
+    steps: Steps,
     ticks: u32,
     line_start: bool,
     last: u8,
@@ -292,7 +292,7 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
             npend: 0,
             wlen: 0,
             prev: 0,
-            step: 0,
+            steps: Steps::NONE,
             ticks: 0,
             line_start: true,
             last: 0,
@@ -401,17 +401,15 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
         if self.words != 0 {
             self.hit(bigram(self.prev, w));
         }
-        self.words += 1;
-        self.prev = w;
         let (word, bit) = bloom_slot(w);
-        if CUE_BLOOM[word] & bit == 0 {
-            self.step = 0;
-        } else {
-            let (step, reasoning, constraints) = cue(w, self.step);
-            self.step = step;
+        if CUE_BLOOM[word] & bit != 0 {
+            let (steps, reasoning, constraints) = cue(w, self.words, self.steps);
+            self.steps = steps;
             self.f.reasoning += reasoning;
             self.f.constraints += constraints;
         }
+        self.words += 1;
+        self.prev = w;
     }
 
     /// Sum the weight of bucket `h` into `sum` (or record it, `COLLECT`).
@@ -473,7 +471,7 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
             sum: self.sum,
             words: self.words,
             prev: self.prev,
-            step: self.step,
+            steps: self.steps,
             line_start: self.line_start,
             ticks: self.ticks,
             last: self.last,
@@ -491,7 +489,7 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
     /// Put the walk's state back into `self` (adding its counters to the features).
     #[inline(always)]
     fn put(&mut self, s: &Hot) {
-        (self.sum, self.words, self.prev, self.step) = (s.sum, s.words, s.prev, s.step);
+        (self.sum, self.words, self.prev, self.steps) = (s.sum, s.words, s.prev, s.steps);
         (self.line_start, self.ticks, self.last) = (s.line_start, s.ticks, s.last);
         self.f.numbers += s.numbers;
         self.f.lines += s.lines;
@@ -873,17 +871,15 @@ struct Masks {
 /// After a word's n-gram weights: count it, keep it for the next bigram, and look it up among the cue words.
 #[inline(always)]
 fn after_word(s: &mut Hot, w: u64) {
-    s.words += 1;
-    s.prev = w;
     let (word, bit) = bloom_slot(w);
-    if CUE_BLOOM[word] & bit == 0 {
-        s.step = 0;
-    } else {
-        let (step, reasoning, constraints) = cue(w, s.step);
-        s.step = step;
+    if CUE_BLOOM[word] & bit != 0 {
+        let (steps, reasoning, constraints) = cue(w, s.words, s.steps);
+        s.steps = steps;
         s.reasoning += reasoning;
         s.constraints += constraints;
     }
+    s.words += 1;
+    s.prev = w;
 }
 
 /// The state `Observer::walk` keeps in registers: the observer's word and line state, and counters to add to the
@@ -893,7 +889,7 @@ struct Hot {
     sum: f32,
     words: u32,
     prev: u64,
-    step: u8,
+    steps: Steps,
     line_start: bool,
     ticks: u32,
     last: u8,
@@ -1151,19 +1147,37 @@ mod simd {
     }
 }
 
-/// A word that passed the bloom filter, after `step` ("step by step": 1 after "step", 2 after "step by"): the next
-/// `step`, and the reasoning and constraint cues it adds. Out of line, and no reference to the observer, so the
-/// observer's state stays in registers.
+/// "step by step" in progress, by word index (so that a word that is no cue word changes nothing): `by` is the
+/// index a "by" must have to follow a "step", `step` the index a "step" must have to follow "step by".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Steps {
+    by: u32,
+    step: u32,
+}
+
+impl Steps {
+    /// Nothing in progress (no word has this index).
+    const NONE: Self = Self {
+        by: u32::MAX,
+        step: u32::MAX,
+    };
+}
+
+/// A word that passed the bloom filter, the `i`th of its string, after `steps`: the next `steps`, and the reasoning
+/// and constraint cues it adds. Out of line, and no reference to the observer, so the observer's state stays in
+/// registers.
 #[inline(never)]
-fn cue(w: u64, step: u8) -> (u8, u32, u32) {
+fn cue(w: u64, i: u32, steps: Steps) -> (Steps, u32, u32) {
+    let next = i.wrapping_add(1);
     if w == STEP {
-        (1, u32::from(step == 2), 0)
+        (Steps { by: next, ..steps }, u32::from(steps.step == i), 0)
     } else if w == BY {
-        (if step == 1 { 2 } else { 0 }, 0, 0)
+        let step = if steps.by == i { next } else { steps.step };
+        (Steps { step, ..steps }, 0, 0)
     } else if REASONING_HASHES.contains(&w) {
-        (0, 1, 0)
+        (steps, 1, 0)
     } else {
-        (0, 0, u32::from(CONSTRAINT_HASHES.contains(&w)))
+        (steps, 0, u32::from(CONSTRAINT_HASHES.contains(&w)))
     }
 }
 
