@@ -541,10 +541,15 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
         // The block's bytes, and 8 zero bytes after them (a word's 8 bytes are read from here).
         let mut buf = [0u8; 72];
         while base < n {
-            let m = block_masks(text, base, &mut buf);
-            let special = !m.plain & !m.alnum & m.valid;
-            // Events: word starts, and the bytes that are no plain separator.
+            let mut m = block_masks(text, base, &mut buf);
+            // The `n` of a `\n` escape is no letter (the word after it starts after it) and no event.
+            let escaped_n = m.newline << 1;
+            m.alnum &= !escaped_n;
+            let special = !m.plain & !m.alnum & m.valid & !escaped_n;
+            // Events: word starts, and the bytes that are no plain separator. A run of words goes on past `\n`
+            // escapes; the other events stop it.
             let mut ev = (m.alnum & !(m.alnum << 1)) | special;
+            let stops = special & !m.newline;
             if s.line_start {
                 s.settle(&m, 0);
             }
@@ -556,28 +561,43 @@ impl<'f, 'm, const COLLECT: bool> Observer<'f, 'm, COLLECT> {
                     break base + 64;
                 }
                 if s.words != 0 {
-                    // The words before the next event that is no word start, each ended by a plain separator: word
-                    // starts and word ends in step, from the two masks. The word that reaches that event (or the
-                    // block's end) takes the paths below.
-                    let sp = ev & special;
-                    let below = sp.wrapping_sub(1) & !sp;
-                    let mut starts = ev & below;
+                    // The words before the next event that is no word start or `\n` escape, each ended by a plain
+                    // separator or a `\n` escape: word starts and word ends in step, from the two masks. The word
+                    // that reaches that event (or the block's end) takes the paths below.
+                    let sp = ev & stops;
+                    let mut below = sp.wrapping_sub(1) & !sp;
+                    let breaks = ev & m.newline & below;
+                    if breaks != 0 {
+                        // A line's first word (after only spaces) that starts with a digit may be a list marker:
+                        // the run stops before it. The first byte after each `\n` and the spaces that follow it
+                        // (a carry through the space mask).
+                        let first = m.space.wrapping_add(breaks << 2) & !m.space & m.digit & below;
+                        below &= (first & first.wrapping_neg()).wrapping_sub(1);
+                    }
+                    let mut starts = ev & below & !m.newline;
+                    let lead = starts & starts.wrapping_neg();
                     // At a line's start (only spaces before the first word), a word that starts with a digit may
                     // be a list marker: the paths below.
-                    let first = buf[(starts.trailing_zeros() & 63) as usize];
-                    if starts != 0 && !(s.line_start && first.is_ascii_digit()) {
-                        s.line_start = false;
+                    if starts != 0 && !(s.line_start && lead & m.digit != 0) {
+                        let all = starts;
                         // The words before that event, and the one that reaches it if that ends cleanly.
-                        let mut ends = clean_ends & below & !(starts & starts.wrapping_neg()).wrapping_sub(1);
+                        let mut ends = clean_ends & below & !lead.wrapping_sub(1);
                         while ends != 0 {
                             let qi = (starts.trailing_zeros() & 63) as usize;
                             let ei = ((ends.trailing_zeros() + 1) & 63) as usize;
-                            s.numbers += u32::from(buf[qi].is_ascii_digit());
                             let w = block_word_hash(&buf, qi, ei);
                             self.next_word_fast(&mut s, table, mask, w);
                             starts &= starts - 1;
                             ends &= ends - 1;
                         }
+                        s.numbers += (all & !starts & m.digit).count_ones();
+                        let breaks = breaks & below;
+                        s.lines += breaks.count_ones();
+                        // A line starts after the last `\n` if only spaces follow it in the run.
+                        s.line_start = breaks != 0 && {
+                            let after = !(4u64 << (63 - breaks.leading_zeros())).wrapping_sub(1);
+                            !m.space & below & after == 0
+                        };
                         ev = starts | (ev & !below);
                         if ev == 0 {
                             break base + 64;
@@ -865,6 +885,8 @@ struct Masks {
     glue: u64,
     /// Backslashes followed by an `n` within the block (a `\n` escape where the backslash is not itself escaped).
     newline: u64,
+    /// ASCII digits.
+    digit: u64,
     valid: u64,
 }
 
@@ -948,6 +970,7 @@ fn masks_portable(block: &[u8; 64], out: &mut [u8; 72]) -> Masks {
         space: 0,
         glue: 0,
         newline: 0,
+        digit: 0,
         valid: !0,
     };
     for (k, &b) in block.iter().enumerate() {
@@ -961,6 +984,7 @@ fn masks_portable(block: &[u8; 64], out: &mut [u8; 72]) -> Masks {
         m.alnum |= u64::from(ALNUM[usize::from(b)]) << k;
         m.plain |= u64::from(PLAIN_SEP[usize::from(b)]) << k;
         m.space |= u64::from(b == b' ') << k;
+        m.digit |= u64::from(b.is_ascii_digit()) << k;
     }
     m
 }
@@ -1033,9 +1057,9 @@ fn span_hash(text: &[u8], mut s: usize, e: usize) -> u64 {
 #[allow(unsafe_code)]
 mod simd {
     use std::arch::x86_64::{
-        __m256i, _mm256_and_si256, _mm256_andnot_si256, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8,
-        _mm256_or_si256, _mm256_set1_epi8, _mm256_setr_epi8, _mm256_setzero_si256, _mm256_shuffle_epi8,
-        _mm256_srli_epi16, _mm256_storeu_si256,
+        __m256i, _mm256_and_si256, _mm256_andnot_si256, _mm256_cmpeq_epi8, _mm256_cmpgt_epi8, _mm256_loadu_si256,
+        _mm256_movemask_epi8, _mm256_or_si256, _mm256_set1_epi8, _mm256_setr_epi8, _mm256_setzero_si256,
+        _mm256_shuffle_epi8, _mm256_srli_epi16, _mm256_storeu_si256,
     };
 
     use super::{Masks, ALNUM, PLAIN_SEP};
@@ -1093,6 +1117,10 @@ mod simd {
             _mm256_set1_epi8(b'\\'.cast_signed()),
             _mm256_set1_epi8(b'n'.cast_signed()),
         );
+        let (below_0, above_9) = (
+            _mm256_set1_epi8((b'0' - 1).cast_signed()),
+            _mm256_set1_epi8((b'9' + 1).cast_signed()),
+        );
         // Bits of the 32 bytes at `half` that are *not* in each set; the 32 bytes lowercased go to `out`.
         let mut half = |half: usize| {
             // SAFETY: `block` holds 64 bytes and `half` is 0 or 32: 32 readable bytes; the load is unaligned.
@@ -1110,6 +1138,11 @@ mod simd {
             let is_backslash = _mm256_cmpeq_epi8(v, backslash);
             let glue = _mm256_movemask_epi8(_mm256_or_si256(v, is_backslash));
             let is_n = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, letter_n));
+            // Signed: non-ASCII bytes are below `'0'`.
+            let is_digit = _mm256_movemask_epi8(_mm256_and_si256(
+                _mm256_cmpgt_epi8(v, below_0),
+                _mm256_cmpgt_epi8(above_9, v),
+            ));
             (
                 _mm256_movemask_epi8(not_alnum).cast_unsigned(),
                 not(plain_t).cast_unsigned(),
@@ -1117,10 +1150,11 @@ mod simd {
                 glue.cast_unsigned(),
                 _mm256_movemask_epi8(is_backslash).cast_unsigned(),
                 is_n.cast_unsigned(),
+                is_digit.cast_unsigned(),
             )
         };
-        let (a0, p0, s0, g0, b0, n0) = half(0);
-        let (a1, p1, s1, g1, b1, n1) = half(32);
+        let (a0, p0, s0, g0, b0, n0, d0) = half(0);
+        let (a1, p1, s1, g1, b1, n1, d1) = half(32);
         let join = |lo: u32, hi: u32| u64::from(lo) | u64::from(hi) << 32;
         Masks {
             alnum: !join(a0, a1),
@@ -1128,6 +1162,7 @@ mod simd {
             space: join(s0, s1),
             glue: join(g0, g1),
             newline: join(b0, b1) & join(n0, n1) >> 1,
+            digit: join(d0, d1),
             valid: !0,
         }
     }
@@ -1817,8 +1852,9 @@ mod tests {
     #[test]
     fn block_walk_matches_the_byte_loop_on_runs_of_short_words() {
         // Many words per block (the walk takes the words before each event in one run), each followed by a
-        // separator or an event: words of 1 to 16 bytes, some starting with a digit, `\n` escapes, line starts with
-        // and without list markers, other escapes and non-ASCII bytes right after a word; at every offset.
+        // separator or an event: words of 1 to 16 bytes, some starting with a digit, `\n` escapes (which a run goes
+        // past), line starts with and without list markers, after spaces or not, an escaped backslash before an `n`,
+        // other escapes and non-ASCII bytes right after a word; at every offset.
         let words: [&[u8]; 8] = [
             b"a",
             b"Ok",
@@ -1829,7 +1865,7 @@ mod tests {
             b"9lives",
             b"Sixteen0bytes00X",
         ];
-        let seps: [&[u8]; 12] = [
+        let seps: [&[u8]; 18] = [
             b" ",
             b" ",
             b", ",
@@ -1842,6 +1878,12 @@ mod tests {
             b"\\\"",
             b"  ",
             b"-",
+            b"\\n  ",
+            b"\\n (",
+            b"\\n 4) ",
+            b"\\n\\n  ",
+            b"\\\\n",
+            b"\\n.",
         ];
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..400 {
@@ -1851,7 +1893,7 @@ mod tests {
                 x ^= x >> 7;
                 x ^= x << 17;
                 text.extend_from_slice(words[(x % 8) as usize]);
-                text.extend_from_slice(seps[(x >> 8) as usize % 12]);
+                text.extend_from_slice(seps[(x >> 8) as usize % seps.len()]);
             }
             for off in 0..66 {
                 walk_agrees(&text[off..]);
