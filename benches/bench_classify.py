@@ -21,13 +21,17 @@ divided by 200, with PYTHONHASHSEED=0 (unseeded counts swing by ~5k); the build 
 in the same session:
 
       body  no classifier        added instructions, before -> now
-      2182  25.7k instr.         +49.1k -> +38.4k  (-22 %)
-     21235  193.3k instr.        +386.9k -> +285.4k  (-26 %)
+      2182  25.7k instr.         +49.1k -> +36.4k  (-26 %)
+     21235  193.3k instr.        +386.9k -> +274.1k  (-29 %)
 
-CPU time, medians of 10 processes per build, alternating, each the median of 15 repeats (load average 0.9-1.2):
-+5.07 -> +3.69 µs at 2 KB, +41.5 -> +26.4 µs at 20 KB; replay 371k -> 429k decisions per CPU second. A single
-process is fast or slow in all its repeats (20 KB: +23.1 to +45.7 µs now), so compare medians of several.
-Both classifier targets are met, and the replay target.
+(The plain decide swings by up to 1.4k between builds with the same Rust code: CPython's allocator.)
+
+CPU time, medians over processes (each the median of 15 repeats), the builds alternating: at load average
+0.9-1.2, 10 processes each, +5.07 -> +3.69 µs at 2 KB and +41.5 -> +26.4 µs at 20 KB, replay 371k -> 429k
+decisions per CPU second; 20 KB only, 8 each pinned to either core, +42.1 -> +27.9 µs; in a slower period
+(plain decide 28 µs instead of 19), +7.87 -> +5.77 and +66.4 -> +43.6 µs, then +5.96 -> +5.75 and +43.2 ->
++48.1 µs. A single process is fast or slow in all its repeats, so compare medians of several. The targets are
+met in instructions and, on the quieter runs, in CPU time; the replay target is met.
 
 Earlier: version 1 hashing +102k / +887k instructions; version 2 before the AVX2 block walk +76.4k / +597.2k;
 before the feature pass stopped re-validating text strings +64.0k / +501.7k; before runs of words +52.9k /
