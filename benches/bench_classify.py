@@ -6,31 +6,36 @@ counts instead, for use under valgrind). One process, `timeit`; medians of repea
 
 Prompts: real MMLU questions (the bundled training file) joined to 2 KB and 20 KB, in a one-message chat body.
 Two configs that differ only in the route: `to: small` (no classifier) and `classify: complexity` with the
-shipped model. The difference of the medians is the classifier's cost (a second pass over the body that finds
-the text strings' ends and counts their features and n-gram weights, then a 16-term dot product and one `exp`).
+shipped model. The difference of the medians is the classifier's cost (a second pass over the body that counts
+each text string's features and n-gram weights up to its closing quote, then a 16-term dot product and one
+`exp`).
 
 Replay: `fastroute simulate`'s loop (`Router.decide` per line, bodies already encoded) over the 7,007 bundled
 prompts through the classify config; decisions per CPU second on one core.
 
-Targets (issue 6): +<= 5 µs at 2 KB, +<= 30 µs at 20 KB (as instructions: +<= 50k and +<= 330k); replay
+Targets (issue 6): +<= 5 µs at 2 KB, +<= 30 µs at 20 KB (as instructions: +<= 45k and +<= 300k); replay
 >= 100k requests/s.
 
 Last results (2 shared cores). Instructions from callgrind, python calling decide 200 times minus 0 times,
-divided by 200, with PYTHONHASHSEED=0 (unseeded counts swing by ~5k); the build before the block walk took its
-words in runs and the current one, in the same session:
+divided by 200, with PYTHONHASHSEED=0 (unseeded counts swing by ~5k); the build before this change and this one,
+in the same session:
 
       body  no classifier        added instructions, before -> now
-      2182  25.7k instr.         +52.9k -> +49.1k  (-7 %)
-     21235  193.3k instr.        +424.0k -> +386.8k  (-9 %)
+      2182  25.7k instr.         +49.1k -> +36.4k  (-26 %)
+     21235  193.3k instr.        +386.9k -> +274.1k  (-29 %)
 
-CPU time after this change, two runs on a quiet machine (load average 0.4, 14:37): +5.08 and +5.04 µs at 2 KB
-(decide 2.72 / 2.58 µs without the classifier), +39.86 and +39.20 µs at 20 KB (19.00 / 18.29 µs without); replay
-399k and 380k decisions per CPU second. Neither speed target is met (2 KB just over, 20 KB by a third). The change
-before it: +5.67 µs at 2 KB and +53.36 µs at 20 KB, medians of 20 alternating runs at load average 2.8-3.1.
+(The plain decide swings by up to 1.4k between builds with the same Rust code: CPython's allocator.)
+
+CPU time, medians over processes (each the median of 15 repeats), the builds alternating: at load average
+0.9-1.2, 10 processes each, +5.07 -> +3.69 µs at 2 KB and +41.5 -> +26.4 µs at 20 KB, replay 371k -> 429k
+decisions per CPU second; 20 KB only, 8 each pinned to either core, +42.1 -> +27.9 µs; in a slower period
+(plain decide 28 µs instead of 19), +7.87 -> +5.77 and +66.4 -> +43.6 µs, then +5.96 -> +5.75 and +43.2 ->
++48.1 µs. A single process is fast or slow in all its repeats, so compare medians of several. The targets are
+met in instructions and, on the quieter runs, in CPU time; the replay target is met.
 
 Earlier: version 1 hashing +102k / +887k instructions; version 2 before the AVX2 block walk +76.4k / +597.2k;
-before the feature pass stopped re-validating text strings +64.0k / +501.7k.
-The classifier targets are not met (see docs/classifier.md, "Speed"); the replay target is.
+before the feature pass stopped re-validating text strings +64.0k / +501.7k; before runs of words +52.9k /
++424.0k. What changed and what did not pay: docs/classifier.md, "Speed".
 """
 
 from __future__ import annotations
