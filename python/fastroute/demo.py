@@ -93,9 +93,17 @@ class Processes:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports: the sockets stay bound until all are chosen (one after another, the
+    kernel may hand out a port it just got back)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(('127.0.0.1', 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def wait_until_up(url: str, procs: Processes, timeout: float = 30.0) -> None:
@@ -303,8 +311,8 @@ def cli_demo(args: argparse.Namespace) -> int:
         return 2
 
     exe = [sys.executable, '-m', 'fastroute.cli']
-    ports = {'FASTROUTE_DEMO_PORT': free_port(), 'FASTROUTE_DEMO_SMALL_PORT': free_port()}
-    ports['FASTROUTE_DEMO_LARGE_PORT'] = free_port()
+    router, small, large = free_ports(3)
+    ports = {'FASTROUTE_DEMO_PORT': router, 'FASTROUTE_DEMO_SMALL_PORT': small, 'FASTROUTE_DEMO_LARGE_PORT': large}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}}
     os.environ.update({k: str(v) for k, v in ports.items()})
     procs = Processes()
