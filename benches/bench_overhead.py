@@ -33,18 +33,17 @@ bench-results/overhead-<timestamp>.md.
 with --strace its system calls per request, with --callgrind instructions per request under callgrind (1 in
 flight; independent of the machine's load). --set KEY=JSON changes the generated config.
 
-Latest figures (2026-11-26 07:40 and 07:57, full runs, pinned, load average 5.3-8.4 from other work; all figures
-and the runs before: benches/README.md):
+Latest figures (2026-11-26 16:23-16:33, two full runs, pinned, load average 0.4-1.0, Debian's CPython 3.11 and the
+gateway's fast lane; all figures and the runs before: benches/README.md):
 
-  target            req/s JSON     CPU us/req JSON  req/s SSE      CPU us/req SSE  p50 @1       p50 @1k    p99 @1k
-  (a) direct        28,141/27,487  12/13            25,607/21,523  11/13           0.036/0.037  0.150/0.109  1.14/2.65
-  (b) nginx proxy   8,334/9,553    37/35            6,912/8,204    46/39           0.173/0.164  0.220/0.235  6.66/6.97
-  (c) minimal       983/1,269      415/418          971/1,388      459/373         0.511/0.513  11.5/2.57    113/125
-  (d) fastroute     3,521/3,364    118/161          3,040/2,630    136/173         0.235/0.254  1.01/1.60    8.83/10.3
-  fastroute added / nginx added: p50 @1 1.4x/1.7x, p99 @1k 1.4x/1.8x; p50 @1k 12x (the proxy pinned to CPU 0 waited
-  for its turn among 5-8 runnable processes; not a measure of the proxy). Before/after this round's cuts
-  (--profile; CPU interleaved in one run): instructions/request JSON 235.7k -> 228.0k, SSE 289.5k -> 273.9k;
-  system calls 4.97 -> 4.28 and 7.39 -> 4.25; CPU us/request 107 -> 102 and 139 -> 115.
+  target            req/s JSON     CPU us/req JSON  req/s SSE      CPU us/req SSE  p50 @1       p50 @1k
+  (a) direct        43,434/41,490  12/12            39,242/45,502  13/11           0.042/0.036  0.134/0.127
+  (b) nginx proxy   33,026/28,068  28/35            29,640/28,940  31/34           0.125/0.122  0.255/0.247
+  (c) minimal       3,240/2,700    308/369          2,481/2,728    400/367         0.524/0.467  0.749/0.708
+  (d) fastroute     11,371/12,937  88/77            9,545/10,737   104/93          0.180/0.200  0.341/0.331
+  fastroute added / nginx added: p50 @1 1.7x/1.9x, p50 @1k 1.7x/1.7x. p99 @1k was several ms for every proxy pinned
+  to CPU 0 in both runs (direct, on CPU 1, 0.34-0.37 ms): CPU 0 stalled, so no p99 verdict from them; the last clean
+  run (15:28, before the lane) gave p99 @1k 2.8x.
 """
 
 from __future__ import annotations
