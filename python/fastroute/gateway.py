@@ -610,11 +610,14 @@ async def proxy(ctx: Ctx, method: str) -> None:
     if ep is None:
         if ctx.status or await no_endpoint(ctx) is None:
             return
+    await forward(ctx, method, d, body)
+
+
+def forward(ctx: Ctx, method: str, d: Decision, body: bytes) -> Any:
+    """Phases 4-5 for the picked endpoint: the coroutine that sends (or streams) the request. A plain function,
+    so that awaiting what it returns adds no coroutine of its own."""
     upath, headers, send_body = upstream_request(ctx, d, body)
-    if d.stream:
-        await stream_back(ctx, method, upath, headers, send_body)
-    else:
-        await send(ctx, method, upath, headers, send_body)
+    return (stream_back if d.stream else send)(ctx, method, upath, headers, send_body)
 
 
 def upstream_request(ctx: Ctx, d: Decision, body: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
@@ -1306,13 +1309,8 @@ def _fast(ctx: Ctx) -> None:
 
 
 async def _after_no_endpoint(ctx: Ctx, d: Decision, body: bytes) -> None:
-    if await no_endpoint(ctx) is None:
-        return
-    upath, headers, send_body = upstream_request(ctx, d, body)
-    if d.stream:
-        await stream_back(ctx, 'POST', upath, headers, send_body)
-    else:
-        await send(ctx, 'POST', upath, headers, send_body)
+    if await no_endpoint(ctx) is not None:
+        await forward(ctx, 'POST', d, body)
 
 
 class _Answer:
@@ -1334,11 +1332,13 @@ class _Answer:
         return self.resolved
 
     def set_result(self, answer: tuple) -> None:
+        # NOTE: the two callbacks' common start stays written out in each: a shared method cost ~0.5k
+        # instructions per request (callgrind)
         self.resolved = True
         ctx = self.ctx
+        ctx.upstream_ns += perf_counter_ns() - self.sent
         ep = self.ep
         try:
-            ctx.upstream_ns += perf_counter_ns() - self.sent
             ep.outstanding -= 1
             if ep.pool_waiters:
                 ep.release_wake()
@@ -1355,9 +1355,9 @@ class _Answer:
     def set_exception(self, exc: BaseException) -> None:
         self.resolved = True
         ctx = self.ctx
+        ctx.upstream_ns += perf_counter_ns() - self.sent
         ep = self.ep
         try:
-            ctx.upstream_ns += perf_counter_ns() - self.sent
             err = ep.error_from(exc, started=False)
             ep.release()
             _later(ctx, self._retry(err, None))

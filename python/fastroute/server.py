@@ -345,7 +345,6 @@ class HttpProtocol(asyncio.Protocol):
         'idle_waiter',
         'in_head',
         'lane_req',
-        'lane_wait',
         'linger',
         'loop',
         'n_requests',
@@ -365,8 +364,7 @@ class HttpProtocol(asyncio.Protocol):
         self.loop = server.loop
         self.app = server.handler
         self.fast = server.fast
-        self.lane_req: Request | None = None  # the request the app's fast lane took (see `begin`)
-        self.lane_wait: Request | None = None  # a request whose body comes after its head, for the lane
+        self.lane_req: Request | None = None  # the request the app's fast lane holds or waits a body for (`begin`)
         self.resume: Any = None  # a coroutine that goes on with the lane's request in this task (`hand_over`)
         self.transport: Any = None
         self.buf = b''  # an incomplete request head, waiting for the rest
@@ -474,8 +472,7 @@ class HttpProtocol(asyncio.Protocol):
                 self.on_body(req, piece)
             if ended:
                 self.chunker = None
-                self.on_message_complete(req)
-                if self.closed or self.transport.is_closing():  # answered and closed (the fast lane)
+                if not self.on_message_complete(req):
                     return -1
             return pos
         left = self.body_left
@@ -488,10 +485,8 @@ class HttpProtocol(asyncio.Protocol):
             take = left
         self.body_left = left - take
         self.on_body(req, piece)
-        if take == left:
-            self.on_message_complete(req)
-            if self.closed or self.transport.is_closing():  # answered and closed (the fast lane)
-                return -1
+        if take == left and not self.on_message_complete(req):
+            return -1
         return pos + take
 
     def eof_received(self) -> bool | None:
@@ -560,16 +555,16 @@ class HttpProtocol(asyncio.Protocol):
         if req.buffered > BODY_HIGH_WATER and not req.want_all:
             self.pause_reading()
 
-    def on_message_complete(self, req: Request) -> None:
+    def on_message_complete(self, req: Request) -> bool:
+        """The body of `req` is all in. False: the connection was closed meanwhile (the fast lane answered
+        and closed it), stop reading."""
         self.parsing = None
         req.complete = True
         if req.body_waiter is not None:
             req.wake_body()
-        if req is self.lane_wait:  # its body is in: now the fast lane may take it
-            self.lane_wait = None
-            self.current = self.lane_req = None
-            self.n_requests -= 1
-            self.begin(req)
+        if req is self.lane_req:  # the lane waited for this body (a request it took was whole already)
+            return self.lane(req)
+        return True
 
     # --- flow ------------------------------------------------------------------------------------
 
@@ -591,43 +586,40 @@ class HttpProtocol(asyncio.Protocol):
     def begin(self, req: Request) -> bool:
         """Answer `req` (no other request is being answered): the app's fast lane when it takes a whole
         request, else `start`. False: the connection was closed meanwhile, stop reading."""
-        fast = self.fast
-        if fast is None or req.expect_continue:
+        if self.fast is None or req.expect_continue:
             self.start(req)
             return True
-        if not req.complete:
-            # NOTE: clients often write the head and the body apart (httpx, so the openai SDK): a small body
-            # is waited for here, without a task, and the request goes to the lane when it is in
-            if self.chunker is None and self.body_left <= LANE_BODY_MAX:
-                self.current = self.lane_wait = self.lane_req = req  # lane_req: the task leaves it alone
-                self.n_requests += 1
-            else:
-                self.start(req)
+        # NOTE: clients often write the head and the body apart (httpx, so the openai SDK): a small body is
+        # waited for here, without a task, and the request goes to the lane when it is in
+        if not req.complete and (self.chunker is not None or self.body_left > LANE_BODY_MAX):
+            self.start(req)
             return True
-        # the lane may answer inside this call, or end the request later with `done` or `hand_over`
-        self.current = self.lane_req = req
+        self.current = self.lane_req = req  # lane_req: the connection's task leaves it alone
         self.n_requests += 1
-        if not fast(req):
-            self.current = self.lane_req = None
-            self.n_requests -= 1
-            self.start(req)
-            return True
-        return not self.closed and not self.transport.is_closing()
+        return self.lane(req) if req.complete else True
+
+    def lane(self, req: Request) -> bool:
+        """The app's fast lane for `req` (the current request, its body in). It may answer inside this call, or
+        end the request later with `done` or `hand_over`; if it does not take it, the task answers it.
+        False: the connection was closed meanwhile."""
+        if self.fast(req):  # type: ignore[misc]
+            return not self.closed and not self.transport.is_closing()
+        self.lane_req = None
+        self.wake_task()
+        return True
 
     def hand_over(self, coro: Any) -> None:
         """The fast lane's request goes on in this connection's task: it runs `coro`, then `done`."""
         self.resume = coro
-        waiter = self.idle_waiter
-        if waiter is not None:
-            self.idle_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-        elif self.task is None:
-            self.task = self.loop.create_task(self.run())
+        self.wake_task()
 
     def start(self, req: Request) -> None:
         self.current = req
         self.n_requests += 1
+        self.wake_task()
+
+    def wake_task(self) -> None:
+        """The connection's task goes on with the current request (or `resume`)."""
         waiter = self.idle_waiter
         if waiter is not None:  # the connection's task waits for this request
             self.idle_waiter = None

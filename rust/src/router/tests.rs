@@ -237,6 +237,16 @@ fn tenant_spec(n: usize) -> Value {
     })
 }
 
+/// `POST /` with an empty object body and the key header's value (the tenant specs read one header).
+fn keyed<'a>(values: &'a [Option<&'a str>]) -> Request<'a> {
+    Request {
+        method: "POST",
+        path: "/",
+        headers: values,
+        body: b"{}",
+    }
+}
+
 #[test]
 fn many_keys() {
     let r = compile(&tenant_spec(2000));
@@ -244,13 +254,7 @@ fn many_keys() {
     for t in [0usize, 1, 999, 1999] {
         let auth = format!("Bearer key-{t}");
         let values = [Some(auth.as_str())];
-        let req = Request {
-            method: "POST",
-            path: "/",
-            headers: &values,
-            body: b"{}",
-        };
-        let d = r.decide(&req, None).unwrap();
+        let d = r.decide(&keyed(&values), None).unwrap();
         assert_eq!(r.tenant_names()[d.tenant.unwrap() as usize].as_ref(), format!("t{t}"));
         assert_eq!(r.adapters()[d.adapter.unwrap() as usize].as_ref(), format!("lora-{t}"));
     }
@@ -261,13 +265,7 @@ fn a_key_is_trimmed_of_white_space_at_both_ends() {
     let r = compile(&tenant_spec(3));
     let decide = |auth: &str| {
         let values = [Some(auth)];
-        let req = Request {
-            method: "POST",
-            path: "/",
-            headers: &values,
-            body: b"{}",
-        };
-        let d = r.decide(&req, None).unwrap();
+        let d = r.decide(&keyed(&values), None).unwrap();
         (d.status, d.tenant)
     };
     for auth in [
