@@ -13,6 +13,7 @@ from fastroute._core import (
     head_bytes,
     parse_request_head,
     parse_response_head,
+    relay_answer,
 )
 
 
@@ -164,3 +165,57 @@ def test_response_head_leaves_out_dropped_headers() -> None:
     assert h is not None
     assert h[2] == [('content-type', 'text/event-stream'), ('x-a', '1')]
     assert h[5] is True  # what was left out still counts: keep-alive
+
+
+def _relayed_the_general_way(raw: bytes, block_headers: list[tuple[str, str]], overhead_us: int) -> bytes:
+    """What the general way answers for a whole 200: the parsed head's content-type and content-encoding, the
+    decision headers, the overhead, content-length and the body (as `answer_response` and `response_bytes`)."""
+    h = parse_response_head(raw)
+    assert h is not None
+    end, _status, _, _length, _, _, ctype, enc = h
+    relayed = [('content-type', ctype)] if ctype is not None else []
+    if ctype is not None and enc is not None:
+        relayed.append(('content-encoding', enc))
+    headers = relayed + block_headers + [('x-fastroute-overhead-us', str(overhead_us))]
+    body = raw[end:]
+    return head_bytes(b'HTTP/1.1 200 OK\r\n', headers, b'content-length: %d\r\n\r\n' % len(body), body)
+
+
+@pytest.mark.parametrize(
+    'head',
+    [
+        b'HTTP/1.1 200 OK\r\nServer: up\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n',
+        b'HTTP/1.1 200 Fine\r\ncontent-length: %d\r\ncontent-type: text/plain; charset=utf-8\r\n'
+        b'Content-Encoding: gzip\r\nx-other: 1\r\n\r\n',
+        b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nConnection: close\r\ncontent-length: %d\r\n\r\n',
+    ],
+)
+def test_relay_answer_is_the_general_answer(head: bytes) -> None:
+    body = b'{"id":"x","choices":[]}'
+    raw = head % len(body) + body
+    block_headers = [('x-fastroute-route', 'r'), ('x-fastroute-model', 'm'), ('x-request-id', 'fr-1')]
+    block = head_bytes(b'', block_headers, b'')
+    got = relay_answer(b'junk' + raw, 4, block, 37)
+    assert got is not None
+    out, at, keep_alive = got
+    assert out == _relayed_the_general_way(raw, block_headers, 37)
+    assert (b'junk' + raw)[at:] == body
+    assert keep_alive is (b'Connection: close' not in head)
+
+
+@pytest.mark.parametrize(
+    'raw',
+    [
+        b'HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}',  # not a 200
+        b'HTTP/1.1 500 Oops\r\ncontent-length: 2\r\n\r\n{}',
+        b'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n',  # not framed by a length
+        b'HTTP/1.1 200 OK\r\n\r\n{}',  # delimited by the end of the connection
+        b'HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n{}',  # the body is not all in
+        b'HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n{}',  # bytes after the body
+        b'HTTP/1.1 200 OK\r\ncontent-len',  # the head is not all in
+        b'HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}',  # malformed
+        b'garbage\r\n\r\n',
+    ],
+)
+def test_relay_answer_leaves_the_rest_to_the_general_way(raw: bytes) -> None:
+    assert relay_answer(raw, 0, b'x-a: 1\r\n', 1) is None

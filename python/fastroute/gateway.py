@@ -29,6 +29,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
+from fastroute._core import head_bytes, relay_answer
 from fastroute.errors import (
     AuthError,
     ConfigError,
@@ -1306,6 +1307,20 @@ def _fast(ctx: Ctx) -> None:
     waiter = _Answer(ctx, ep, upath, headers, send_body)
     if not ep.start_now('POST', upath, headers, send_body, waiter):  # no idle connection: `send` connects
         _later(ctx, send(ctx, 'POST', upath, headers, send_body, reserved=True))
+        return
+    # the request is out: the headers of the answer are made while the upstream works on it
+    if ctx.classifier is None:
+        waiter.block = head_bytes(
+            b'',
+            [
+                ('x-fastroute-route', d.route or ''),
+                ('x-fastroute-model', d.pool or ''),
+                ('x-fastroute-adapter', d.adapter or ''),
+                ('x-fastroute-variant', d.variant or ''),
+                ('x-request-id', ctx.rid),
+            ],
+            b'',
+        )
 
 
 async def _after_no_endpoint(ctx: Ctx, d: Decision, body: bytes) -> None:
@@ -1317,7 +1332,7 @@ class _Answer:
     """The fast lane's waiter for one upstream exchange, in place of a future: the connection calls
     `set_result` with the whole answer, or `set_exception` on a failure, from its own callbacks."""
 
-    __slots__ = ('body', 'ctx', 'ep', 'headers', 'resolved', 'sent', 'upath')
+    __slots__ = ('block', 'body', 'ctx', 'ep', 'headers', 'resolved', 'sent', 'upath')
 
     def __init__(self, ctx: Ctx, ep: Endpoint, upath: str, headers: list[tuple[str, str]], body: bytes) -> None:
         self.ctx = ctx
@@ -1327,9 +1342,52 @@ class _Answer:
         self.body = body
         self.resolved = False
         self.sent = perf_counter_ns()
+        self.block: bytes | None = None  # the decision's headers, rendered (`relay`)
 
     def done(self) -> bool:
         return self.resolved
+
+    def relay(self, conn: Any, data: bytes) -> bool:
+        """The upstream connection's first read of the answer: when it is a whole `200` (the common case), the
+        client's answer is made from it in one Rust call and written before any bookkeeping. False: not that
+        case, nothing was done (the connection goes on the general way, to `set_result`)."""
+        block = self.block
+        ctx = self.ctx
+        req = ctx.proto
+        cc = req.conn
+        if block is None or req.started or not req.keep_alive or cc.closing or cc.closed or req.http_version == '1.0':
+            return False
+        now = perf_counter_ns()
+        up = now - self.sent
+        r = relay_answer(data, 0, block, (now - ctx.t0 - ctx.upstream_ns - up) // 1000)
+        if r is None:
+            return False
+        out, at, keep_alive = r
+        req.started = True
+        req.status = 200
+        cc.transport.write(out)
+        # the answer is out; the rest is bookkeeping, as `set_result` and `answered` do it
+        self.resolved = True
+        conn.relayed(keep_alive)
+        ctx.upstream_ns += up
+        ctx.ttft_ns = now
+        ctx.overhead_ns = now - ctx.t0 - ctx.upstream_ns
+        ep = self.ep
+        try:
+            ep.outstanding -= 1
+            if ep.pool_waiters:
+                ep.release_wake()
+            ep.win.n += 1
+            if ep.failures or ep.down:
+                ep.recovered()
+            ctx.status = 200
+            body = ctx.resp_body = data[at:]
+            if ctx.experiment is not None:
+                ctx.experiment.seen_body(body)
+        except Exception as exc:
+            unhandled(ctx, exc)
+        _end(ctx)
+        return True
 
     def set_result(self, answer: tuple) -> None:
         # NOTE: the two callbacks' common start stays written out in each: a shared method cost ~0.5k

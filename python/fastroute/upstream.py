@@ -172,6 +172,7 @@ class _Conn(asyncio.Protocol):
         'keep_alive',
         'lost',
         'paused',
+        'relay',
         'rx_at',
         'sink',
         'state',
@@ -192,6 +193,7 @@ class _Conn(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0  # when `timer` fires
         self.waiter: asyncio.Future | None = None  # the head (stream) or the whole answer (send)
+        self.relay: Any = None  # the fast lane's waiter, which may relay a whole answer itself (`relay`)
         self.sink: UpstreamStream | None = None  # the stream reading this answer's body
         self.status = 0
         self.headers: list[tuple[str, str]] | None = None  # the end-to-end headers (lower-case names): streams, errors
@@ -221,6 +223,11 @@ class _Conn(asyncio.Protocol):
                 pass
 
     def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:  # the fast lane's exchange: a whole answer in this read goes out in one step
+            self.relay = None
+            if self.state == _HEAD and not self.buf and relay.relay(self, data):
+                return
         state = self.state
         if state == _IDLE or state == _DONE:  # nothing asked: a server talking out of turn
             self.abort()
@@ -376,11 +383,15 @@ class _Conn(asyncio.Protocol):
     # -- the exchange
 
     def start(self, data: bytes, waiter: asyncio.Future, sink: UpstreamStream | None, head_only: bool) -> None:
+        # the request goes out first: no answer can be read before this callback returns, and the state set
+        # below is made while the upstream works on it
+        self.transport.write(data)  # type: ignore[union-attr]
         ep = self.ep
         now = ep.loop.time()
         self.at = self.rx_at = now
         self.state = _HEAD
         self.waiter = waiter
+        self.relay = None
         self.sink = sink
         self.head_only = head_only
         self.status = 0
@@ -404,7 +415,6 @@ class _Conn(asyncio.Protocol):
                 timer.cancel()
             self.timer_at = due
             self.timer = ep.loop.call_at(due, self.on_timer)
-        self.transport.write(data)  # type: ignore[union-attr]
 
     def on_timer(self) -> None:
         self.timer = None
@@ -441,6 +451,22 @@ class _Conn(asyncio.Protocol):
         sink, self.sink = self.sink, None
         # the answer travels in the waiter: the connection may serve another request before it is read
         answer = (self.status, self.headers, self.chunks, self.ctype, self.enc)
+        self._release()
+        if sink is not None:
+            sink.end()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(answer)
+
+    def relayed(self, keep_alive: bool) -> None:
+        """The fast lane relayed the whole answer from `data_received` (its `relay`): the exchange is over."""
+        self.waiter = None
+        self.keep_alive = keep_alive
+        self.rx_at = self.ep.loop.time()
+        self.state = _DONE
+        self._release()
+
+    def _release(self) -> None:
+        """The exchange is over: back to the pool's idle connections, or closed."""
         ep = self.ep
         if self.keep_alive and not self.lost and not ep.closed:
             if self.paused:
@@ -455,10 +481,6 @@ class _Conn(asyncio.Protocol):
                 self.abort()
         else:
             self.abort()
-        if sink is not None:
-            sink.end()
-        if waiter is not None and not waiter.done():
-            waiter.set_result(answer)
 
     def fail(self, kind: str) -> None:
         """End the exchange with a failure and close the connection."""
@@ -913,6 +935,7 @@ class Endpoint:
         if conn is None:
             return False
         conn.start(self._request(method, path, headers, body), waiter, None, method == 'HEAD')
+        conn.relay = waiter
         return True
 
     async def open_stream(

@@ -3,6 +3,8 @@
 //! strings created at compile time back by refcount, and maps core errors to
 //! `fastroute.errors`. No routing logic lives here, and no other file imports pyo3.
 
+use std::io::Write as _;
+
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -916,6 +918,53 @@ fn parse_response_head<'py>(
         .map(Some)
 }
 
+/// The fast lane's way back, in one step: a whole `200` answer at `buf[start:]`, framed by its content-length
+/// and ending exactly at the end of `buf`, made into the client's answer: our status line, the upstream's
+/// content-type and content-encoding (all a success relays), `block` (headers rendered beforehand), the
+/// overhead header, content-length, the body. Returns (answer, where the body starts in `buf`, keep-alive),
+/// or None for anything else (another status, chunked, an incomplete or a longer read, a malformed head):
+/// the caller then parses the same bytes the general way, which also reports what is wrong.
+#[pyfunction]
+#[pyo3(signature = (buf, start, block, overhead_us, max_len = 65536, max_headers = HTTP_SLOTS))]
+fn relay_answer<'py>(
+    py: Python<'py>,
+    buf: &[u8],
+    start: usize,
+    block: &[u8],
+    overhead_us: u64,
+    max_len: usize,
+    max_headers: usize,
+) -> Option<(Bound<'py, PyBytes>, usize, bool)> {
+    let mut slots = http::Slots::<HTTP_SLOTS>::new();
+    let h = http::parse_response(buf, start, max_len, slots.take(max_headers)).ok()??;
+    let f = h.framing;
+    let at = start + h.len;
+    let n = usize::try_from(f.content_length?).ok()?;
+    if h.status != 200 || f.chunked || f.other_coding || buf.len().checked_sub(at)? != n {
+        return None;
+    }
+    let mut out = Vec::with_capacity(block.len() + 256 + n);
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    for (name, i) in [
+        (&b"content-type: "[..], f.content_type),
+        (b"content-encoding: ", f.content_encoding),
+    ] {
+        if let Some(x) = i.and_then(|i| h.headers.get(i)) {
+            out.extend_from_slice(name);
+            out.extend_from_slice(x.value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(block);
+    write!(
+        out,
+        "x-fastroute-overhead-us: {overhead_us}\r\ncontent-length: {n}\r\n\r\n"
+    )
+    .ok()?;
+    out.extend_from_slice(buf.get(at..)?);
+    Some((PyBytes::new(py, &out), at, f.keep_alive))
+}
+
 /// `name: value\r\n` for each (name, value) of `headers`; false if one has a character beyond latin-1 (then
 /// what was written is incomplete).
 fn write_headers(out: &mut Vec<u8>, headers: &Bound<'_, PyAny>, utf8: bool) -> PyResult<bool> {
@@ -1084,6 +1133,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_request_head, m)?)?;
     m.add_function(wrap_pyfunction!(parse_response_head, m)?)?;
     m.add_function(wrap_pyfunction!(head_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(relay_answer, m)?)?;
     m.add_function(wrap_pyfunction!(find_bytes, m)?)?;
     m.add_class::<ChunkedBody>()?;
     m.add_class::<HeaderNames>()?;
