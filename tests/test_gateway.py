@@ -272,6 +272,7 @@ def test_upstream_sees_its_own_key_and_no_hop_by_hop(env):
         chat_body(),
         headers={
             'traceparent': trace,
+            'user-agent': 'acme-app/1.0',
             'cookie': 'session=secret',
             'x-stainless-lang': 'python',
             'connection': 'keep-alive',
@@ -285,11 +286,14 @@ def test_upstream_sees_its_own_key_and_no_hop_by_hop(env):
     assert KEYS['acme'] not in json.dumps(seen)
     assert seen['traceparent'] == trace
     assert seen['content-type'] == 'application/json'
+    assert seen['user-agent'] == 'acme-app/1.0'  # the client's, and no second one of ours
     for name in ('keep-alive', 'te', 'cookie', 'x-stainless-lang', 'proxy-authorization'):
         assert name not in seen
     # The large pool has no upstream key: nothing is sent, and never the client's.
-    env['fr'].post('/v1/chat/completions', chat_body(model='large'))
-    assert 'authorization' not in env['large'].recorded()[-1]['headers']
+    env['fr'].post('/v1/chat/completions', chat_body(model='large'), headers={'user-agent': ''})
+    seen = env['large'].recorded()[-1]['headers']
+    assert 'authorization' not in seen
+    assert seen['user-agent'] == 'fastroute'  # the client named none
 
 
 def test_healthz_and_readyz(env):

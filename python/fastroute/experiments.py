@@ -430,6 +430,7 @@ class Live:
                 ('content-type', 'application/json'),
                 ('x-request-id', f'{rid}-shadow'),
                 ('x-fastroute-shadow', '1'),
+                ('user-agent', 'fastroute'),
             ]
             if stream:
                 up = await ep.open_stream('POST', path, headers, body)

@@ -77,9 +77,10 @@ PROXY, MODELS, HEALTH, READY, EXPLAIN = range(5)
 # the key header, cookies) and client telemetry (x-stainless-*) never leave.
 # NOTE: an allowlist of gets, not a walk over every header: the openai client sends ~13 headers and
 # the HTTP client validates each one it is given (~1.5k instructions a header, callgrind).
-FORWARD_HEADERS = ('accept', 'user-agent', 'traceparent', 'tracestate', 'baggage')
+FORWARD_HEADERS = ('accept', 'traceparent', 'tracestate', 'baggage')  # and user-agent (`upstream_headers`)
 
 JSON_CT = ('content-type', 'application/json')
+USER_AGENT = 'fastroute'  # upstream, when the client names none
 _encode = msgspec.json.Encoder().encode
 
 
@@ -551,11 +552,13 @@ async def no_endpoint(ctx: Ctx) -> Endpoint | None:
 
 
 def upstream_headers(ctx: Ctx) -> list[tuple[str, str]]:
-    """The model's own key, content-type, the request id and the allowlisted client headers."""
+    """The model's own key, content-type, the request id, the client's user-agent (else ours) and the
+    allowlisted client headers."""
     get = ctx.scope.headers.get
     out = list(ctx.pool.auth_headers)  # type: ignore[union-attr]
     out.append(('content-type', ctx.ctype or 'application/json'))
     out.append(('x-request-id', ctx.rid))
+    out.append(('user-agent', get('user-agent') or USER_AGENT))
     for name in FORWARD_HEADERS:
         v = get(name)
         if v is not None:

@@ -707,7 +707,7 @@ class Endpoint:
         self._host, self._port = _host_port(self.base)
         self._ssl = scheme == 'https'
         self._path = f'/{prefix}' if slash and prefix else ''  # a base path, prepended to every request
-        self._head = f' HTTP/1.1\r\nhost: {hostport.rsplit("@", 1)[-1]}\r\nuser-agent: fastroute\r\n'
+        self._head = f' HTTP/1.1\r\nhost: {hostport.rsplit("@", 1)[-1]}\r\n'  # the caller's headers follow
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # the worker's, on first use
         self.idle: list[_Conn] = []  # most recently used last
         self.conns: set[_Conn] = set()
