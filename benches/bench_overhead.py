@@ -646,6 +646,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument('--no-pin', action='store_true', help='do not pin (default: proxy CPU 0, load + upstream CPU 1)')
     ap.add_argument('--skip-fastroute', action='store_true')
     ap.add_argument(
+        '--floor',
+        action='store_true',
+        help='add (p): a byte pump on uvloop (benches/pump_proxy.py), the floor of any Python proxy hop',
+    )
+    ap.add_argument(
         '--servers',
         default=os.environ.get('FASTROUTE_SERVER', 'native'),
         help='HTTP server(s) of fastroute, comma-separated: native, granian; one target each (d), (e), ...',
@@ -707,6 +712,25 @@ def latency_slices(
             )
 
 
+_PY_PROXIES = {'c': ('minimal_proxy.py', 'http://'), 'p': ('pump_proxy.py', '')}
+
+
+def python_proxy(procs: Procs, tmp: Path, key: str, label: str, upstreams: tuple, cpus: str | None) -> Target:
+    """A baseline proxy of benches/ (one process per upstream) as target `key`."""
+    script, scheme = _PY_PROXIES[key]
+    ports, pids = [], {}
+    for upstream in upstreams:
+        port = nginxctl.free_port()
+        cmd = [PY, str(HERE / script), '--listen', f'127.0.0.1:{port}', '--upstream', f'{scheme}127.0.0.1:{upstream}']
+        proc = spawn(procs, cmd, cpus, tmp / f'{script}-{upstream}.log')
+        nginxctl.wait_port(port, timeout=20, proc=proc)
+        ports.append(port)
+        pids[port] = proc.pid
+    t = Target(key, label, *ports)
+    t.pids = pids
+    return t
+
+
 def run_all(args: argparse.Namespace) -> int:
     missing = [n for n, p in (('nginx', nginxctl.NGINX), ('wrk', WRK), ('oha', OHA)) if not p or not Path(p).exists()]
     if missing:
@@ -745,17 +769,14 @@ def run_all(args: argparse.Namespace) -> int:
         targets[-1].pids = pids
 
         # (c) minimal aiohttp pass-through: one instance per upstream
-        ports, pids = [], {}
-        for upstream in (up_port, up_sse, slow_port):
-            port = nginxctl.free_port()
-            cmd = [PY, str(HERE / 'minimal_proxy.py'), '--listen', f'127.0.0.1:{port}']
-            cmd += ['--upstream', f'http://127.0.0.1:{upstream}']
-            proc = spawn(procs, cmd, cpu_proxy, tmp / f'minimal-{upstream}.log')
-            nginxctl.wait_port(port, timeout=20, proc=proc)
-            ports.append(port)
-            pids[port] = proc.pid
-        targets.append(Target('c', 'minimal aiohttp pass-through', *ports))
-        targets[-1].pids = pids
+        upstreams = (up_port, up_sse, slow_port)
+        targets.append(python_proxy(procs, tmp, 'c', 'minimal aiohttp pass-through', upstreams, cpu_proxy))
+
+        # (p) the byte pump: the floor of any Python proxy hop (opt-in)
+        if args.floor:
+            targets.append(
+                python_proxy(procs, tmp, 'p', 'Python byte pump (uvloop raw protocols)', upstreams, cpu_proxy)
+            )
 
         # (d) fastroute: one process, the route picks the upstream
         if args.skip_fastroute:
