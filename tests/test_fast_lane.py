@@ -167,3 +167,30 @@ def test_a_client_that_leaves_before_its_body_ends_leaves_nothing_behind(lane, c
             time.sleep(0.02)
     assert lane['main'].stats()['requests'] == 1  # only the warm-up reached the upstream
     _warm(client)  # the worker goes on serving
+
+
+def test_a_whole_answer_comes_back_as_the_upstream_sent_it(lane, client):
+    """A whole 200 in one read is made into the client's answer in one step (`_core.relay_answer`); one longer
+    than a read goes the general way. Both must hand back the upstream's body byte for byte, with the same
+    headers."""
+    _warm(client)
+    small = {'model': 'main', 'input': 'one short text'}
+    large = {'model': 'main', 'input': [f'text number {i}' for i in range(300)], 'dimensions': 512}
+    answers = {}
+    for name, body in (('small', small), ('large', large)):
+        r = client.post('/v1/embeddings', json=body, timeout=10.0)
+        assert r.status_code == 200, r.text
+        direct = httpx.post(f'{lane["main"].url}/v1/embeddings', json={**body, 'model': 'main-up'}, timeout=10.0)
+        assert direct.status_code == 200
+        assert r.json()['data'] == direct.json()['data']
+        assert r.headers['content-type'] == direct.headers['content-type']
+        assert int(r.headers['content-length']) == len(r.content)
+        answers[name] = r
+    assert len(answers['large'].content) > 1024 * 1024  # many reads
+    assert len(answers['small'].content) < 16 * 1024  # one read
+    for r in answers.values():
+        assert r.headers['x-fastroute-route'] == 'by-model'
+        assert r.headers['x-fastroute-model'] == 'main'
+        assert int(r.headers['x-fastroute-overhead-us']) >= 0
+        assert r.headers['x-request-id']
+    assert set(answers['small'].headers) == set(answers['large'].headers)
