@@ -269,10 +269,19 @@ def test_eval_holdout_cli_prints_a_row_per_group(tmp_path: Path, capsys: pytest.
         assert all(0 <= float(v.rstrip('%')) for v in row[3:])
         assert f'{group}: trained on {456 - 8 * n_subjects} prompts (l2 0.001)' in out
     assert 'mean of groups' in out
-    assert main([*base, '--holdout', 'math']) == 0
+    scores = tmp_path / 'held-out.jsonl'
+    assert main([*base, '--holdout', 'math', '--scores-out', str(scores)]) == 0
     out = capsys.readouterr().out
-    assert rows_of(out, 'math')[1:3] == ['5', '40'], out
+    row = rows_of(out, 'math')
+    assert row[1:3] == ['5', '40'], out
     assert 'stem' not in out
+    # the file holds each held-out prompt's score and outcomes: the printed figures can be recomputed from it
+    held = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert len(held) == 40 and {h['subject'] for h in held} == set(classifier.MATH_SUBJECTS)
+    source = [json.loads(line) for line in data.read_text().splitlines()]
+    assert all(source[h['example'] - 1]['subject'] == h['subject'] for h in held)
+    q = quality([h['score'] for h in held], [h['weak_correct'] for h in held], [h['strong_correct'] for h in held])
+    assert f'{q.apgr:.4f}' == row[5] and f'{q.cpt50:.1%}' == row[6], (q, row)
 
 
 def rows_of(out: str, name: str) -> list[str]:

@@ -936,7 +936,11 @@ def _table(rows: list[tuple[str, dict[str, float]]]) -> str:
 def cli_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--data', default=None, help='JSONL shaped like the training file; default: the bundled MMLU file')
     p.add_argument('--model', default=None, help='model file; default: the shipped default model')
-    p.add_argument('--scores-out', default=None, help="write each prompt's score, one per line, in input order")
+    p.add_argument(
+        '--scores-out',
+        default=None,
+        help="write each prompt's score, one per line, in input order (with --holdout: JSONL of the held-out prompts)",
+    )
     p.add_argument('--plot', default=None, help='draw the cost/quality curves to this PNG (needs matplotlib)')
     p.add_argument('--curve', action='store_true', help="also print the classifier's curve points")
     p.add_argument(
@@ -1046,7 +1050,6 @@ def cli_holdout(args: argparse.Namespace) -> int:
         o
         for o, v in (
             ('--model', args.model),
-            ('--scores-out', args.scores_out),
             ('--plot', args.plot),
             ('--curve', args.curve),
             ('--semantic', getattr(args, 'semantic', False)),
@@ -1127,6 +1130,26 @@ def cli_holdout(args: argparse.Namespace) -> int:
             f'{r.group}: trained on {r.trained_on} prompts (l2 {r.l2:g}{cv}); classifier {verdict} length by APGR '
             f'{r.classifier.apgr - r.length.apgr:+.4f} (95 % bootstrap interval {lo:+.3f} .. {hi:+.3f})'
         )
+    if args.scores_out:
+        lines = [
+            {
+                'example': int(i) + 1,
+                'group': r.group,
+                'subject': examples[i].group,
+                'score': round(float(v), 6),
+                'length': examples[i].length,
+                'weak_correct': bool(examples[i].weak),
+                'strong_correct': bool(examples[i].strong),
+            }
+            for r in results
+            for i, v in zip(r.test, r.scores, strict=True)
+        ]
+        try:
+            Path(args.scores_out).write_bytes(b''.join(msgspec.json.encode(x) + b'\n' for x in lines))
+        except OSError as e:
+            print(f'{err}: cannot write {args.scores_out}: {e.strerror or e}', file=sys.stderr)
+            return 1
+        print(f'wrote {len(lines)} held-out scores to {args.scores_out}')
     return 0
 
 
