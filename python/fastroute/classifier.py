@@ -8,6 +8,8 @@ that scores live requests (`_core.classifier_features`), and evaluation scores t
 
 `fastroute train` fits a model; `fastroute eval` reports the routing-quality figures of
 `data/routing/README.md` (decile sweep, APGR, CPT(50%), CPT(80%)) beside random and prompt-length routing.
+`fastroute eval --holdout` trains without each held-out group of MMLU subjects and reports those figures on
+the group's prompts (prompts of a kind the classifier never saw).
 numpy is needed for both; matplotlib (the `plot` extra) only for `eval --plot`.
 """
 
@@ -972,7 +974,9 @@ def cli_eval(args: argparse.Namespace) -> int:
 
     if args.holdout is not None:
         return cli_holdout(args)
-    given = [o for o, v in (('--l2', args.l2), ('--hash-bits', args.hash_bits), ('--folds', args.folds)) if v]
+    given = [
+        o for o, v in (('--l2', args.l2), ('--hash-bits', args.hash_bits), ('--folds', args.folds)) if v is not None
+    ]
     if given:
         print(f'fastroute eval: {", ".join(given)} only apply with --holdout', file=sys.stderr)
         return 2
