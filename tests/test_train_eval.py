@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -163,3 +164,155 @@ def test_access_log_lines_with_outcomes_train(tmp_path: Path) -> None:
     assert len(examples) == len(src) and all(e.group is None for e in examples)
     model = classifier.train(examples, hash_bits=9, l2s=(1e-2,), folds=2)
     assert model['trained']['examples'] == len(src)
+
+
+# -- held-out kinds (`fastroute eval --holdout`) ----------------------------------------------------
+
+
+def _per_subject(n: int) -> list[str]:
+    """The first `n` lines of every subject of the bundled file (a small slice with all 57 subjects)."""
+    seen: dict[str, int] = {}
+    out = []
+    for line in default_data_path().read_text().splitlines():
+        subject = json.loads(line)['subject']
+        if seen.get(subject, 0) < n:
+            seen[subject] = seen.get(subject, 0) + 1
+            out.append(line)
+    return out
+
+
+def test_the_category_grouping_covers_the_57_subjects_exactly_once(mmlu: list[classifier.Example]) -> None:
+    groups = classifier.holdout_groups('category')
+    listed = [s for subjects in groups.values() for s in subjects]
+    assert sorted(groups) == ['humanities', 'other', 'social_sciences', 'stem']
+    assert len(listed) == len(set(listed)) == 57
+    assert set(listed) == {e.group for e in mmlu} == classifier.MMLU_SUBJECTS
+    assert [len(groups[g]) for g in ('stem', 'humanities', 'social_sciences', 'other')] == [18, 13, 12, 14]
+    (math,) = classifier.holdout_groups('math').values()
+    assert set(math) <= set(groups['stem']) and 'elementary_mathematics' in math
+
+
+@pytest.mark.parametrize('grouping', ['category', 'math'])
+def test_the_split_never_trains_on_a_held_out_subject(mmlu: list[classifier.Example], grouping: str) -> None:
+    for subjects in classifier.holdout_groups(grouping).values():
+        train, test = classifier.holdout_split(mmlu, subjects)
+        assert {mmlu[i].group for i in train}.isdisjoint(subjects)
+        assert {mmlu[i].group for i in test} == set(subjects)
+        assert sorted([*train, *test]) == list(range(len(mmlu)))
+
+
+def test_holdout_eval_fits_and_smooths_on_the_training_part_only(
+    mmlu: list[classifier.Example], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = mmlu[::10]
+    held: list[frozenset[str]] = []
+    calls = {'targets': 0, 'cv': 0}
+    split, targets, cross_validate = classifier.holdout_split, classifier.targets, classifier.cross_validate
+
+    def spy_split(examples: list[classifier.Example], subjects: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        held.append(frozenset(subjects))
+        return split(examples, subjects)
+
+    def spy_targets(examples: list[classifier.Example], idx: np.ndarray, *, by_group: bool) -> np.ndarray:
+        calls['targets'] += 1
+        assert by_group and held and not {examples[i].group for i in idx} & held[-1]
+        return targets(examples, idx, by_group=by_group)
+
+    def spy_cv(examples: list[classifier.Example], *args: Any, **kw: Any) -> classifier.CvResult:
+        calls['cv'] += 1
+        assert held and not {e.group for e in examples} & held[-1]
+        return cross_validate(examples, *args, **kw)
+
+    monkeypatch.setattr(classifier, 'holdout_split', spy_split)
+    monkeypatch.setattr(classifier, 'targets', spy_targets)
+    monkeypatch.setattr(classifier, 'cross_validate', spy_cv)
+    results = classifier.holdout_eval(part, 'category', hash_bits=9, l2s=(1e-3, 1e-2), folds=2)
+    # per group: 2 inner CVs of 2 folds (a label vector per fold) and the final fit's labels
+    assert calls == {'targets': 4 * (2 * 2 + 1), 'cv': 4 * 2}
+    assert [r.group for r in results] == ['stem', 'humanities', 'social_sciences', 'other']
+    for r in results:
+        subjects = set(classifier.MMLU_CATEGORIES[r.group])
+        assert set(r.subjects) == subjects and {part[i].group for i in r.test} == subjects
+        assert r.trained_on == len(part) - len(r.test) and r.l2 in (1e-3, 1e-2) and r.inner_apgr is not None
+        # the routers are measured on exactly the held-out prompts, against their raw outcomes
+        weak = [bool(part[i].weak) for i in r.test]
+        strong = [bool(part[i].strong) for i in r.test]
+        assert r.length.apgr == quality([part[i].length for i in r.test], weak, strong).apgr
+        assert r.classifier.apgr == quality(r.scores, weak, strong).apgr
+        assert r.random == classifier.random_quality(np.array(weak), np.array(strong))
+        assert (r.classifier.weak, r.classifier.strong) == (np.mean(weak), np.mean(strong))
+        assert r.vs_length[0] <= r.vs_length[1]
+
+
+def test_holdout_needs_mmlu_subjects(mmlu: list[classifier.Example]) -> None:
+    other = [classifier.Example(e.body, e.weak, e.strong, None, e.length) for e in mmlu[:30]]
+    with pytest.raises(ValueError, match='has no `subject`'):
+        classifier.holdout_split(other, classifier.MATH_SUBJECTS)
+    other[3].group = 'cooking'
+    with pytest.raises(ValueError, match="example 1 has subject 'cooking', not one of MMLU"):
+        classifier.holdout_split(other[3:], classifier.MATH_SUBJECTS)
+
+
+def test_eval_holdout_cli_prints_a_row_per_group(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / 'slice.jsonl'
+    data.write_text('\n'.join(_per_subject(8)) + '\n')  # 456 prompts, 8 of each subject
+    base = ['eval', '--data', str(data), '--hash-bits', '10', '--l2', '1e-3', '-q']
+    assert main([*base, '--holdout', 'category']) == 0
+    out = capsys.readouterr().out
+    assert 'classifier' in out and 'prompt length' in out and 'random (20 seeds)' in out, out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    for group, n_subjects in (('stem', 18), ('humanities', 13), ('social_sciences', 12), ('other', 14)):
+        row = rows[group]
+        # name, subjects, prompts, W, S, then APGR / CPT(50%) / CPT(80%) of the three routers
+        assert row[1:3] == [str(n_subjects), str(8 * n_subjects)], out
+        assert len(row) == 5 + 3 * 3, row
+        assert all(0 <= float(v.rstrip('%')) for v in row[3:])
+        assert f'{group}: trained on {456 - 8 * n_subjects} prompts (l2 0.001)' in out
+    assert 'mean of groups' in out
+    scores = tmp_path / 'held-out.jsonl'
+    assert main([*base, '--holdout', 'math', '--scores-out', str(scores)]) == 0
+    out = capsys.readouterr().out
+    row = rows_of(out, 'math')
+    assert row[1:3] == ['5', '40'], out
+    assert 'stem' not in out
+    # the file holds each held-out prompt's score and outcomes: the printed figures can be recomputed from it
+    held = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert len(held) == 40 and {h['subject'] for h in held} == set(classifier.MATH_SUBJECTS)
+    source = [json.loads(line) for line in data.read_text().splitlines()]
+    assert all(source[h['example'] - 1]['subject'] == h['subject'] for h in held)
+    q = quality([h['score'] for h in held], [h['weak_correct'] for h in held], [h['strong_correct'] for h in held])
+    assert f'{q.apgr:.4f}' == row[5] and f'{q.cpt50:.1%}' == row[6], (q, row)
+
+
+def rows_of(out: str, name: str) -> list[str]:
+    return next(line.split() for line in out.splitlines() if line.startswith(name + ' '))
+
+
+@pytest.mark.parametrize(
+    ('argv', 'want'),
+    [
+        (['--holdout', 'subjects'], "unknown grouping 'subjects'; choose one of: category, math"),
+        (['--holdout', 'math', '--model', 'm.json'], 'not with --model'),
+        (['--holdout', 'math', '--l2', 'x'], "--l2 'x'"),
+        (['--l2', '1e-3'], '--l2 only apply with --holdout'),
+    ],
+)
+def test_eval_holdout_bad_arguments(argv: list[str], want: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(['eval', *argv]) == 2
+    err = capsys.readouterr().err
+    assert want in err and 'Traceback' not in err, err
+    with pytest.raises(ValueError, match='unknown grouping'):
+        classifier.holdout_groups('subjects')
+
+
+def test_eval_holdout_on_data_without_subjects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / 'plain.jsonl'
+    data.write_text(
+        ''.join(
+            json.dumps({'prompt': f'q {i}', 'weak_correct': i % 2 == 0, 'strong_correct': True}) + '\n'
+            for i in range(20)
+        )
+    )
+    assert main(['eval', '--holdout', 'math', '--data', str(data), '-q']) == 1
+    err = capsys.readouterr().err
+    assert 'plain.jsonl' in err and 'has no `subject`' in err and 'Traceback' not in err, err

@@ -8,6 +8,8 @@ that scores live requests (`_core.classifier_features`), and evaluation scores t
 
 `fastroute train` fits a model; `fastroute eval` reports the routing-quality figures of
 `data/routing/README.md` (decile sweep, APGR, CPT(50%), CPT(80%)) beside random and prompt-length routing.
+`fastroute eval --holdout` trains without each held-out group of MMLU subjects and reports those figures on
+the group's prompts (prompts of a kind the classifier never saw).
 numpy is needed for both; matplotlib (the `plot` extra) only for `eval --plot`.
 """
 
@@ -613,6 +615,229 @@ def _r(v: float) -> float:
     return float(f'{float(v):.6g}')
 
 
+# -- held-out kinds ---------------------------------------------------------------------------------
+
+# MMLU's four super-categories of its 57 subjects, as the benchmark publishes them (Hendrycks et al., 2021).
+MMLU_CATEGORIES: dict[str, tuple[str, ...]] = {
+    'stem': (
+        'abstract_algebra',
+        'astronomy',
+        'college_biology',
+        'college_chemistry',
+        'college_computer_science',
+        'college_mathematics',
+        'college_physics',
+        'computer_security',
+        'conceptual_physics',
+        'electrical_engineering',
+        'elementary_mathematics',
+        'high_school_biology',
+        'high_school_chemistry',
+        'high_school_computer_science',
+        'high_school_mathematics',
+        'high_school_physics',
+        'high_school_statistics',
+        'machine_learning',
+    ),
+    'humanities': (
+        'formal_logic',
+        'high_school_european_history',
+        'high_school_us_history',
+        'high_school_world_history',
+        'international_law',
+        'jurisprudence',
+        'logical_fallacies',
+        'moral_disputes',
+        'moral_scenarios',
+        'philosophy',
+        'prehistory',
+        'professional_law',
+        'world_religions',
+    ),
+    'social_sciences': (
+        'econometrics',
+        'high_school_geography',
+        'high_school_government_and_politics',
+        'high_school_macroeconomics',
+        'high_school_microeconomics',
+        'high_school_psychology',
+        'human_sexuality',
+        'professional_psychology',
+        'public_relations',
+        'security_studies',
+        'sociology',
+        'us_foreign_policy',
+    ),
+    'other': (
+        'anatomy',
+        'business_ethics',
+        'clinical_knowledge',
+        'college_medicine',
+        'global_facts',
+        'human_aging',
+        'management',
+        'marketing',
+        'medical_genetics',
+        'miscellaneous',
+        'nutrition',
+        'professional_accounting',
+        'professional_medicine',
+        'virology',
+    ),
+}
+MMLU_SUBJECTS = frozenset(s for group in MMLU_CATEGORIES.values() for s in group)
+
+# The subjects whose questions are mathematics itself (algebra, arithmetic, statistics): the closest kind here
+# to grade-school math word problems. The physics, chemistry and econometrics subjects stay in training: their
+# questions mix calculations with conceptual ones, and they are what a model trained on all the data has seen.
+MATH_SUBJECTS = (
+    'abstract_algebra',
+    'college_mathematics',
+    'elementary_mathematics',
+    'high_school_mathematics',
+    'high_school_statistics',
+)
+
+# grouping name -> held-out group -> its subjects. Each group is evaluated by a model trained on every other
+# subject of the data.
+HOLDOUTS: dict[str, dict[str, tuple[str, ...]]] = {
+    'category': MMLU_CATEGORIES,
+    'math': {'math': MATH_SUBJECTS},
+}
+
+
+def holdout_groups(name: str) -> dict[str, tuple[str, ...]]:
+    """The held-out groups of a grouping (`HOLDOUTS`).
+
+    Raises:
+        ValueError: an unknown grouping (the message lists the known ones).
+    """
+    groups = HOLDOUTS.get(name)
+    if groups is None:
+        raise ValueError(f'unknown grouping {name!r}; choose one of: {", ".join(HOLDOUTS)}')
+    return groups
+
+
+def holdout_split(examples: list[Example], held: tuple[str, ...] | frozenset[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices): the held-out part is every example of a `held` subject, the
+    training part every other one.
+
+    Raises:
+        ValueError: an example without a subject, or with one that is not an MMLU subject.
+    """
+    import numpy as np
+
+    held = frozenset(held)
+    for i, e in enumerate(examples):
+        if e.group not in MMLU_SUBJECTS:
+            what = 'has no `subject`' if e.group is None else f'has subject {e.group!r}, not one of MMLU'
+            raise ValueError(f'example {i + 1} {what}: held-out kinds need the MMLU subjects of the bundled file')
+    test = np.array([i for i, e in enumerate(examples) if e.group in held], dtype=np.int64)
+    train = np.array([i for i, e in enumerate(examples) if e.group not in held], dtype=np.int64)
+    leaked = {examples[i].group for i in train} & held
+    if leaked or len(train) + len(test) != len(examples):
+        raise AssertionError(f'held-out subjects in the training part: {sorted(leaked)}')
+    return train, test
+
+
+@dataclass(frozen=True)
+class HoldoutResult:
+    """One held-out group: the classifier trained without it, and the baselines, on its prompts only."""
+
+    group: str
+    subjects: tuple[str, ...]  # the held-out subjects present in the data
+    trained_on: int  # training prompts (every other subject)
+    l2: float  # picked by inner CV on the training part (or the one given)
+    inner_apgr: float | None  # that inner CV's APGR (None: one L2 given, no inner CV)
+    classifier: Quality
+    length: Quality
+    random: tuple[float, float, float]  # mean APGR, CPT50, CPT80 of 20 seeds
+    vs_length: tuple[float, float]  # 95 % bootstrap interval of classifier APGR - length APGR
+    scores: np.ndarray  # the classifier's score of each held-out prompt
+    test: np.ndarray  # their indices in the examples
+
+
+def apgr_diff_interval(
+    a: np.ndarray, b: np.ndarray, weak: np.ndarray, strong: np.ndarray, *, resamples: int = 1000
+) -> tuple[float, float]:
+    """The 95 % percentile bootstrap interval of APGR(a) - APGR(b), the two score vectors of the same prompts
+    resampled together (seeded). With a small weak/strong gap APGR is a ratio of small numbers, and this
+    interval shows how little a difference on a few hundred prompts may mean."""
+    import numpy as np
+
+    rng = np.random.default_rng(SEED)
+    n = len(a)
+    diffs = np.empty(resamples)
+    for k in range(resamples):
+        i = rng.integers(0, n, n)
+        diffs[k] = quality(a[i], weak[i], strong[i]).apgr - quality(b[i], weak[i], strong[i]).apgr
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def holdout_eval(
+    examples: list[Example],
+    grouping: str,
+    *,
+    hash_bits: int = DEFAULT_HASH_BITS,
+    l2s: tuple[float, ...] = DEFAULT_L2,
+    folds: int = DEFAULT_FOLDS,
+    log: Any = None,
+) -> list[HoldoutResult]:
+    """Leave-kind-out evaluation: for each group of `grouping`, train as `train` does (same features, labels
+    smoothed by subject within the training part, L2 picked by `folds`-fold CV on the training part when
+    `l2s` has several values) on every example of the other subjects, and score the group's prompts against
+    their raw outcomes (as `quality` does), beside prompt length and random on exactly those prompts. Groups
+    with no example in the data are left out.
+
+    Raises:
+        ValueError: an unknown grouping, examples without MMLU subjects, or a training part too small.
+    """
+    import numpy as np
+
+    groups = holdout_groups(grouping)
+    d = design([e.body for e in examples], hash_bits)
+    weak = np.array([bool(e.weak) for e in examples])
+    strong = np.array([bool(e.strong) for e in examples])
+    out = []
+    for name, subjects in groups.items():
+        tr, te = holdout_split(examples, subjects)
+        if len(te) == 0:
+            if log:
+                log(f'{name}: no prompt of its subjects in the data; left out')
+            continue
+        if len(tr) < 2 * folds:
+            raise ValueError(f'{name}: {len(tr)} training examples are too few for {folds}-fold cross-validation')
+        part, dtr = [examples[i] for i in tr], d.subset(tr)
+        inner = None
+        l2 = l2s[0]
+        if len(l2s) > 1:
+            results = [cross_validate(part, dtr, v, folds, by_group=True) for v in l2s]
+            best = max(results, key=lambda r: r.apgr)
+            l2, inner = best.l2, best.apgr
+        w = fit(dtr, targets(examples, tr, by_group=True), l2)
+        scores = w.scores(d.subset(te))
+        length = np.array([examples[i].length for i in te], float)
+        r = HoldoutResult(
+            name,
+            tuple(s for s in subjects if any(examples[i].group == s for i in te)),
+            len(tr),
+            l2,
+            inner,
+            quality(scores, weak[te], strong[te]),
+            quality(length, weak[te], strong[te]),
+            random_quality(weak[te], strong[te]),
+            apgr_diff_interval(scores, length, weak[te], strong[te]),
+            scores,
+            te,
+        )
+        out.append(r)
+        if log:
+            cv = '' if inner is None else f' (inner CV APGR {inner:.4f})'
+            log(f'{name}: {len(te)} held-out prompts, {len(tr)} training, l2 {l2:g}{cv}: APGR {r.classifier.apgr:.4f}')
+    return out
+
+
 # -- command line -----------------------------------------------------------------------------------
 
 
@@ -646,15 +871,23 @@ def cli_train_args(p: argparse.ArgumentParser) -> None:
     add_cli_args(p)
 
 
+def _l2_grid(text: str) -> tuple[float, ...] | None:
+    """The L2 strengths of a comma-separated `--l2`; None: not a list of positive numbers."""
+    try:
+        l2s = tuple(float(v) for v in text.split(',') if v.strip())
+    except ValueError:
+        return None
+    if not l2s or any(not (v > 0 and math.isfinite(v)) for v in l2s):
+        return None
+    return l2s
+
+
 def cli_train(args: argparse.Namespace) -> int:
     if not _need_numpy():
         return 2
     data = args.data or str(default_data_path())
-    try:
-        l2s = tuple(float(v) for v in str(args.l2).split(',') if v.strip())
-        if not l2s or any(not (v > 0 and math.isfinite(v)) for v in l2s):
-            raise ValueError
-    except ValueError:
+    l2s = _l2_grid(str(args.l2))
+    if l2s is None:
         print(f'fastroute train: --l2 {args.l2!r}: give positive numbers, e.g. 1e-4,3e-4', file=sys.stderr)
         return 2
     if not 8 <= args.hash_bits <= 22 or args.folds < 2:
@@ -705,9 +938,30 @@ def _table(rows: list[tuple[str, dict[str, float]]]) -> str:
 def cli_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--data', default=None, help='JSONL shaped like the training file; default: the bundled MMLU file')
     p.add_argument('--model', default=None, help='model file; default: the shipped default model')
-    p.add_argument('--scores-out', default=None, help="write each prompt's score, one per line, in input order")
+    p.add_argument(
+        '--scores-out',
+        default=None,
+        help="write each prompt's score, one per line, in input order (with --holdout: JSONL of the held-out prompts)",
+    )
     p.add_argument('--plot', default=None, help='draw the cost/quality curves to this PNG (needs matplotlib)')
     p.add_argument('--curve', action='store_true', help="also print the classifier's curve points")
+    p.add_argument(
+        '--holdout',
+        default=None,
+        metavar='GROUPING',
+        help=f'held-out kinds: for each group of MMLU subjects ({" or ".join(HOLDOUTS)}), train without it as '
+        '`train` does and evaluate on it, beside length and random (needs the MMLU subjects; no --model)',
+    )
+    p.add_argument(
+        '--l2',
+        default=None,
+        help='with --holdout: comma-separated L2 strengths, picked by CV on each training part; one value: no CV '
+        f'(default {",".join(f"{v:g}" for v in DEFAULT_L2)}, as `train`)',
+    )
+    p.add_argument('--hash-bits', type=int, default=None, help='with --holdout: n-gram table size, log2 (default 16)')
+    p.add_argument('--folds', type=int, default=None, help='with --holdout: folds of the inner CV (default 5)')
+    p.add_argument('--limit', type=int, default=None, help='use only the first N examples (quick runs)')
+    p.add_argument('-q', '--quiet', action='store_true', help='with --holdout: no progress lines')
     from fastroute.semantic import add_cli_args
 
     add_cli_args(p)
@@ -718,6 +972,14 @@ def cli_eval(args: argparse.Namespace) -> int:
         return 2
     import numpy as np
 
+    if args.holdout is not None:
+        return cli_holdout(args)
+    given = [
+        o for o, v in (('--l2', args.l2), ('--hash-bits', args.hash_bits), ('--folds', args.folds)) if v is not None
+    ]
+    if given:
+        print(f'fastroute eval: {", ".join(given)} only apply with --holdout', file=sys.stderr)
+        return 2
     if getattr(args, 'semantic', False):
         from fastroute import semantic
 
@@ -734,6 +996,8 @@ def cli_eval(args: argparse.Namespace) -> int:
     except DataError as e:
         print(f'fastroute eval: {e}', file=sys.stderr)
         return 1
+    if args.limit:
+        examples = examples[: args.limit]
     try:
         scores = np.array(model.classifier.score_many([e.body for e in examples]), dtype=float)
     except ValueError as e:
@@ -776,6 +1040,134 @@ def cli_eval(args: argparse.Namespace) -> int:
     if args.plot:
         return _plot(args.plot, [('classifier', q), ('prompt length', ql)], q)
     return 0
+
+
+def cli_holdout(args: argparse.Namespace) -> int:
+    """`fastroute eval --holdout GROUPING`: the leave-kind-out table (`holdout_eval`)."""
+    import numpy as np
+
+    err = 'fastroute eval --holdout'
+    if args.holdout not in HOLDOUTS:
+        print(f'{err}: unknown grouping {args.holdout!r}; choose one of: {", ".join(HOLDOUTS)}', file=sys.stderr)
+        return 2
+    other = [
+        o
+        for o, v in (
+            ('--model', args.model),
+            ('--plot', args.plot),
+            ('--curve', args.curve),
+            ('--semantic', getattr(args, 'semantic', False)),
+        )
+        if v
+    ]
+    if other:
+        print(f'{err}: not with {", ".join(other)} (it trains its own classifier per group)', file=sys.stderr)
+        return 2
+    l2s = DEFAULT_L2 if args.l2 is None else _l2_grid(str(args.l2))
+    if l2s is None:
+        print(f'{err}: --l2 {args.l2!r}: give positive numbers, e.g. 1e-5,3e-5', file=sys.stderr)
+        return 2
+    hash_bits = DEFAULT_HASH_BITS if args.hash_bits is None else args.hash_bits
+    folds = DEFAULT_FOLDS if args.folds is None else args.folds
+    if not 8 <= hash_bits <= 22 or folds < 2:
+        print(f'{err}: --hash-bits must be within 8..22 and --folds at least 2', file=sys.stderr)
+        return 2
+    data = args.data or str(default_data_path())
+    try:
+        examples = load_examples(data)
+    except DataError as e:
+        print(f'{err}: {e}', file=sys.stderr)
+        return 1
+    if args.limit:
+        examples = examples[: args.limit]
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    try:
+        results = holdout_eval(examples, args.holdout, hash_bits=hash_bits, l2s=l2s, folds=folds, log=log)
+    except ValueError as e:
+        print(f'{err}: {data}: {e}', file=sys.stderr)
+        return 1
+    if not results:
+        print(f'{err}: {data}: no prompt of any held-out group', file=sys.stderr)
+        return 1
+    how = f'L2 by {folds}-fold CV on the training part from {{{", ".join(f"{v:g}" for v in l2s)}}}'
+    print(f'data {data}: {len(examples)} prompts; held-out kinds `{args.holdout}`, each group scored by a classifier')
+    print(
+        f'trained on the other subjects only (labels smoothed by subject within them, {how if len(l2s) > 1 else f"L2 {l2s[0]:g}"})'
+    )
+    rows = [
+        (
+            r.group,
+            len(r.subjects),
+            len(r.test),
+            r.classifier.weak,
+            r.classifier.strong,
+            (r.classifier.apgr, r.classifier.cpt50, r.classifier.cpt80),
+            (r.length.apgr, r.length.cpt50, r.length.cpt80),
+            r.random,
+        )
+        for r in results
+    ]
+    if len(results) > 1:
+        mean = [tuple(float(np.mean([row[k][j] for row in rows])) for j in range(3)) for k in (5, 6, 7)]
+        rows.append(
+            (
+                'mean of groups',
+                sum(len(r.subjects) for r in results),
+                sum(len(r.test) for r in results),
+                float('nan'),
+                float('nan'),
+                mean[0],
+                mean[1],
+                mean[2],
+            )
+        )
+    print(_holdout_table(rows))
+    for r in results:
+        lo, hi = r.vs_length
+        cv = '' if r.inner_apgr is None else f', inner CV APGR {r.inner_apgr:.4f}'
+        verdict = 'above' if r.classifier.apgr > r.length.apgr else 'NOT above'
+        print(
+            f'{r.group}: trained on {r.trained_on} prompts (l2 {r.l2:g}{cv}); classifier {verdict} length by APGR '
+            f'{r.classifier.apgr - r.length.apgr:+.4f} (95 % bootstrap interval {lo:+.3f} .. {hi:+.3f})'
+        )
+    if args.scores_out:
+        lines = [
+            {
+                'example': int(i) + 1,
+                'group': r.group,
+                'subject': examples[i].group,
+                'score': round(float(v), 6),
+                'length': examples[i].length,
+                'weak_correct': bool(examples[i].weak),
+                'strong_correct': bool(examples[i].strong),
+            }
+            for r in results
+            for i, v in zip(r.test, r.scores, strict=True)
+        ]
+        try:
+            Path(args.scores_out).write_bytes(b''.join(msgspec.json.encode(x) + b'\n' for x in lines))
+        except OSError as e:
+            print(f'{err}: cannot write {args.scores_out}: {e.strerror or e}', file=sys.stderr)
+            return 1
+        print(f'wrote {len(lines)} held-out scores to {args.scores_out}')
+    return 0
+
+
+def _holdout_table(rows: list[tuple[Any, ...]]) -> str:
+    figs = f'{"APGR":>7} {"CPT50":>6} {"CPT80":>6}'
+    out = [
+        f'{"":<16} {"":>4} {"":>7} {"":>6} {"":>6}   {"classifier":<21}   {"prompt length":<21}   random (20 seeds)',
+        f'{"held out":<16} {"subj":>4} {"prompts":>7} {"W":>6} {"S":>6}   {figs}   {figs}   {figs}',
+    ]
+    for name, subj, n, w, s, *routers in rows:
+        ws = f'{"":>6} {"":>6}' if math.isnan(w) else f'{w:>6.1%} {s:>6.1%}'
+        cells = '   '.join(f'{a:>7.4f} {c5:>6.1%} {c8:>6.1%}' for a, c5, c8 in routers)
+        out.append(f'{name:<16} {subj:>4} {n:>7} {ws}   {cells}')
+    return '\n'.join(out)
 
 
 def _plot(path: str, curves: list[tuple[str, Quality]], ref: Quality) -> int:
