@@ -838,7 +838,9 @@ def run_all(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
 
+        before = cpu_times()
         latency_slices(targets, body_file, cpu_load, args.rate, slices, slice_s)
+        notes.append(steal_note(before, cpu_times()))
 
         # streaming check
         slow_body = json.dumps({**nginxctl.REQUEST, 'model': slow_model, 'stream': True}).encode()
@@ -872,6 +874,25 @@ def run_all(args: argparse.Namespace) -> int:
     out.write_text(report + '\n')
     print(f'\nwritten to {out}', file=sys.stderr)
     return 0
+
+
+def cpu_times() -> dict[str, list[int]]:
+    """Per CPU, the jiffies of /proc/stat: user nice system idle iowait irq softirq steal ..."""
+    with open('/proc/stat') as f:
+        return {ln.split()[0]: [int(x) for x in ln.split()[1:]] for ln in f if ln[:3] == 'cpu' and ln[3].isdigit()}
+
+
+def steal_note(before: dict[str, list[int]], after: dict[str, list[int]]) -> str:
+    """How much of each CPU the hypervisor took (steal) during the fixed-rate slices. On a shared host a vCPU
+    that waits for its physical one stalls every process on it: p99s of every proxy on the proxy's CPU rise
+    together (nginx's too) while direct, on the other CPU, stays flat."""
+    parts = []
+    for cpu, b in sorted(before.items()):
+        a = after.get(cpu, b)
+        d = [y - x for x, y in zip(b, a, strict=False)]
+        total = sum(d[:8]) or 1
+        parts.append(f'{cpu} {100 * d[7] / total:.1f} % stolen, {100 * d[3] / total:.0f} % idle')
+    return 'during the fixed-rate slices (/proc/stat): ' + '; '.join(parts) + '.'
 
 
 def mkdir(p: Path) -> Path:
