@@ -646,6 +646,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument('--no-pin', action='store_true', help='do not pin (default: proxy CPU 0, load + upstream CPU 1)')
     ap.add_argument('--skip-fastroute', action='store_true')
     ap.add_argument(
+        '--awake',
+        action='store_true',
+        help="keep the proxy's CPU from halting between requests (a SCHED_IDLE busy loop pinned beside it)",
+    )
+    ap.add_argument(
         '--floor',
         action='store_true',
         help='add (p): a byte pump on uvloop (benches/pump_proxy.py), the floor of any Python proxy hop',
@@ -748,10 +753,17 @@ def run_all(args: argparse.Namespace) -> int:
     cpu_proxy, cpu_load = ('0', '1') if pin else (None, None)
 
     procs = Procs()
-    tmp = Path(tempfile.mkdtemp(prefix='fr-overhead-'))
     notes: list[str] = []
+    tmp = Path(tempfile.mkdtemp(prefix='fr-overhead-'))
     load_before = os.getloadavg()[0]
     try:
+        if args.awake and pin:
+            spawn(procs, [PY, '-c', _SPINNER], cpu_proxy, Path(os.devnull))
+            notes.append(
+                '--awake: a SCHED_IDLE busy loop kept CPU 0 from halting between requests (it yields at once to '
+                'any other task), so a proxy woke on a running CPU with warm caches, as on a busy host; it adds '
+                '1 to the load average below.'
+            )
         up, up_port, up_sse = nginxctl.start_upstream(mkdir(tmp / 'upstream'), cpus=cpu_load)
         procs.add(up)
         slow_port, slow_model, slow_kind = start_slow_upstream(procs, tmp, cpu_load, not args.no_mock)
@@ -874,6 +886,9 @@ def run_all(args: argparse.Namespace) -> int:
     out.write_text(report + '\n')
     print(f'\nwritten to {out}', file=sys.stderr)
     return 0
+
+
+_SPINNER = 'import os\nos.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True:\n    pass\n'
 
 
 def cpu_times() -> dict[str, list[int]]:
