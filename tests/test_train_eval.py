@@ -439,3 +439,84 @@ def test_select_by_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     base = ['eval', '--data', str(data), '--hash-bits', '9', '--l2', '1e-3,1e-1', '-q', '--holdout', 'category']
     assert main([*base, '--select-by', 'category']) == 0
     assert 'L2 by leave-one-category-out CV on the training part' in capsys.readouterr().out
+    # --dense consistent: the kept features are printed and recorded
+    assert main([*argv[:-4], '--l2', '1e-3', '--folds', '3', '--dense', 'consistent', '-q']) == 0
+    assert 'dense features of one sign in every category:' in capsys.readouterr().out
+    assert json.loads(out.read_text())['trained']['dense'] == 'consistent'
+    assert main(['eval', '--dense', 'consistent']) == 2
+    assert '--dense only apply with --holdout' in capsys.readouterr().err
+    assert main([*base, '--dense', 'consistent', '--select-by', 'category']) == 1
+    assert 'measured apart' in capsys.readouterr().err
+
+
+# -- dense features of one sign in every category (`--dense consistent`) ------------------------------
+
+
+def test_consistent_dense_reads_only_the_given_examples(mmlu: list[classifier.Example]) -> None:
+    part = mmlu[::6]
+    d = classifier.design([e.body for e in part], 9)
+    tr, te = classifier.holdout_split(part, classifier.MMLU_CATEGORIES['stem'])
+    keep = classifier.consistent_dense(part, d, tr, 1e-3)
+    assert keep.dtype == bool and keep.shape == (16,)
+    # by hand: the sign of each dense weight of a dense-only fit per training category
+    signs = []
+    for name in ('humanities', 'social_sciences', 'other'):
+        sub = np.array([i for i in tr if part[i].group in classifier.MMLU_CATEGORIES[name]])
+        ds = d.subset(sub)
+        alone = classifier.Design(ds.dense, ds.rows[:0], ds.cols[:0], ds.vals[:0], ds.n, 1)
+        signs.append(np.sign(classifier.fit(alone, classifier.targets(part, sub, by_group=True), 1e-3).dense))
+    s = np.array(signs)
+    assert list(keep) == list(np.all(s > 0, axis=0) | np.all(s < 0, axis=0))
+    assert 0 < keep.sum() < 16  # some features turn sign between categories, some do not
+    # the held-out prompts' outcomes cannot move the choice
+    flipped = [
+        classifier.Example(e.body, not e.weak, not e.strong, e.group, e.length) if i in set(te) else e
+        for i, e in enumerate(part)
+    ]
+    assert list(classifier.consistent_dense(flipped, d, tr, 1e-3)) == list(keep)
+    plain = [classifier.Example(e.body, e.weak, e.strong, None, e.length) for e in part]
+    with pytest.raises(ValueError, match='has no MMLU `subject`'):
+        classifier.consistent_dense(plain, d, tr, 1e-3)
+
+
+def test_train_dense_consistent_zeroes_the_dropped_weights_and_rust_scores_it(
+    mmlu: list[classifier.Example], tmp_path: Path
+) -> None:
+    part = mmlu[::10]
+    model = classifier.train(part, hash_bits=10, l2s=(1e-3,), folds=3, dense='consistent')
+    names = list(_core.classifier_feature_names()[0])
+    kept = model['trained']['dense_kept']
+    assert model['trained']['dense'] == 'consistent' and set(kept) < set(names)
+    d = classifier.design([e.body for e in part], 10)
+    keep = classifier.consistent_dense(part, d, np.arange(len(part)), 1e-3)
+    assert kept == [n for n, k in zip(names, keep, strict=True) if k]
+    assert all((w == 0) == (n not in kept) for n, w in zip(names, model['dense'], strict=True))
+    file = tmp_path / 'm.json'
+    file.write_text(json.dumps(model))
+    bodies = [e.body for e in mmlu[5::60]]
+    rust = np.array(classifier.load_model(file).classifier.score_many(bodies))
+    w = classifier.Weights(model['bias'], np.array(model['dense']), np.array(model['ngrams']))
+    assert np.allclose(rust, w.scores(classifier.design(bodies, 10)), atol=1e-4)
+    plain = classifier.train(part, hash_bits=10, l2s=(1e-3,), folds=3)
+    assert 'dense' not in plain['trained'] and all(v != 0 for v in plain['dense'][:4])
+    with pytest.raises(ValueError, match='measured apart'):
+        classifier.train(part, hash_bits=10, l2s=(1e-3, 1e-2), folds=3, dense='consistent', select_by='category')
+
+
+def test_holdout_dense_consistent_chooses_on_the_training_part(
+    mmlu: list[classifier.Example], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = mmlu[::14]
+    seen: list[set[str | None]] = []
+    consistent = classifier.consistent_dense
+
+    def spy(examples: list[classifier.Example], d: Any, idx: np.ndarray, l2: float) -> np.ndarray:
+        seen.append({examples[i].group for i in idx})
+        return consistent(examples, d, idx, l2)
+
+    monkeypatch.setattr(classifier, 'consistent_dense', spy)
+    results = classifier.holdout_eval(part, 'category', hash_bits=9, l2s=(1e-3,), dense='consistent')
+    assert len(seen) == len(results) == 4
+    for r, groups in zip(results, seen, strict=True):
+        assert groups.isdisjoint(classifier.MMLU_CATEGORIES[r.group])
+        assert groups | set(classifier.MMLU_CATEGORIES[r.group]) == classifier.MMLU_SUBJECTS

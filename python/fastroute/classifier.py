@@ -43,6 +43,9 @@ SEED = 0
 # on the others: what a kind of prompt never seen in training gets), the L2 whose worst category beats prompt
 # length by most (`select_l2_by_category`).
 SELECT_BY = ('folds', 'category')
+# Which dense features a fit uses: `all`; `consistent`, only those whose sign is the same in every MMLU category
+# of the training data (`consistent_dense`), the others held at 0.
+DENSE = ('all', 'consistent')
 
 
 class DataError(ValueError):
@@ -482,12 +485,23 @@ class CvResult:
 
 
 def cross_validate(
-    examples: list[Example], d: Design, l2: float, k: int, *, by_group: bool, log: Any = None
+    examples: list[Example],
+    d: Design,
+    l2: float,
+    k: int,
+    *,
+    by_group: bool,
+    dense: str = 'all',
+    log: Any = None,
 ) -> CvResult:
-    """k-fold CV of the fast classifier: per-fold figures averaged, and the out-of-fold scores."""
+    """k-fold CV of the fast classifier: per-fold figures averaged, and the out-of-fold scores. With
+    `dense='consistent'`, the dense features kept are chosen on each training fold (`consistent_dense`)."""
 
     def fold(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
-        return fit(d.subset(tr), targets(examples, tr, by_group=by_group), l2).scores(d.subset(te))
+        dtr = d.subset(tr)
+        if dense == 'consistent':
+            dtr = without_dense(dtr, consistent_dense(examples, d, tr, l2))
+        return fit(dtr, targets(examples, tr, by_group=by_group), l2).scores(d.subset(te))
 
     return cv_folds(examples, l2, k, fold, log=log)
 
@@ -559,6 +573,7 @@ def training_record(
     folds: int,
     by_group: bool,
     select_by: str = 'folds',
+    dense_kept: list[str] | None = None,
 ) -> dict[str, Any]:
     """The `label` and `trained` entries of a model file (fast or semantic): what was learnt, from what, how."""
     return {
@@ -572,6 +587,7 @@ def training_record(
             'folds': folds,
             'seed': SEED,
             **({'select_by': select_by} if select_by != 'folds' else {}),
+            **({'dense': 'consistent', 'dense_kept': dense_kept} if dense_kept is not None else {}),
         },
     }
 
@@ -584,20 +600,28 @@ def train(
     folds: int = DEFAULT_FOLDS,
     source: str = '',
     select_by: str = 'folds',
+    dense: str = 'all',
     log: Any = None,
 ) -> dict[str, Any]:
     """Pick the L2 strength (by k-fold CV, best mean APGR; with `select_by='category'`, by leave-one-category-out
     CV, `select_l2_by_category`, then k-fold CV at that one strength for the figures), fit on everything, and
     return the model file's contents: weights, the CV figures beside the baselines, and a calibration sample (101
-    quantiles of the out-of-fold scores, for `target_share`).
+    quantiles of the out-of-fold scores, for `target_share`). With `dense='consistent'` only the dense features
+    of one sign in every MMLU category are fitted (`consistent_dense`, chosen within each CV training fold and
+    then on all the data); the others' weights are 0.
 
     Raises:
-        ValueError: too few examples, an unknown `select_by`, or (`category`) examples without MMLU subjects.
+        ValueError: too few examples, an unknown `select_by` or `dense`, or (`category`, `consistent`)
+            examples without MMLU subjects.
     """
     import numpy as np
 
     if select_by not in SELECT_BY:
         raise ValueError(f'unknown select_by {select_by!r}; choose one of: {", ".join(SELECT_BY)}')
+    if dense not in DENSE:
+        raise ValueError(f'unknown dense {dense!r}; choose one of: {", ".join(DENSE)}')
+    if dense != 'all' and select_by != 'folds':
+        raise ValueError('dense features by category and the L2 by category are measured apart, not together')
     if len(examples) < 2 * folds:
         raise ValueError(f'{len(examples)} examples are too few for {folds}-fold cross-validation')
     d = design([e.body for e in examples], hash_bits)
@@ -610,21 +634,30 @@ def train(
         grid = l2s
     results = []
     for l2 in grid:
-        r = cross_validate(examples, d, l2, folds, by_group=by_group, log=log)
+        r = cross_validate(examples, d, l2, folds, by_group=by_group, dense=dense, log=log)
         results.append(r)
         if log:
             log(f'l2={l2:g}: CV APGR {r.apgr:.4f}, CPT(50%) {r.cpt50:.1%}, CPT(80%) {r.cpt80:.1%}')
     best = max(results, key=lambda r: r.apgr)
-    w = fit(d, targets(examples, np.arange(d.n), by_group=by_group), best.l2)
+    names = list(_core.classifier_feature_names()[0])
+    kept = None
+    dfit = d
+    if dense == 'consistent':
+        keep = consistent_dense(examples, d, np.arange(d.n), best.l2)
+        kept = [name for name, k in zip(names, keep, strict=True) if k]
+        dfit = without_dense(d, keep)
+        if log:
+            log(f'dense features of one sign in every category: {", ".join(kept) or "none"}')
+    w = fit(dfit, targets(examples, np.arange(d.n), by_group=by_group), best.l2)
     cal = np.quantile(best.oof, np.linspace(0, 1, 101))
     return {
         'format': MODEL_FORMAT,
         'version': MODEL_VERSION,
-        'features': list(_core.classifier_feature_names()[0]),
+        'features': names,
         'hash_bits': hash_bits,
         'bias': _r(w.bias),
         'dense': [_r(v) for v in w.dense],
-        **training_record(examples, source, best.l2, l2s, folds, by_group, select_by),
+        **training_record(examples, source, best.l2, l2s, folds, by_group, select_by, kept),
         'cv': {
             **figures(best),
             **(
@@ -816,6 +849,43 @@ def select_l2_by_category(
     return max(l2s, key=lambda v: worst[v]), table
 
 
+def consistent_dense(examples: list[Example], d: Design, idx: np.ndarray, l2: float) -> np.ndarray:
+    """Which dense features have one sign in every MMLU category of the examples `idx` (True: keep): for each
+    category with prompts there, a fit of the 16 dense features alone on them (labels smoothed by subject, L2
+    `l2`) gives each feature's sign; a feature is kept when it is the same, and not 0, in all. A dense weight
+    whose sign turns from one kind of prompt to the next is what ranks a new kind worse than random
+    (measured: docs/classifier.md, "Held-out kinds"); only the examples `idx` are read.
+
+    Raises:
+        ValueError: an example of `idx` without an MMLU subject, or prompts of fewer than two categories.
+    """
+    import numpy as np
+
+    category = {s: c for c, subjects in MMLU_CATEGORIES.items() for s in subjects}
+    for i in idx:
+        if examples[i].group not in category:
+            raise ValueError(f'example {int(i) + 1} has no MMLU `subject`: the dense features by category need them')
+    cats = np.array([category[str(examples[i].group)] for i in idx])
+    signs = []
+    for name in MMLU_CATEGORIES:
+        sub = np.asarray(idx)[cats == name]
+        if len(sub):
+            ds = d.subset(sub)
+            alone = Design(ds.dense, ds.rows[:0], ds.cols[:0], ds.vals[:0], ds.n, 1)
+            signs.append(np.sign(fit(alone, targets(examples, sub, by_group=True), l2).dense))
+    if len(signs) < 2:
+        raise ValueError('the dense features by category need prompts of at least two MMLU categories')
+    s = np.array(signs)
+    return np.all(s > 0, axis=0) | np.all(s < 0, axis=0)
+
+
+def without_dense(d: Design, keep: np.ndarray) -> Design:
+    """`d` with the dense features not kept set to 0 (a fit then gives them weight 0)."""
+    dense = d.dense.copy()
+    dense[:, ~keep] = 0.0
+    return Design(dense, d.rows, d.cols, d.vals, d.n, d.dims)
+
+
 @dataclass(frozen=True)
 class HoldoutResult:
     """One held-out group: the classifier trained without it, and the baselines, on its prompts only."""
@@ -859,12 +929,14 @@ def holdout_eval(
     l2s: tuple[float, ...] = DEFAULT_L2,
     folds: int = DEFAULT_FOLDS,
     select_by: str = 'folds',
+    dense: str = 'all',
     log: Any = None,
 ) -> list[HoldoutResult]:
     """Leave-kind-out evaluation: for each group of `grouping`, train as `train` does (same features, labels
     smoothed by subject within the training part, L2 picked when `l2s` has several values by `folds`-fold CV
     on the training part, or with `select_by='category'` by leave-one-category-out CV over the MMLU categories
-    of the training part, `select_l2_by_category`) on every example of the other subjects, and score the group's prompts against
+    of the training part, `select_l2_by_category`; with `dense='consistent'` only the dense features of one
+    sign in every category of the training part, `consistent_dense`) on every example of the other subjects, and score the group's prompts against
     their raw outcomes (as `quality` does), beside prompt length and random on exactly those prompts. Groups
     with no example in the data are left out.
 
@@ -876,6 +948,10 @@ def holdout_eval(
     groups = holdout_groups(grouping)
     if select_by not in SELECT_BY:
         raise ValueError(f'unknown select_by {select_by!r}; choose one of: {", ".join(SELECT_BY)}')
+    if dense not in DENSE:
+        raise ValueError(f'unknown dense {dense!r}; choose one of: {", ".join(DENSE)}')
+    if dense != 'all' and select_by != 'folds':
+        raise ValueError('dense features by category and the L2 by category are measured apart, not together')
     d = design([e.body for e in examples], hash_bits)
     weak = np.array([bool(e.weak) for e in examples])
     strong = np.array([bool(e.strong) for e in examples])
@@ -895,9 +971,11 @@ def holdout_eval(
             l2, table = select_l2_by_category(part, dtr, l2s)
             inner = table[f'{l2:g}']['mean']  # the mean over the training part's categories
         elif len(l2s) > 1:
-            results = [cross_validate(part, dtr, v, folds, by_group=True) for v in l2s]
+            results = [cross_validate(part, dtr, v, folds, by_group=True, dense=dense) for v in l2s]
             best = max(results, key=lambda r: r.apgr)
             l2, inner = best.l2, best.apgr
+        if dense == 'consistent':
+            dtr = without_dense(dtr, consistent_dense(examples, d, tr, l2))
         w = fit(dtr, targets(examples, tr, by_group=True), l2)
         scores = w.scores(d.subset(te))
         length = np.array([examples[i].length for i in te], float)
@@ -953,6 +1031,13 @@ def cli_train_args(p: argparse.ArgumentParser) -> None:
         default='folds',
         help='how the L2 is picked: k-fold CV (default) or leave-one-MMLU-category-out CV (needs MMLU subjects)',
     )
+    p.add_argument(
+        '--dense',
+        choices=DENSE,
+        default='all',
+        help='dense features fitted: all (default), or only those of one sign in every MMLU category (needs MMLU '
+        'subjects)',
+    )
     p.add_argument('--limit', type=int, default=None, help='use only the first N examples (quick runs)')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress lines')
     from fastroute.semantic import add_cli_args
@@ -995,8 +1080,10 @@ def cli_train(args: argparse.Namespace) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     if getattr(args, 'semantic', False):
-        if args.select_by != 'folds':
-            print('fastroute train: --select-by is for the fast classifier, not with --semantic', file=sys.stderr)
+        if args.select_by != 'folds' or args.dense != 'all':
+            print(
+                'fastroute train: --select-by and --dense are for the fast classifier, not --semantic', file=sys.stderr
+            )
             return 2
         from fastroute import semantic
 
@@ -1010,6 +1097,7 @@ def cli_train(args: argparse.Namespace) -> int:
             folds=args.folds,
             source=Path(data).name,
             select_by=args.select_by,
+            dense=args.dense,
             log=log,
         )
     except ValueError as e:
@@ -1023,6 +1111,8 @@ def cli_train(args: argparse.Namespace) -> int:
     cv = model['cv']
     how = ' (picked by leave-one-category-out CV)' if args.select_by == 'category' else ''
     print(f'wrote {args.out}: {len(examples)} examples, l2 {model["trained"]["l2"]:g}{how}')
+    if args.dense == 'consistent':
+        print(f'dense features of one sign in every category: {", ".join(model["trained"]["dense_kept"]) or "none"}')
     print(
         _table([('classifier (CV)', cv), ('prompt length', cv['length_baseline']), ('random', cv['random_baseline'])])
     )
@@ -1068,6 +1158,12 @@ def cli_eval_args(p: argparse.ArgumentParser) -> None:
         help='with --holdout: pick the L2 of each training part by k-fold CV (default) or by leave-one-category-out '
         'CV over its MMLU categories, as `train --select-by`',
     )
+    p.add_argument(
+        '--dense',
+        choices=DENSE,
+        default=None,
+        help='with --holdout: dense features fitted, as `train --dense` (chosen on each training part)',
+    )
     p.add_argument('--limit', type=int, default=None, help='use only the first N examples (quick runs)')
     p.add_argument('-q', '--quiet', action='store_true', help='with --holdout: no progress lines')
     from fastroute.semantic import add_cli_args
@@ -1089,6 +1185,7 @@ def cli_eval(args: argparse.Namespace) -> int:
             ('--hash-bits', args.hash_bits),
             ('--folds', args.folds),
             ('--select-by', args.select_by),
+            ('--dense', args.dense),
         )
         if v
     ]
@@ -1208,6 +1305,7 @@ def cli_holdout(args: argparse.Namespace) -> int:
             l2s=l2s,
             folds=folds,
             select_by=args.select_by or 'folds',
+            dense=args.dense or 'all',
             log=log,
         )
     except ValueError as e:
@@ -1219,8 +1317,9 @@ def cli_holdout(args: argparse.Namespace) -> int:
     inner_cv = 'leave-one-category-out CV' if args.select_by == 'category' else f'{folds}-fold CV'
     how = f'L2 by {inner_cv} on the training part from {{{", ".join(f"{v:g}" for v in l2s)}}}'
     print(f'data {data}: {len(examples)} prompts; held-out kinds `{args.holdout}`, each group scored by a classifier')
+    kept = '; dense features of one sign in every training category only' if args.dense == 'consistent' else ''
     print(
-        f'trained on the other subjects only (labels smoothed by subject within them, {how if len(l2s) > 1 else f"L2 {l2s[0]:g}"})'
+        f'trained on the other subjects only (labels smoothed by subject within them, {how if len(l2s) > 1 else f"L2 {l2s[0]:g}"}{kept})'
     )
     rows = [
         (
