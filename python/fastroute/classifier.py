@@ -853,8 +853,8 @@ def consistent_dense(examples: list[Example], d: Design, idx: np.ndarray, l2: fl
     """Which dense features have one sign in every MMLU category of the examples `idx` (True: keep): for each
     category with prompts there, a fit of the 16 dense features alone on them (labels smoothed by subject, L2
     `l2`) gives each feature's sign; a feature is kept when it is the same, and not 0, in all. A dense weight
-    whose sign turns from one kind of prompt to the next is what ranks a new kind worse than random
-    (measured: docs/classifier.md, "Held-out kinds"); only the examples `idx` are read.
+    whose sign turns from one kind of prompt to the next does not carry over to a new kind (measured:
+    docs/classifier.md, "Held-out kinds"). Only the examples `idx` are read.
 
     Raises:
         ValueError: an example of `idx` without an MMLU subject, or prompts of fewer than two categories.
