@@ -316,3 +316,207 @@ def test_eval_holdout_on_data_without_subjects(tmp_path: Path, capsys: pytest.Ca
     assert main(['eval', '--holdout', 'math', '--data', str(data), '-q']) == 1
     err = capsys.readouterr().err
     assert 'plain.jsonl' in err and 'has no `subject`' in err and 'Traceback' not in err, err
+
+
+# -- L2 picked by leave-one-category-out CV (`--select-by category`) ---------------------------------
+
+
+def test_select_l2_by_category_scores_each_category_with_a_fit_on_the_others(
+    mmlu: list[classifier.Example], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = mmlu[::12]
+    d = classifier.design([e.body for e in part], 9)
+    cat = {s: c for c, subjects in classifier.MMLU_CATEGORIES.items() for s in subjects}
+    left_out: list[set[str]] = []
+    targets = classifier.targets
+
+    def spy_targets(examples: list[classifier.Example], idx: np.ndarray, *, by_group: bool) -> np.ndarray:
+        left_out.append(set(classifier.MMLU_CATEGORIES) - {cat[str(examples[i].group)] for i in idx})
+        return targets(examples, idx, by_group=by_group)
+
+    monkeypatch.setattr(classifier, 'targets', spy_targets)
+    l2, table = classifier.select_l2_by_category(part, d, (1e-3, 1e-1))
+    # one fit per category and L2, each on the three other categories
+    assert [sorted(s) for s in left_out] == [[c] for c in classifier.MMLU_CATEGORIES] * 2
+    assert set(table) == {'0.001', '0.1', 'length'}
+    length = table['length']
+    for key in ('0.001', '0.1'):
+        row = table[key]
+        assert set(row) == {*classifier.MMLU_CATEGORIES, 'mean', 'worst_vs_length'}
+        assert row['mean'] == pytest.approx(np.mean([row[c] for c in classifier.MMLU_CATEGORIES]), abs=1e-4)
+        worst = min(row[c] - length[c] for c in classifier.MMLU_CATEGORIES)
+        assert row['worst_vs_length'] == pytest.approx(worst, abs=2e-4)
+    # the worst category against length decides, not the mean
+    assert l2 == max((1e-3, 1e-1), key=lambda v: table[f'{v:g}']['worst_vs_length'])
+    # an entry recomputed by hand: STEM scored by a fit on the other three categories
+    tr, te = classifier.holdout_split(part, classifier.MMLU_CATEGORIES['stem'])
+    w = classifier.fit(d.subset(tr), targets(part, tr, by_group=True), 1e-1)
+    q = quality(w.scores(d.subset(te)), [bool(part[i].weak) for i in te], [bool(part[i].strong) for i in te])
+    assert table['0.1']['stem'] == round(q.apgr, 4)
+    stem = [part[i] for i in te]
+    assert length['stem'] == round(
+        quality([e.length for e in stem], [e.weak for e in stem], [e.strong for e in stem]).apgr, 4
+    )
+
+
+def test_select_l2_by_category_needs_mmlu_subjects(mmlu: list[classifier.Example]) -> None:
+    plain = [classifier.Example(e.body, e.weak, e.strong, None, e.length) for e in mmlu[:40]]
+    d = classifier.design([e.body for e in plain], 9)
+    with pytest.raises(ValueError, match='has no `subject`'):
+        classifier.select_l2_by_category(plain, d, (1e-3,))
+    stem = [e for e in mmlu if e.group == 'astronomy'][:30]
+    with pytest.raises(ValueError, match='at least two MMLU categories'):
+        classifier.select_l2_by_category(stem, classifier.design([e.body for e in stem], 9), (1e-3,))
+
+
+def test_train_select_by_category_writes_a_model_rust_scores(mmlu: list[classifier.Example], tmp_path: Path) -> None:
+    part = mmlu[::15]
+    model = classifier.train(part, hash_bits=10, l2s=(1e-3, 1e-1), folds=3, select_by='category')
+    by_category = model['cv']['by_category']
+    assert model['trained']['select_by'] == 'category' and 'by_l2' not in model['cv']
+    assert model['trained']['l2'] == max((1e-3, 1e-1), key=lambda v: by_category[f'{v:g}']['worst_vs_length'])
+    assert model['trained']['l2_grid'] == [1e-3, 1e-1]
+    file = tmp_path / 'm.json'
+    file.write_text(json.dumps(model))
+    bodies = [e.body for e in mmlu[3::70]]
+    rust = np.array(classifier.load_model(file).classifier.score_many(bodies))
+    w = classifier.Weights(model['bias'], np.array(model['dense']), np.array(model['ngrams']))
+    assert np.allclose(rust, w.scores(classifier.design(bodies, 10)), atol=1e-4)
+    # the default k-fold pick records no `select_by`, and the same L2 fits the same weights
+    plain = classifier.train(part, hash_bits=10, l2s=(model['trained']['l2'],), folds=3)
+    assert 'select_by' not in plain['trained'] and plain['ngrams'] == model['ngrams']
+
+
+def test_holdout_select_by_category_picks_within_the_training_part(
+    mmlu: list[classifier.Example], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = mmlu[::14]
+    held: list[frozenset[str]] = []
+    picks: list[set[str | None]] = []
+    split, select = classifier.holdout_split, classifier.select_l2_by_category
+
+    def spy_split(examples: list[classifier.Example], subjects: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        if len(examples) == len(part):
+            held.append(frozenset(subjects))
+        return split(examples, subjects)
+
+    def spy_select(examples: list[classifier.Example], *args: Any, **kw: Any) -> Any:
+        picks.append({e.group for e in examples})
+        return select(examples, *args, **kw)
+
+    def no_cv(*args: Any, **kw: Any) -> None:
+        raise AssertionError('k-fold CV used with select_by="category"')
+
+    monkeypatch.setattr(classifier, 'holdout_split', spy_split)
+    monkeypatch.setattr(classifier, 'select_l2_by_category', spy_select)
+    monkeypatch.setattr(classifier, 'cross_validate', no_cv)
+    results = classifier.holdout_eval(part, 'category', hash_bits=9, l2s=(1e-3, 1e-1), select_by='category')
+    assert len(results) == len(picks) == len(held) == 4
+    for r, groups, subjects in zip(results, picks, held, strict=True):
+        assert groups.isdisjoint(subjects) and groups | subjects == classifier.MMLU_SUBJECTS
+        assert r.l2 in (1e-3, 1e-1) and r.inner_apgr is not None
+
+
+def test_select_by_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / 'slice.jsonl'
+    data.write_text('\n'.join(_per_subject(6)) + '\n')
+    out = tmp_path / 'm.json'
+    argv = ['train', '--data', str(data), '-o', str(out), '--hash-bits', '9', '--l2', '1e-3,1e-1', '--folds', '3']
+    assert main([*argv, '--select-by', 'category', '-q']) == 0
+    assert 'picked by leave-one-category-out CV' in capsys.readouterr().out
+    assert json.loads(out.read_text())['trained']['select_by'] == 'category'
+    plain = tmp_path / 'plain.jsonl'
+    plain.write_text(
+        ''.join(
+            json.dumps({'prompt': f'q {i}', 'weak_correct': i % 2 == 0, 'strong_correct': True}) + '\n'
+            for i in range(20)
+        )
+    )
+    assert main(['train', '--data', str(plain), '-o', str(out), '--select-by', 'category', '-q']) == 1
+    assert 'has no `subject`' in capsys.readouterr().err
+    assert main(['eval', '--select-by', 'category']) == 2
+    assert '--select-by only apply with --holdout' in capsys.readouterr().err
+    base = ['eval', '--data', str(data), '--hash-bits', '9', '--l2', '1e-3,1e-1', '-q', '--holdout', 'category']
+    assert main([*base, '--select-by', 'category']) == 0
+    assert 'L2 by leave-one-category-out CV on the training part' in capsys.readouterr().out
+    # --dense consistent: the kept features are printed and recorded
+    assert main([*argv[:-4], '--l2', '1e-3', '--folds', '3', '--dense', 'consistent', '-q']) == 0
+    assert 'dense features of one sign in every category:' in capsys.readouterr().out
+    assert json.loads(out.read_text())['trained']['dense'] == 'consistent'
+    assert main(['eval', '--dense', 'consistent']) == 2
+    assert '--dense only apply with --holdout' in capsys.readouterr().err
+    assert main([*base, '--dense', 'consistent', '--select-by', 'category']) == 1
+    assert 'measured apart' in capsys.readouterr().err
+
+
+# -- dense features of one sign in every category (`--dense consistent`) ------------------------------
+
+
+def test_consistent_dense_reads_only_the_given_examples(mmlu: list[classifier.Example]) -> None:
+    part = mmlu[::6]
+    d = classifier.design([e.body for e in part], 9)
+    tr, te = classifier.holdout_split(part, classifier.MMLU_CATEGORIES['stem'])
+    keep = classifier.consistent_dense(part, d, tr, 1e-3)
+    assert keep.dtype == bool and keep.shape == (16,)
+    # by hand: the sign of each dense weight of a dense-only fit per training category
+    signs = []
+    for name in ('humanities', 'social_sciences', 'other'):
+        sub = np.array([i for i in tr if part[i].group in classifier.MMLU_CATEGORIES[name]])
+        ds = d.subset(sub)
+        alone = classifier.Design(ds.dense, ds.rows[:0], ds.cols[:0], ds.vals[:0], ds.n, 1)
+        signs.append(np.sign(classifier.fit(alone, classifier.targets(part, sub, by_group=True), 1e-3).dense))
+    s = np.array(signs)
+    assert list(keep) == list(np.all(s > 0, axis=0) | np.all(s < 0, axis=0))
+    assert 0 < keep.sum() < 16  # some features turn sign between categories, some do not
+    # the held-out prompts' outcomes cannot move the choice
+    flipped = [
+        classifier.Example(e.body, not e.weak, not e.strong, e.group, e.length) if i in set(te) else e
+        for i, e in enumerate(part)
+    ]
+    assert list(classifier.consistent_dense(flipped, d, tr, 1e-3)) == list(keep)
+    plain = [classifier.Example(e.body, e.weak, e.strong, None, e.length) for e in part]
+    with pytest.raises(ValueError, match='has no MMLU `subject`'):
+        classifier.consistent_dense(plain, d, tr, 1e-3)
+
+
+def test_train_dense_consistent_zeroes_the_dropped_weights_and_rust_scores_it(
+    mmlu: list[classifier.Example], tmp_path: Path
+) -> None:
+    part = mmlu[::10]
+    model = classifier.train(part, hash_bits=10, l2s=(1e-3,), folds=3, dense='consistent')
+    names = list(_core.classifier_feature_names()[0])
+    kept = model['trained']['dense_kept']
+    assert model['trained']['dense'] == 'consistent' and set(kept) < set(names)
+    d = classifier.design([e.body for e in part], 10)
+    keep = classifier.consistent_dense(part, d, np.arange(len(part)), 1e-3)
+    assert kept == [n for n, k in zip(names, keep, strict=True) if k]
+    assert all((w == 0) == (n not in kept) for n, w in zip(names, model['dense'], strict=True))
+    file = tmp_path / 'm.json'
+    file.write_text(json.dumps(model))
+    bodies = [e.body for e in mmlu[5::60]]
+    rust = np.array(classifier.load_model(file).classifier.score_many(bodies))
+    w = classifier.Weights(model['bias'], np.array(model['dense']), np.array(model['ngrams']))
+    assert np.allclose(rust, w.scores(classifier.design(bodies, 10)), atol=1e-4)
+    plain = classifier.train(part, hash_bits=10, l2s=(1e-3,), folds=3)
+    assert 'dense' not in plain['trained'] and all(v != 0 for v in plain['dense'][:4])
+    with pytest.raises(ValueError, match='measured apart'):
+        classifier.train(part, hash_bits=10, l2s=(1e-3, 1e-2), folds=3, dense='consistent', select_by='category')
+
+
+def test_holdout_dense_consistent_chooses_on_the_training_part(
+    mmlu: list[classifier.Example], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = mmlu[::14]
+    seen: list[set[str | None]] = []
+    consistent = classifier.consistent_dense
+
+    def spy(examples: list[classifier.Example], d: Any, idx: np.ndarray, l2: float) -> np.ndarray:
+        seen.append({examples[i].group for i in idx})
+        return consistent(examples, d, idx, l2)
+
+    monkeypatch.setattr(classifier, 'consistent_dense', spy)
+    results = classifier.holdout_eval(part, 'category', hash_bits=9, l2s=(1e-3,), dense='consistent')
+    assert len(seen) == len(results) == 4
+    for r, groups in zip(results, seen, strict=True):
+        assert groups.isdisjoint(classifier.MMLU_CATEGORIES[r.group])
+        assert groups | set(classifier.MMLU_CATEGORIES[r.group]) == classifier.MMLU_SUBJECTS

@@ -40,6 +40,14 @@ DEFAULT_HASH_BITS = 16
 DEFAULT_L2 = (1e-5, 3e-5)  # the grid the shipped model was picked from: `fastroute train` alone remakes it
 DEFAULT_FOLDS = 5
 SEED = 0
+# How the L2 strength is picked from the grid: `folds`, the best mean APGR of k-fold CV (random folds, so every
+# subject is in every training fold); `category`, leave-one-MMLU-category-out CV (each category scored by a fit
+# on the others: what a kind of prompt never seen in training gets), the L2 whose worst category beats prompt
+# length by most (`select_l2_by_category`).
+SELECT_BY = ('folds', 'category')
+# Which dense features a fit uses: `all`; `consistent`, only those whose sign is the same in every MMLU category
+# of the training data (`consistent_dense`), the others held at 0.
+DENSE = ('all', 'consistent')
 
 
 class DataError(ValueError):
@@ -479,12 +487,23 @@ class CvResult:
 
 
 def cross_validate(
-    examples: list[Example], d: Design, l2: float, k: int, *, by_group: bool, log: Any = None
+    examples: list[Example],
+    d: Design,
+    l2: float,
+    k: int,
+    *,
+    by_group: bool,
+    dense: str = 'all',
+    log: Any = None,
 ) -> CvResult:
-    """k-fold CV of the fast classifier: per-fold figures averaged, and the out-of-fold scores."""
+    """k-fold CV of the fast classifier: per-fold figures averaged, and the out-of-fold scores. With
+    `dense='consistent'`, the dense features kept are chosen on each training fold (`consistent_dense`)."""
 
     def fold(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
-        return fit(d.subset(tr), targets(examples, tr, by_group=by_group), l2).scores(d.subset(te))
+        dtr = d.subset(tr)
+        if dense == 'consistent':
+            dtr = without_dense(dtr, consistent_dense(examples, d, tr, l2))
+        return fit(dtr, targets(examples, tr, by_group=by_group), l2).scores(d.subset(te))
 
     return cv_folds(examples, l2, k, fold, log=log)
 
@@ -549,7 +568,14 @@ def figures(r: Any) -> dict[str, float]:
 
 
 def training_record(
-    examples: list[Example], source: str, l2: float, l2s: tuple[float, ...], folds: int, by_group: bool
+    examples: list[Example],
+    source: str,
+    l2: float,
+    l2s: tuple[float, ...],
+    folds: int,
+    by_group: bool,
+    select_by: str = 'folds',
+    dense_kept: list[str] | None = None,
 ) -> dict[str, Any]:
     """The `label` and `trained` entries of a model file (fast or semantic): what was learnt, from what, how."""
     return {
@@ -562,6 +588,8 @@ def training_record(
             'l2_grid': list(l2s),
             'folds': folds,
             'seed': SEED,
+            **({'select_by': select_by} if select_by != 'folds' else {}),
+            **({'dense': 'consistent', 'dense_kept': dense_kept} if dense_kept is not None else {}),
         },
     }
 
@@ -573,37 +601,72 @@ def train(
     l2s: tuple[float, ...] = DEFAULT_L2,
     folds: int = DEFAULT_FOLDS,
     source: str = '',
+    select_by: str = 'folds',
+    dense: str = 'all',
     log: Any = None,
 ) -> dict[str, Any]:
-    """Pick the L2 strength by k-fold CV (best mean APGR), fit on everything, and return the model file's
-    contents: weights, the CV figures beside the baselines, and a calibration sample (101 quantiles of the
-    out-of-fold scores, for `target_share`)."""
+    """Pick the L2 strength (by k-fold CV, best mean APGR; with `select_by='category'`, by leave-one-category-out
+    CV, `select_l2_by_category`, then k-fold CV at that one strength for the figures), fit on everything, and
+    return the model file's contents: weights, the CV figures beside the baselines, and a calibration sample (101
+    quantiles of the out-of-fold scores, for `target_share`). With `dense='consistent'` only the dense features
+    of one sign in every MMLU category are fitted (`consistent_dense`, chosen within each CV training fold and
+    then on all the data); the others' weights are 0.
+
+    Raises:
+        ValueError: too few examples, an unknown `select_by` or `dense`, or (`category`, `consistent`)
+            examples without MMLU subjects.
+    """
     import numpy as np
 
+    if select_by not in SELECT_BY:
+        raise ValueError(f'unknown select_by {select_by!r}; choose one of: {", ".join(SELECT_BY)}')
+    if dense not in DENSE:
+        raise ValueError(f'unknown dense {dense!r}; choose one of: {", ".join(DENSE)}')
+    if dense != 'all' and select_by != 'folds':
+        raise ValueError('dense features by category and the L2 by category are measured apart, not together')
     if len(examples) < 2 * folds:
         raise ValueError(f'{len(examples)} examples are too few for {folds}-fold cross-validation')
     d = design([e.body for e in examples], hash_bits)
     by_group = any(e.group is not None for e in examples)
+    by_category = None
+    if select_by == 'category':
+        l2, by_category = select_l2_by_category(examples, d, l2s, log=log)
+        grid: tuple[float, ...] = (l2,)
+    else:
+        grid = l2s
     results = []
-    for l2 in l2s:
-        r = cross_validate(examples, d, l2, folds, by_group=by_group, log=log)
+    for l2 in grid:
+        r = cross_validate(examples, d, l2, folds, by_group=by_group, dense=dense, log=log)
         results.append(r)
         if log:
             log(f'l2={l2:g}: CV APGR {r.apgr:.4f}, CPT(50%) {r.cpt50:.1%}, CPT(80%) {r.cpt80:.1%}')
     best = max(results, key=lambda r: r.apgr)
-    w = fit(d, targets(examples, np.arange(d.n), by_group=by_group), best.l2)
+    names = list(_core.classifier_feature_names()[0])
+    kept = None
+    dfit = d
+    if dense == 'consistent':
+        keep = consistent_dense(examples, d, np.arange(d.n), best.l2)
+        kept = [name for name, k in zip(names, keep, strict=True) if k]
+        dfit = without_dense(d, keep)
+        if log:
+            log(f'dense features of one sign in every category: {", ".join(kept) or "none"}')
+    w = fit(dfit, targets(examples, np.arange(d.n), by_group=by_group), best.l2)
     cal = np.quantile(best.oof, np.linspace(0, 1, 101))
     return {
         'format': MODEL_FORMAT,
         'version': MODEL_VERSION,
-        'features': list(_core.classifier_feature_names()[0]),
+        'features': names,
         'hash_bits': hash_bits,
         'bias': _r(w.bias),
         'dense': [_r(v) for v in w.dense],
-        **training_record(examples, source, best.l2, l2s, folds, by_group),
+        **training_record(examples, source, best.l2, l2s, folds, by_group, select_by, kept),
         'cv': {
             **figures(best),
-            'by_l2': {f'{r.l2:g}': round(r.apgr, 4) for r in results},
+            **(
+                {'by_l2': {f'{r.l2:g}': round(r.apgr, 4) for r in results}}
+                if by_category is None
+                else {'by_category': by_category}
+            ),
             **baselines(examples, folds),
         },
         'calibration': [round(float(v), 6) for v in cal],
@@ -740,6 +803,91 @@ def holdout_split(examples: list[Example], held: tuple[str, ...] | frozenset[str
     return train, test
 
 
+def select_l2_by_category(
+    examples: list[Example], d: Design, l2s: tuple[float, ...], *, log: Any = None
+) -> tuple[float, dict[str, dict[str, float]]]:
+    """Leave-one-category-out CV: for each MMLU category with prompts here, fit at each L2 of `l2s` on the
+    prompts of the other categories (labels smoothed by subject within them, as `train` does) and score the
+    category's prompts against their raw outcomes (as `quality` does), beside prompt length on the same prompts.
+    Returns the L2 whose *worst* category beats length by most (the largest minimum over the categories of
+    classifier APGR - length APGR; the first of the grid on a tie) and the table {l2: {category: APGR, ...,
+    'mean': APGR, 'worst_vs_length': APGR difference}, 'length': {category: APGR, ...}}, rounded as model files
+    give it. Unlike k-fold CV, a fit here never sees a subject of the kind it is scored on; and the worst
+    category, not the mean, decides, because the mean rewards an L2 that does well on the kinds like the
+    training ones at the cost of the one unlike them (measured: docs/classifier.md, "Held-out kinds").
+
+    Raises:
+        ValueError: examples without MMLU subjects (`holdout_split`), or of fewer than two categories.
+    """
+    import numpy as np
+
+    weak = np.array([bool(e.weak) for e in examples])
+    strong = np.array([bool(e.strong) for e in examples])
+    parts = [(name, *holdout_split(examples, subjects)) for name, subjects in MMLU_CATEGORIES.items()]
+    parts = [(name, tr, te) for name, tr, te in parts if len(te)]
+    if len(parts) < 2:
+        raise ValueError('leave-one-category-out needs prompts of at least two MMLU categories')
+    length = {
+        name: quality(np.array([examples[i].length for i in te], float), weak[te], strong[te]).apgr
+        for name, _, te in parts
+    }
+    worst: dict[float, float] = {}
+    table: dict[str, dict[str, float]] = {}
+    for l2 in l2s:
+        row = {}
+        for name, tr, te in parts:
+            scores = fit(d.subset(tr), targets(examples, tr, by_group=True), l2).scores(d.subset(te))
+            row[name] = quality(scores, weak[te], strong[te]).apgr
+        worst[l2] = min(row[name] - length[name] for name in row)
+        table[f'{l2:g}'] = {
+            **{k: round(v, 4) for k, v in row.items()},
+            'mean': round(float(np.mean(list(row.values()))), 4),
+            'worst_vs_length': round(worst[l2], 4),
+        }
+        if log:
+            cells = ', '.join(f'{k} {v:.4f} (length {length[k]:.4f})' for k, v in row.items())
+            log(f'l2={l2:g}: leave-one-category-out APGR {cells}; worst - length {worst[l2]:+.4f}')
+    table['length'] = {k: round(v, 4) for k, v in length.items()}
+    return max(l2s, key=lambda v: worst[v]), table
+
+
+def consistent_dense(examples: list[Example], d: Design, idx: np.ndarray, l2: float) -> np.ndarray:
+    """Which dense features have one sign in every MMLU category of the examples `idx` (True: keep): for each
+    category with prompts there, a fit of the 16 dense features alone on them (labels smoothed by subject, L2
+    `l2`) gives each feature's sign; a feature is kept when it is the same, and not 0, in all. A dense weight
+    whose sign turns from one kind of prompt to the next does not carry over to a new kind (measured:
+    docs/classifier.md, "Held-out kinds"). Only the examples `idx` are read.
+
+    Raises:
+        ValueError: an example of `idx` without an MMLU subject, or prompts of fewer than two categories.
+    """
+    import numpy as np
+
+    category = {s: c for c, subjects in MMLU_CATEGORIES.items() for s in subjects}
+    for i in idx:
+        if examples[i].group not in category:
+            raise ValueError(f'example {int(i) + 1} has no MMLU `subject`: the dense features by category need them')
+    cats = np.array([category[str(examples[i].group)] for i in idx])
+    signs = []
+    for name in MMLU_CATEGORIES:
+        sub = np.asarray(idx)[cats == name]
+        if len(sub):
+            ds = d.subset(sub)
+            alone = Design(ds.dense, ds.rows[:0], ds.cols[:0], ds.vals[:0], ds.n, 1)
+            signs.append(np.sign(fit(alone, targets(examples, sub, by_group=True), l2).dense))
+    if len(signs) < 2:
+        raise ValueError('the dense features by category need prompts of at least two MMLU categories')
+    s = np.array(signs)
+    return np.all(s > 0, axis=0) | np.all(s < 0, axis=0)
+
+
+def without_dense(d: Design, keep: np.ndarray) -> Design:
+    """`d` with the dense features not kept set to 0 (a fit then gives them weight 0)."""
+    dense = d.dense.copy()
+    dense[:, ~keep] = 0.0
+    return Design(dense, d.rows, d.cols, d.vals, d.n, d.dims)
+
+
 @dataclass(frozen=True)
 class HoldoutResult:
     """One held-out group: the classifier trained without it, and the baselines, on its prompts only."""
@@ -782,11 +930,15 @@ def holdout_eval(
     hash_bits: int = DEFAULT_HASH_BITS,
     l2s: tuple[float, ...] = DEFAULT_L2,
     folds: int = DEFAULT_FOLDS,
+    select_by: str = 'folds',
+    dense: str = 'all',
     log: Any = None,
 ) -> list[HoldoutResult]:
     """Leave-kind-out evaluation: for each group of `grouping`, train as `train` does (same features, labels
-    smoothed by subject within the training part, L2 picked by `folds`-fold CV on the training part when
-    `l2s` has several values) on every example of the other subjects, and score the group's prompts against
+    smoothed by subject within the training part, L2 picked when `l2s` has several values by `folds`-fold CV
+    on the training part, or with `select_by='category'` by leave-one-category-out CV over the MMLU categories
+    of the training part, `select_l2_by_category`; with `dense='consistent'` only the dense features of one
+    sign in every category of the training part, `consistent_dense`) on every example of the other subjects, and score the group's prompts against
     their raw outcomes (as `quality` does), beside prompt length and random on exactly those prompts. Groups
     with no example in the data are left out.
 
@@ -796,6 +948,12 @@ def holdout_eval(
     import numpy as np
 
     groups = holdout_groups(grouping)
+    if select_by not in SELECT_BY:
+        raise ValueError(f'unknown select_by {select_by!r}; choose one of: {", ".join(SELECT_BY)}')
+    if dense not in DENSE:
+        raise ValueError(f'unknown dense {dense!r}; choose one of: {", ".join(DENSE)}')
+    if dense != 'all' and select_by != 'folds':
+        raise ValueError('dense features by category and the L2 by category are measured apart, not together')
     d = design([e.body for e in examples], hash_bits)
     weak = np.array([bool(e.weak) for e in examples])
     strong = np.array([bool(e.strong) for e in examples])
@@ -811,10 +969,15 @@ def holdout_eval(
         part, dtr = [examples[i] for i in tr], d.subset(tr)
         inner = None
         l2 = l2s[0]
-        if len(l2s) > 1:
-            results = [cross_validate(part, dtr, v, folds, by_group=True) for v in l2s]
+        if len(l2s) > 1 and select_by == 'category':
+            l2, table = select_l2_by_category(part, dtr, l2s)
+            inner = table[f'{l2:g}']['mean']  # the mean over the training part's categories
+        elif len(l2s) > 1:
+            results = [cross_validate(part, dtr, v, folds, by_group=True, dense=dense) for v in l2s]
             best = max(results, key=lambda r: r.apgr)
             l2, inner = best.l2, best.apgr
+        if dense == 'consistent':
+            dtr = without_dense(dtr, consistent_dense(examples, d, tr, l2))
         w = fit(dtr, targets(examples, tr, by_group=True), l2)
         scores = w.scores(d.subset(te))
         length = np.array([examples[i].length for i in te], float)
@@ -864,6 +1027,19 @@ def cli_train_args(p: argparse.ArgumentParser) -> None:
         help='comma-separated L2 strengths; CV picks one (default %(default)s)',
     )
     p.add_argument('--folds', type=int, default=DEFAULT_FOLDS, help='cross-validation folds (default 5)')
+    p.add_argument(
+        '--select-by',
+        choices=SELECT_BY,
+        default='folds',
+        help='how the L2 is picked: k-fold CV (default) or leave-one-MMLU-category-out CV (needs MMLU subjects)',
+    )
+    p.add_argument(
+        '--dense',
+        choices=DENSE,
+        default='all',
+        help='dense features fitted: all (default), or only those of one sign in every MMLU category (needs MMLU '
+        'subjects)',
+    )
     p.add_argument('--limit', type=int, default=None, help='use only the first N examples (quick runs)')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress lines')
     from fastroute.semantic import add_cli_args
@@ -906,12 +1082,26 @@ def cli_train(args: argparse.Namespace) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     if getattr(args, 'semantic', False):
+        if args.select_by != 'folds' or args.dense != 'all':
+            print(
+                'fastroute train: --select-by and --dense are for the fast classifier, not --semantic', file=sys.stderr
+            )
+            return 2
         from fastroute import semantic
 
         return semantic.cli_train(args, None if args.l2 == ','.join(f'{v:g}' for v in DEFAULT_L2) else l2s, log)
 
     try:
-        model = train(examples, hash_bits=args.hash_bits, l2s=l2s, folds=args.folds, source=Path(data).name, log=log)
+        model = train(
+            examples,
+            hash_bits=args.hash_bits,
+            l2s=l2s,
+            folds=args.folds,
+            source=Path(data).name,
+            select_by=args.select_by,
+            dense=args.dense,
+            log=log,
+        )
     except ValueError as e:
         print(f'fastroute train: {e}', file=sys.stderr)
         return 1
@@ -921,7 +1111,10 @@ def cli_train(args: argparse.Namespace) -> int:
         print(f'fastroute train: cannot write {args.out}: {e.strerror or e}', file=sys.stderr)
         return 1
     cv = model['cv']
-    print(f'wrote {args.out}: {len(examples)} examples, l2 {model["trained"]["l2"]:g}')
+    how = ' (picked by leave-one-category-out CV)' if args.select_by == 'category' else ''
+    print(f'wrote {args.out}: {len(examples)} examples, l2 {model["trained"]["l2"]:g}{how}')
+    if args.dense == 'consistent':
+        print(f'dense features of one sign in every category: {", ".join(model["trained"]["dense_kept"]) or "none"}')
     print(
         _table([('classifier (CV)', cv), ('prompt length', cv['length_baseline']), ('random', cv['random_baseline'])])
     )
@@ -960,6 +1153,19 @@ def cli_eval_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument('--hash-bits', type=int, default=None, help='with --holdout: n-gram table size, log2 (default 16)')
     p.add_argument('--folds', type=int, default=None, help='with --holdout: folds of the inner CV (default 5)')
+    p.add_argument(
+        '--select-by',
+        choices=SELECT_BY,
+        default=None,
+        help='with --holdout: pick the L2 of each training part by k-fold CV (default) or by leave-one-category-out '
+        'CV over its MMLU categories, as `train --select-by`',
+    )
+    p.add_argument(
+        '--dense',
+        choices=DENSE,
+        default=None,
+        help='with --holdout: dense features fitted, as `train --dense` (chosen on each training part)',
+    )
     p.add_argument('--limit', type=int, default=None, help='use only the first N examples (quick runs)')
     p.add_argument('-q', '--quiet', action='store_true', help='with --holdout: no progress lines')
     from fastroute.semantic import add_cli_args
@@ -975,7 +1181,15 @@ def cli_eval(args: argparse.Namespace) -> int:
     if args.holdout is not None:
         return cli_holdout(args)
     given = [
-        o for o, v in (('--l2', args.l2), ('--hash-bits', args.hash_bits), ('--folds', args.folds)) if v is not None
+        o
+        for o, v in (
+            ('--l2', args.l2),
+            ('--hash-bits', args.hash_bits),
+            ('--folds', args.folds),
+            ('--select-by', args.select_by),
+            ('--dense', args.dense),
+        )
+        if v is not None
     ]
     if given:
         print(f'fastroute eval: {", ".join(given)} only apply with --holdout', file=sys.stderr)
@@ -1086,17 +1300,28 @@ def cli_holdout(args: argparse.Namespace) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     try:
-        results = holdout_eval(examples, args.holdout, hash_bits=hash_bits, l2s=l2s, folds=folds, log=log)
+        results = holdout_eval(
+            examples,
+            args.holdout,
+            hash_bits=hash_bits,
+            l2s=l2s,
+            folds=folds,
+            select_by=args.select_by or 'folds',
+            dense=args.dense or 'all',
+            log=log,
+        )
     except ValueError as e:
         print(f'{err}: {data}: {e}', file=sys.stderr)
         return 1
     if not results:
         print(f'{err}: {data}: no prompt of any held-out group', file=sys.stderr)
         return 1
-    how = f'L2 by {folds}-fold CV on the training part from {{{", ".join(f"{v:g}" for v in l2s)}}}'
+    inner_cv = 'leave-one-category-out CV' if args.select_by == 'category' else f'{folds}-fold CV'
+    how = f'L2 by {inner_cv} on the training part from {{{", ".join(f"{v:g}" for v in l2s)}}}'
     print(f'data {data}: {len(examples)} prompts; held-out kinds `{args.holdout}`, each group scored by a classifier')
+    kept = '; dense features of one sign in every training category only' if args.dense == 'consistent' else ''
     print(
-        f'trained on the other subjects only (labels smoothed by subject within them, {how if len(l2s) > 1 else f"L2 {l2s[0]:g}"})'
+        f'trained on the other subjects only (labels smoothed by subject within them, {how if len(l2s) > 1 else f"L2 {l2s[0]:g}"}{kept})'
     )
     rows = [
         (
