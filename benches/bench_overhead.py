@@ -648,7 +648,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         '--awake',
         action='store_true',
-        help="keep the proxy's CPU from halting between requests (a SCHED_IDLE busy loop pinned beside it)",
+        help='keep both CPUs from halting between requests (a SCHED_IDLE busy loop pinned to each)',
     )
     ap.add_argument(
         '--floor',
@@ -758,12 +758,7 @@ def run_all(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()[0]
     try:
         if args.awake and pin:
-            spawn(procs, [PY, '-c', _SPINNER], cpu_proxy, Path(os.devnull))
-            notes.append(
-                '--awake: a SCHED_IDLE busy loop kept CPU 0 from halting between requests (it yields at once to '
-                'any other task), so a proxy woke on a running CPU with warm caches, as on a busy host; it adds '
-                '1 to the load average below.'
-            )
+            notes.append(keep_awake(procs, (cpu_proxy, cpu_load)))
         up, up_port, up_sse = nginxctl.start_upstream(mkdir(tmp / 'upstream'), cpus=cpu_load)
         procs.add(up)
         slow_port, slow_model, slow_kind = start_slow_upstream(procs, tmp, cpu_load, not args.no_mock)
@@ -889,6 +884,17 @@ def run_all(args: argparse.Namespace) -> int:
 
 
 _SPINNER = 'import os\nos.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True:\n    pass\n'
+
+
+def keep_awake(procs: Procs, cpus: tuple[str | None, ...]) -> str:
+    """`--awake`: a SCHED_IDLE busy loop pinned to each CPU, so that no CPU halts between requests."""
+    for cpu in cpus:
+        spawn(procs, [PY, '-c', _SPINNER], cpu, Path(os.devnull))
+    return (
+        '--awake: a SCHED_IDLE busy loop on each CPU kept it from halting between requests (it yields at once '
+        'to any other task): no wake-up of a halted vCPU, which on a busy host can wait for the hypervisor '
+        'for milliseconds, and caches kept warm, as on a busy machine; it adds 2 to the load average below.'
+    )
 
 
 def cpu_times() -> dict[str, list[int]]:
