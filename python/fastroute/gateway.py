@@ -311,13 +311,20 @@ def decision_headers(ctx: Ctx) -> list[tuple[str, str]]:
         return [('x-request-id', ctx.rid), ('x-fastroute-overhead-us', us)]
     if ctx.walk is not None or ctx.classifier is not None:
         return _fallback_headers(ctx, d, us)
+    out = decided_headers(d, ctx.rid)
+    out.append(('x-fastroute-overhead-us', us))
+    return out
+
+
+def decided_headers(d: Decision, rid: str) -> list[tuple[str, str]]:
+    """The decision's headers and the request id, as an answer carries them when the decided model answered
+    at the first try (the fast lane renders them ahead, `_fast`)."""
     return [
         ('x-fastroute-route', d.route or ''),
         ('x-fastroute-model', d.pool or ''),
         ('x-fastroute-adapter', d.adapter or ''),
         ('x-fastroute-variant', d.variant or ''),
-        ('x-request-id', ctx.rid),
-        ('x-fastroute-overhead-us', us),
+        ('x-request-id', rid),
     ]
 
 
@@ -325,15 +332,9 @@ def _fallback_headers(ctx: Ctx, d: Decision, us: str) -> list[tuple[str, str]]:
     """After a failed try, or when the decided model was out: the model that answered, the one decided, and the
     number of tries; on a semantic route, the classifier that decided. Cold path."""
     if ctx.walk is None:
-        return [
-            ('x-fastroute-route', d.route or ''),
-            ('x-fastroute-model', d.pool or ''),
-            ('x-fastroute-adapter', d.adapter or ''),
-            ('x-fastroute-variant', d.variant or ''),
-            ('x-fastroute-classifier', ctx.classifier or ''),
-            ('x-request-id', ctx.rid),
-            ('x-fastroute-overhead-us', us),
-        ]
+        out = decided_headers(d, ctx.rid)
+        out += [('x-fastroute-classifier', ctx.classifier or ''), ('x-fastroute-overhead-us', us)]
+        return out
     served = ctx.pool.name if ctx.pool is not None else d.pool
     extra = [('x-fastroute-classifier', ctx.classifier)] if ctx.classifier is not None else []
     return extra + [
@@ -689,16 +690,21 @@ async def send(
 
 def answered(ctx: Ctx, ep: Endpoint, resp: UpstreamResponse) -> None:
     """A non-streamed try succeeded (or ends the walk with its answer): the endpoint's health, then the answer."""
+    succeeded(ctx, ep, resp.status, resp.body)
+    out = resp.headers
+    out += decision_headers(ctx)
+    ctx.proto.response_bytes(resp.status, out, resp.body)
+
+
+def succeeded(ctx: Ctx, ep: Endpoint, status: int, body: bytes) -> None:
+    """A try's whole answer is the request's: the endpoint's health, and what `record` reads."""
     ep.win.n += 1  # ep.ok(), inlined
     if ep.failures or ep.down:
         ep.recovered()
-    out = resp.headers
-    out += decision_headers(ctx)
-    ctx.status = resp.status
-    ctx.resp_body = resp.body
+    ctx.status = status
+    ctx.resp_body = body
     if ctx.experiment is not None:
-        ctx.experiment.seen_body(resp.body)
-    ctx.proto.response_bytes(resp.status, out, resp.body)
+        ctx.experiment.seen_body(body)
 
 
 class _ErrorAnswer(Exception):
@@ -1311,19 +1317,9 @@ def _fast(ctx: Ctx) -> None:
     if not ep.start_now('POST', upath, headers, send_body, waiter):  # no idle connection: `send` connects
         _later(ctx, send(ctx, 'POST', upath, headers, send_body, reserved=True))
         return
-    # the request is out: the headers of the answer are made while the upstream works on it
-    if ctx.classifier is None:
-        waiter.block = head_bytes(
-            b'',
-            [
-                ('x-fastroute-route', d.route or ''),
-                ('x-fastroute-model', d.pool or ''),
-                ('x-fastroute-adapter', d.adapter or ''),
-                ('x-fastroute-variant', d.variant or ''),
-                ('x-request-id', ctx.rid),
-            ],
-            b'',
-        )
+    # the request is out: the answer's headers are rendered while the upstream works on it (the first try of a
+    # route with no semantic classifier, which the lane never takes, so `decision_headers`' plain case)
+    waiter.block = head_bytes(b'', decided_headers(d, ctx.rid), b'')
 
 
 async def _after_no_endpoint(ctx: Ctx, d: Decision, body: bytes) -> None:
@@ -1380,13 +1376,7 @@ class _Answer:
             ep.outstanding -= 1
             if ep.pool_waiters:
                 ep.release_wake()
-            ep.win.n += 1
-            if ep.failures or ep.down:
-                ep.recovered()
-            ctx.status = 200
-            body = ctx.resp_body = data[at:]
-            if ctx.experiment is not None:
-                ctx.experiment.seen_body(body)
+            succeeded(ctx, ep, 200, data[at:])
         except Exception as exc:
             unhandled(ctx, exc)
         _end(ctx)
