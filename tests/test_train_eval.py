@@ -57,6 +57,16 @@ def test_threshold_for_share_interpolates_the_calibration_quantiles() -> None:
         threshold_for_share([], 0.3)
 
 
+def _rust_and_numpy_scores(model: dict, bodies: list[bytes], tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The scores of `bodies` by the written model file through `_core` (as `decide` scores), and by numpy from the
+    weights the training fitted."""
+    file = tmp_path / 'm.json'
+    file.write_text(json.dumps(model))
+    rust = np.array(classifier.load_model(file).classifier.score_many(bodies))
+    w = classifier.Weights(model['bias'], np.array(model['dense']), np.array(model['ngrams']))
+    return rust, w.scores(classifier.design(bodies, model['hash_bits']))
+
+
 def test_trained_model_round_trips_and_rust_scores_what_numpy_fitted(
     mmlu: list[classifier.Example], tmp_path: Path
 ) -> None:
@@ -64,13 +74,8 @@ def test_trained_model_round_trips_and_rust_scores_what_numpy_fitted(
     model = classifier.train(part, hash_bits=10, l2s=(1e-3,), folds=3)
     assert model['features'] == list(_core.classifier_feature_names()[0])
     assert len(model['ngrams']) == 1024 and len(model['calibration']) == 101
-    file = tmp_path / 'm.json'
-    file.write_text(json.dumps(model))
-    loaded = classifier.load_model(file)
     bodies = [e.body for e in mmlu[1::50]]
-    rust = np.array(loaded.classifier.score_many(bodies))
-    w = classifier.Weights(model['bias'], np.array(model['dense']), np.array(model['ngrams']))
-    fitted = w.scores(classifier.design(bodies, 10))
+    rust, fitted = _rust_and_numpy_scores(model, bodies, tmp_path)
     assert np.allclose(rust, fitted, atol=1e-4), np.abs(rust - fitted).max()
     default = np.array(classifier.load_model(classifier.default_model_path()).classifier.score_many(bodies))
     assert not np.allclose(rust, default, atol=1e-3)
@@ -376,12 +381,7 @@ def test_train_select_by_category_writes_a_model_rust_scores(mmlu: list[classifi
     assert model['trained']['select_by'] == 'category' and 'by_l2' not in model['cv']
     assert model['trained']['l2'] == max((1e-3, 1e-1), key=lambda v: by_category[f'{v:g}']['worst_vs_length'])
     assert model['trained']['l2_grid'] == [1e-3, 1e-1]
-    file = tmp_path / 'm.json'
-    file.write_text(json.dumps(model))
-    bodies = [e.body for e in mmlu[3::70]]
-    rust = np.array(classifier.load_model(file).classifier.score_many(bodies))
-    w = classifier.Weights(model['bias'], np.array(model['dense']), np.array(model['ngrams']))
-    assert np.allclose(rust, w.scores(classifier.design(bodies, 10)), atol=1e-4)
+    assert np.allclose(*_rust_and_numpy_scores(model, [e.body for e in mmlu[3::70]], tmp_path), atol=1e-4)
     # the default k-fold pick records no `select_by`, and the same L2 fits the same weights
     plain = classifier.train(part, hash_bits=10, l2s=(model['trained']['l2'],), folds=3)
     assert 'select_by' not in plain['trained'] and plain['ngrams'] == model['ngrams']
@@ -491,12 +491,7 @@ def test_train_dense_consistent_zeroes_the_dropped_weights_and_rust_scores_it(
     keep = classifier.consistent_dense(part, d, np.arange(len(part)), 1e-3)
     assert kept == [n for n, k in zip(names, keep, strict=True) if k]
     assert all((w == 0) == (n not in kept) for n, w in zip(names, model['dense'], strict=True))
-    file = tmp_path / 'm.json'
-    file.write_text(json.dumps(model))
-    bodies = [e.body for e in mmlu[5::60]]
-    rust = np.array(classifier.load_model(file).classifier.score_many(bodies))
-    w = classifier.Weights(model['bias'], np.array(model['dense']), np.array(model['ngrams']))
-    assert np.allclose(rust, w.scores(classifier.design(bodies, 10)), atol=1e-4)
+    assert np.allclose(*_rust_and_numpy_scores(model, [e.body for e in mmlu[5::60]], tmp_path), atol=1e-4)
     plain = classifier.train(part, hash_bits=10, l2s=(1e-3,), folds=3)
     assert 'dense' not in plain['trained'] and all(v != 0 for v in plain['dense'][:4])
     with pytest.raises(ValueError, match='measured apart'):

@@ -594,6 +594,20 @@ def training_record(
     }
 
 
+def _check_recipe(select_by: str, dense: str) -> None:
+    """`train`'s and `holdout_eval`'s choices of L2 selection and dense features.
+
+    Raises:
+        ValueError: an unknown one, or both by category (measured apart, never together).
+    """
+    if select_by not in SELECT_BY:
+        raise ValueError(f'unknown select_by {select_by!r}; choose one of: {", ".join(SELECT_BY)}')
+    if dense not in DENSE:
+        raise ValueError(f'unknown dense {dense!r}; choose one of: {", ".join(DENSE)}')
+    if dense != 'all' and select_by != 'folds':
+        raise ValueError('dense features by category and the L2 by category are measured apart, not together')
+
+
 def train(
     examples: list[Example],
     *,
@@ -618,12 +632,7 @@ def train(
     """
     import numpy as np
 
-    if select_by not in SELECT_BY:
-        raise ValueError(f'unknown select_by {select_by!r}; choose one of: {", ".join(SELECT_BY)}')
-    if dense not in DENSE:
-        raise ValueError(f'unknown dense {dense!r}; choose one of: {", ".join(DENSE)}')
-    if dense != 'all' and select_by != 'folds':
-        raise ValueError('dense features by category and the L2 by category are measured apart, not together')
+    _check_recipe(select_by, dense)
     if len(examples) < 2 * folds:
         raise ValueError(f'{len(examples)} examples are too few for {folds}-fold cross-validation')
     d = design([e.body for e in examples], hash_bits)
@@ -948,12 +957,7 @@ def holdout_eval(
     import numpy as np
 
     groups = holdout_groups(grouping)
-    if select_by not in SELECT_BY:
-        raise ValueError(f'unknown select_by {select_by!r}; choose one of: {", ".join(SELECT_BY)}')
-    if dense not in DENSE:
-        raise ValueError(f'unknown dense {dense!r}; choose one of: {", ".join(DENSE)}')
-    if dense != 'all' and select_by != 'folds':
-        raise ValueError('dense features by category and the L2 by category are measured apart, not together')
+    _check_recipe(select_by, dense)
     d = design([e.body for e in examples], hash_bits)
     weak = np.array([bool(e.weak) for e in examples])
     strong = np.array([bool(e.strong) for e in examples])
@@ -1058,29 +1062,45 @@ def _l2_grid(text: str) -> tuple[float, ...] | None:
     return l2s
 
 
-def cli_train(args: argparse.Namespace) -> int:
-    if not _need_numpy():
+def _training_data(
+    err: str, args: argparse.Namespace, l2s: tuple[float, ...] | None, hash_bits: int, folds: int
+) -> tuple[str, list[Example]] | int:
+    """What `train` and `eval --holdout` check and read alike: the L2 grid, the table size and the folds, then the
+    examples (`--data`, `--limit`). An exit code, said on stderr, when something is wrong."""
+    if l2s is None:
+        print(f'{err}: --l2 {args.l2!r}: give positive numbers, e.g. 1e-5,3e-5', file=sys.stderr)
+        return 2
+    if not 8 <= hash_bits <= 22 or folds < 2:
+        print(f'{err}: --hash-bits must be within 8..22 and --folds at least 2', file=sys.stderr)
         return 2
     data = args.data or str(default_data_path())
-    l2s = _l2_grid(str(args.l2))
-    if l2s is None:
-        print(f'fastroute train: --l2 {args.l2!r}: give positive numbers, e.g. 1e-4,3e-4', file=sys.stderr)
-        return 2
-    if not 8 <= args.hash_bits <= 22 or args.folds < 2:
-        print('fastroute train: --hash-bits must be within 8..22 and --folds at least 2', file=sys.stderr)
-        return 2
     try:
         examples = load_examples(data)
     except DataError as e:
-        print(f'fastroute train: {e}', file=sys.stderr)
+        print(f'{err}: {e}', file=sys.stderr)
         return 1
-    if args.limit:
-        examples = examples[: args.limit]
+    return data, examples[: args.limit] if args.limit else examples
+
+
+def _progress(quiet: bool) -> Any:
+    """The progress lines of a training command, on stderr (none with -q)."""
 
     def log(msg: str) -> None:
-        if not args.quiet:
+        if not quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    return log
+
+
+def cli_train(args: argparse.Namespace) -> int:
+    if not _need_numpy():
+        return 2
+    l2s = _l2_grid(str(args.l2))
+    got = _training_data('fastroute train', args, l2s, args.hash_bits, args.folds)
+    if isinstance(got, int):
+        return got
+    data, examples = got
+    log = _progress(args.quiet)
     if getattr(args, 'semantic', False):
         if args.select_by != 'folds' or args.dense != 'all':
             print(
@@ -1278,27 +1298,13 @@ def cli_holdout(args: argparse.Namespace) -> int:
         print(f'{err}: not with {", ".join(other)} (it trains its own classifier per group)', file=sys.stderr)
         return 2
     l2s = DEFAULT_L2 if args.l2 is None else _l2_grid(str(args.l2))
-    if l2s is None:
-        print(f'{err}: --l2 {args.l2!r}: give positive numbers, e.g. 1e-5,3e-5', file=sys.stderr)
-        return 2
     hash_bits = DEFAULT_HASH_BITS if args.hash_bits is None else args.hash_bits
     folds = DEFAULT_FOLDS if args.folds is None else args.folds
-    if not 8 <= hash_bits <= 22 or folds < 2:
-        print(f'{err}: --hash-bits must be within 8..22 and --folds at least 2', file=sys.stderr)
-        return 2
-    data = args.data or str(default_data_path())
-    try:
-        examples = load_examples(data)
-    except DataError as e:
-        print(f'{err}: {e}', file=sys.stderr)
-        return 1
-    if args.limit:
-        examples = examples[: args.limit]
-
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
+    got = _training_data(err, args, l2s, hash_bits, folds)
+    if isinstance(got, int):
+        return got
+    data, examples = got
+    log = _progress(args.quiet)
     try:
         results = holdout_eval(
             examples,
