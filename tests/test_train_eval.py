@@ -515,3 +515,61 @@ def test_holdout_dense_consistent_chooses_on_the_training_part(
     for r, groups in zip(results, seen, strict=True):
         assert groups.isdisjoint(classifier.MMLU_CATEGORIES[r.group])
         assert groups | set(classifier.MMLU_CATEGORIES[r.group]) == classifier.MMLU_SUBJECTS
+
+
+# -- leaving out subjects whose labels are known to be wrong (`--exclude-subjects`) -------------------
+
+
+def test_exclude_subjects_keeps_the_others_and_their_input_positions(mmlu: list[classifier.Example]) -> None:
+    part = mmlu[:400]
+    subjects = sorted({e.group for e in part if e.group})
+    assert len(subjects) >= 3
+    kept, positions = classifier.exclude_subjects(part, (subjects[0], subjects[2]))
+    assert len(kept) == len(positions) == sum(e.group not in (subjects[0], subjects[2]) for e in part)
+    assert all(part[p - 1] is e for p, e in zip(positions, kept, strict=True))
+    assert {e.group for e in kept} == set(subjects) - {subjects[0], subjects[2]}
+    with pytest.raises(ValueError, match="no example has subject 'high_school_maths'; check the spelling"):
+        classifier.exclude_subjects(part, ('high_school_maths',))
+    with pytest.raises(ValueError, match='every example is excluded'):
+        classifier.exclude_subjects(part, tuple(subjects))
+    plain = [classifier.Example(b'{}', True, True, None, 2)]
+    with pytest.raises(ValueError, match='needs examples with a `subject`'):
+        classifier.exclude_subjects(plain, ('anatomy',))
+
+
+def test_exclude_subjects_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / 'slice.jsonl'
+    data.write_text('\n'.join(_per_subject(6)) + '\n')  # 342 prompts, 6 of each subject
+    out = tmp_path / 'm.json'
+    gone = 'high_school_mathematics,virology'
+    argv = ['train', '--data', str(data), '-o', str(out), '--hash-bits', '9', '--l2', '1e-3', '--folds', '3', '-q']
+    assert main([*argv, '--exclude-subjects', gone]) == 0
+    assert f'{342 - 12} examples (left out: high_school_mathematics, virology)' in capsys.readouterr().out
+    model = json.loads(out.read_text())
+    assert model['trained']['excluded_subjects'] == ['high_school_mathematics', 'virology']
+    assert model['trained']['examples'] == 330
+    assert main([*argv, '--exclude-subjects', 'virologyy']) == 1
+    assert "no example has subject 'virologyy'" in capsys.readouterr().err
+    assert main([*argv, '--exclude-subjects', ' , ']) == 2
+    assert 'give subject names' in capsys.readouterr().err
+    assert main([*argv, '--exclude-subjects', 'virology', '--semantic']) == 2
+    assert 'not --semantic' in capsys.readouterr().err
+    assert main(['eval', '--exclude-subjects', 'virology']) == 2
+    assert '--exclude-subjects only apply with --holdout' in capsys.readouterr().err
+    # held-out scores name each prompt by its position in the input, also when subjects before it are left out
+    scores = tmp_path / 'held-out.jsonl'
+    base = ['eval', '--data', str(data), '--hash-bits', '9', '--l2', '1e-3', '-q', '--holdout', 'math']
+    assert main([*base, '--exclude-subjects', 'high_school_mathematics', '--scores-out', str(scores)]) == 0
+    printed = capsys.readouterr().out
+    assert '(left out: high_school_mathematics)' in printed
+    assert rows_of(printed, 'math')[1:3] == ['4', '24'], printed
+    held = [json.loads(line) for line in scores.read_text().splitlines()]
+    source = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(held) == 24 and 'high_school_mathematics' not in {h['subject'] for h in held}
+    for h in held:  # high_school_statistics comes after the excluded subject in the file
+        line = source[h['example'] - 1]
+        assert (line['subject'], line['weak_correct'], line['strong_correct']) == (
+            h['subject'],
+            h['weak_correct'],
+            h['strong_correct'],
+        )
