@@ -87,6 +87,41 @@ def test_train_and_eval_semantic_on_a_slice(tmp_path: Path) -> None:
     assert np.allclose(got, want, atol=2e-6)
 
 
+def test_eval_holdout_semantic_trains_each_group_without_it(tmp_path: Path) -> None:
+    seen: set[str] = set()
+    lines = []
+    for line in default_data_path().read_text().splitlines():  # the first prompt of each of the 57 subjects
+        subject = json.loads(line)['subject']
+        if subject not in seen:
+            seen.add(subject)
+            lines.append(line)
+    data = tmp_path / 'slice.jsonl'
+    data.write_text('\n'.join(lines) + '\n')
+    cache, held = tmp_path / 'cache', tmp_path / 'held-out.jsonl'
+    r = _run('eval', '--holdout', 'category', '--semantic', '--data', str(data), '--l2', '1e-3', '-q',
+             '--cache-dir', str(cache), '--scores-out', str(held), cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert 'semantic classifier' in r.stdout, r.stdout
+    for group, n in (('stem', 18), ('humanities', 13), ('social_sciences', 12), ('other', 14)):
+        row = next(line.split() for line in r.stdout.splitlines() if line.startswith(group + ' '))
+        assert row[1:3] == [str(n), str(n)], r.stdout
+        assert f'{group}: trained on {57 - n} prompts (l2 0.001)' in r.stdout
+    # each held-out score is the semantic fit on the other groups' embeddings only
+    from fastroute import classifier
+
+    examples = classifier.load_examples(data)
+    emb = np.load(next(cache.glob('emb-*.npy')))
+    rows = [json.loads(line) for line in held.read_text().splitlines()]
+    assert len(rows) == 57
+    stem = [h for h in rows if h['group'] == 'stem']
+    te = np.array([h['example'] - 1 for h in stem])
+    tr = np.array([i for i in range(57) if i not in set(te)])
+    b, w = semantic.fit_semantic(emb[tr], classifier.targets(examples, tr, by_group=True), 1e-3)
+    assert np.allclose([h['score'] for h in stem], 1 / (1 + np.exp(-(emb[te] @ w + b))), atol=2e-6)
+    r = _run('eval', '--holdout', 'math', '--semantic', '--dense', 'consistent', '--data', str(data), cwd=tmp_path)
+    assert r.returncode == 2 and '--dense are for the fast classifier, not --semantic' in r.stderr, r.stderr
+
+
 BASE = """
 models:
   small: {endpoints: ["http://127.0.0.1:9"]}

@@ -30,7 +30,7 @@ import msgspec
 from fastroute import _core
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     import numpy as np
 
@@ -976,22 +976,10 @@ def holdout_eval(
     Raises:
         ValueError: an unknown grouping, examples without MMLU subjects, or a training part too small.
     """
-    import numpy as np
-
-    groups = holdout_groups(grouping)
     _check_recipe(select_by, dense)
     d = design([e.body for e in examples], hash_bits)
-    weak = np.array([bool(e.weak) for e in examples])
-    strong = np.array([bool(e.strong) for e in examples])
     out = []
-    for name, subjects in groups.items():
-        tr, te = holdout_split(examples, subjects)
-        if len(te) == 0:
-            if log:
-                log(f'{name}: no prompt of its subjects in the data; left out')
-            continue
-        if len(tr) < 2 * folds:
-            raise ValueError(f'{name}: {len(tr)} training examples are too few for {folds}-fold cross-validation')
+    for name, subjects, tr, te in holdout_parts(examples, grouping, folds, log):
         part, dtr = [examples[i] for i in tr], d.subset(tr)
         inner = None
         l2 = l2s[0]
@@ -1005,26 +993,65 @@ def holdout_eval(
         if dense == 'consistent':
             dtr = without_dense(dtr, consistent_dense(examples, d, tr, l2))
         w = fit(dtr, targets(examples, tr, by_group=True), l2)
-        scores = w.scores(d.subset(te))
-        length = np.array([examples[i].length for i in te], float)
-        r = HoldoutResult(
-            name,
-            tuple(s for s in subjects if any(examples[i].group == s for i in te)),
-            len(tr),
-            l2,
-            inner,
-            quality(scores, weak[te], strong[te]),
-            quality(length, weak[te], strong[te]),
-            random_quality(weak[te], strong[te]),
-            apgr_diff_interval(scores, length, weak[te], strong[te]),
-            scores,
-            te,
-        )
-        out.append(r)
-        if log:
-            cv = '' if inner is None else f' (inner CV APGR {inner:.4f})'
-            log(f'{name}: {len(te)} held-out prompts, {len(tr)} training, l2 {l2:g}{cv}: APGR {r.classifier.apgr:.4f}')
+        out.append(holdout_result(examples, name, subjects, tr, te, l2, inner, w.scores(d.subset(te)), log))
     return out
+
+
+def holdout_parts(
+    examples: list[Any], grouping: str, folds: int, log: Any = None
+) -> Iterator[tuple[str, tuple[str, ...], np.ndarray, np.ndarray]]:
+    """(group, its subjects, training indices, held-out indices) of each group of `grouping` that has prompts in
+    the data; every classifier's held-out evaluation walks these.
+
+    Raises:
+        ValueError: an unknown grouping, examples without MMLU subjects, or a training part too small.
+    """
+    for name, subjects in holdout_groups(grouping).items():
+        tr, te = holdout_split(examples, subjects)
+        if len(te) == 0:
+            if log:
+                log(f'{name}: no prompt of its subjects in the data; left out')
+            continue
+        if len(tr) < 2 * folds:
+            raise ValueError(f'{name}: {len(tr)} training examples are too few for {folds}-fold cross-validation')
+        yield name, subjects, tr, te
+
+
+def holdout_result(
+    examples: list[Any],
+    name: str,
+    subjects: tuple[str, ...],
+    tr: np.ndarray,
+    te: np.ndarray,
+    l2: float,
+    inner: float | None,
+    scores: np.ndarray,
+    log: Any = None,
+) -> HoldoutResult:
+    """One group's figures from a classifier's scores of its held-out prompts: beside prompt length and random
+    on exactly those prompts, with the bootstrap interval of the difference to length."""
+    import numpy as np
+
+    weak = np.array([bool(examples[i].weak) for i in te])
+    strong = np.array([bool(examples[i].strong) for i in te])
+    length = np.array([examples[i].length for i in te], float)
+    r = HoldoutResult(
+        name,
+        tuple(s for s in subjects if any(examples[i].group == s for i in te)),
+        len(tr),
+        l2,
+        inner,
+        quality(scores, weak, strong),
+        quality(length, weak, strong),
+        random_quality(weak, strong),
+        apgr_diff_interval(scores, length, weak, strong),
+        scores,
+        te,
+    )
+    if log:
+        cv = '' if inner is None else f' (inner CV APGR {inner:.4f})'
+        log(f'{name}: {len(te)} held-out prompts, {len(tr)} training, l2 {l2:g}{cv}: APGR {r.classifier.apgr:.4f}')
+    return r
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -1347,14 +1374,28 @@ def cli_holdout(args: argparse.Namespace) -> int:
             ('--model', args.model),
             ('--plot', args.plot),
             ('--curve', args.curve),
-            ('--semantic', getattr(args, 'semantic', False)),
         )
         if v
     ]
     if other:
         print(f'{err}: not with {", ".join(other)} (it trains its own classifier per group)', file=sys.stderr)
         return 2
-    l2s = DEFAULT_L2 if args.l2 is None else _l2_grid(str(args.l2))
+    sem = bool(getattr(args, 'semantic', False))
+    fast_only = [
+        o
+        for o, v in (('--hash-bits', args.hash_bits), ('--select-by', args.select_by), ('--dense', args.dense))
+        if v is not None
+    ]
+    if sem and fast_only:
+        print(f'{err}: {", ".join(fast_only)} are for the fast classifier, not --semantic', file=sys.stderr)
+        return 2
+    if sem:
+        from fastroute import semantic
+
+        default_l2: tuple[float, ...] = semantic.DEFAULT_L2
+    else:
+        default_l2 = DEFAULT_L2
+    l2s = default_l2 if args.l2 is None else _l2_grid(str(args.l2))
     hash_bits = DEFAULT_HASH_BITS if args.hash_bits is None else args.hash_bits
     folds = DEFAULT_FOLDS if args.folds is None else args.folds
     got = _training_data(err, args, l2s, hash_bits, folds)
@@ -1363,17 +1404,32 @@ def cli_holdout(args: argparse.Namespace) -> int:
     data, examples, positions = got
     log = _progress(args.quiet)
     try:
-        results = holdout_eval(
-            examples,
-            args.holdout,
-            hash_bits=hash_bits,
-            l2s=l2s,
-            folds=folds,
-            select_by=args.select_by or 'folds',
-            dense=args.dense or 'all',
-            log=log,
-        )
+        if sem:
+            semantic._one_thread_unless_set()
+            results = semantic.holdout_semantic(
+                examples,
+                args.holdout,
+                l2s=l2s,
+                folds=folds,
+                model_dir=args.model_dir,
+                cache_dir=semantic._cache(args),
+                log=log,
+            )
+        else:
+            results = holdout_eval(
+                examples,
+                args.holdout,
+                hash_bits=hash_bits,
+                l2s=l2s,
+                folds=folds,
+                select_by=args.select_by or 'folds',
+                dense=args.dense or 'all',
+                log=log,
+            )
     except ValueError as e:
+        if sem and isinstance(e, semantic.SemanticError):
+            print(f'{err}: {e}', file=sys.stderr)
+            return 2
         print(f'{err}: {data}: {e}', file=sys.stderr)
         return 1
     if not results:
@@ -1384,7 +1440,7 @@ def cli_holdout(args: argparse.Namespace) -> int:
     left_out = f' (left out: {args.exclude_subjects})' if args.exclude_subjects else ''
     print(
         f'data {data}: {len(examples)} prompts{left_out}; held-out kinds `{args.holdout}`, each group scored by a '
-        'classifier'
+        + ('semantic classifier (sentence embeddings)' if sem else 'classifier')
     )
     kept = '; dense features of one sign in every training category only' if args.dense == 'consistent' else ''
     print(

@@ -518,6 +518,45 @@ def train_semantic(
     return model, report
 
 
+def holdout_semantic(
+    examples: list[Any],
+    grouping: str,
+    *,
+    l2s: tuple[float, ...] = DEFAULT_L2,
+    folds: int = 5,
+    model_dir: str | None = None,
+    cache_dir: Path | None = None,
+    log: Any = None,
+) -> list[Any]:
+    """`fastroute eval --holdout GROUPING --semantic`: the fast classifier's leave-kind-out evaluation
+    (`classifier.holdout_eval`) with the semantic classifier: for each group, fitted on the other subjects'
+    embeddings (labels smoothed by subject within them; L2 picked by `folds`-fold CV there when `l2s` has several
+    values) and scored on the group's, beside length and random on the same prompts.
+
+    Raises:
+        SemanticError: the extra or the model files are missing.
+        ValueError: as `classifier.holdout_eval`.
+    """
+    import numpy as np
+
+    from fastroute import classifier as fast
+
+    x = _embeddings_cached(encoder(model_dir), texts_of(examples), cache_dir, log)
+    out = []
+    for name, subjects, tr, te in fast.holdout_parts(examples, grouping, folds, log):
+        l2, inner = l2s[0], None
+        if len(l2s) > 1:
+            part = [examples[i] for i in tr]
+            best = max(
+                (cross_validate_semantic(part, x[tr], v, folds, by_group=True) for v in l2s), key=lambda r: r.apgr
+            )
+            l2, inner = best.l2, best.apgr
+        b, w = fit_semantic(x[tr], fast.targets(examples, tr, by_group=True), l2)
+        scores = 1.0 / (1.0 + np.exp(-(x[te] @ w + b)))
+        out.append(fast.holdout_result(examples, name, subjects, tr, te, l2, inner, scores, log))
+    return out
+
+
 def scores_of(model: SemanticModel, examples: list[Any], *, model_dir: str | None, cache_dir: Path | None) -> Any:
     enc = encoder(model_dir)
     x = _embeddings_cached(enc, texts_of(examples), cache_dir)
