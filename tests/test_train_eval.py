@@ -573,3 +573,62 @@ def test_exclude_subjects_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
             h['weak_correct'],
             h['strong_correct'],
         )
+
+
+# -- dense weights fitted without some subjects (`--dense-exclude-subjects`) ---------------------------
+
+
+def test_fit_on_takes_the_dense_weights_from_the_other_subjects_and_fits_the_ngrams_on_all(
+    mmlu: list[classifier.Example], tmp_path: Path
+) -> None:
+    part = mmlu[::15]
+    d = classifier.design([e.body for e in part], 9)
+    idx = np.arange(len(part))
+    gone = frozenset({'high_school_mathematics', 'professional_law'})
+    w = classifier.fit_on(part, d, idx, 1e-3, by_group=True, dense_without=gone)
+    trusted = np.array([i for i in idx if part[i].group not in gone])
+    alone = classifier.fit(d.subset(trusted), classifier.targets(part, trusted, by_group=True), 1e-3)
+    assert np.allclose(w.dense, alone.dense)  # the dense weights: the fit without those subjects
+    assert not np.allclose(w.ngrams, alone.ngrams, atol=1e-3)  # the n-grams: refitted on every example
+    plain = classifier.fit(d, classifier.targets(part, idx, by_group=True), 1e-3)
+    assert not np.allclose(w.dense, plain.dense, atol=1e-3)
+    # given those dense weights, the bias and n-grams are the best fit on all: nudging them raises the loss
+    y = classifier.targets(part, idx, by_group=True)
+
+    def loss(bias: float, ngrams: np.ndarray) -> float:
+        p = classifier.Weights(bias, w.dense, ngrams).scores(d)
+        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)) + 1e-3 / 2 * (ngrams @ ngrams))
+
+    best = loss(w.bias, w.ngrams)
+    rng = np.random.default_rng(1)
+    assert all(loss(w.bias, w.ngrams + rng.normal(0, 0.05, w.ngrams.shape)) > best for _ in range(3))
+    assert loss(w.bias + 0.05, w.ngrams) > best and loss(w.bias - 0.05, w.ngrams) > best
+    model = classifier.train(part, hash_bits=9, l2s=(1e-3,), folds=3, dense_without=gone)
+    assert model['trained']['dense_without'] == sorted(gone)
+    assert np.allclose(model['dense'], w.dense, rtol=1e-4, atol=1e-6)
+    rust, fitted = _rust_and_numpy_scores(model, [e.body for e in mmlu[3::70]], tmp_path)
+    assert np.allclose(rust, fitted, atol=1e-4)
+    with pytest.raises(ValueError, match='measured apart'):
+        classifier.train(part, hash_bits=9, l2s=(1e-3,), folds=3, dense='consistent', dense_without=gone)
+
+
+def test_dense_exclude_subjects_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / 'slice.jsonl'
+    data.write_text('\n'.join(_per_subject(6)) + '\n')
+    out = tmp_path / 'm.json'
+    argv = ['train', '--data', str(data), '-o', str(out), '--hash-bits', '9', '--l2', '1e-3', '--folds', '3', '-q']
+    assert main([*argv, '--dense-exclude-subjects', 'high_school_mathematics']) == 0
+    printed = capsys.readouterr().out
+    assert '342 examples' in printed and 'dense weights fitted without: high_school_mathematics' in printed
+    assert json.loads(out.read_text())['trained']['dense_without'] == ['high_school_mathematics']
+    assert main([*argv, '--dense-exclude-subjects', 'high_school_maths']) == 1
+    assert "no example has subject 'high_school_maths'" in capsys.readouterr().err
+    assert main([*argv, '--dense-exclude-subjects', ',']) == 2
+    assert 'give subject names' in capsys.readouterr().err
+    assert main([*argv, '--dense-exclude-subjects', 'virology', '--dense', 'consistent']) == 1
+    assert 'measured apart' in capsys.readouterr().err
+    assert main(['eval', '--dense-exclude-subjects', 'virology']) == 2
+    assert '--dense-exclude-subjects only apply with --holdout' in capsys.readouterr().err
+    base = ['eval', '--data', str(data), '--hash-bits', '9', '--l2', '1e-3', '-q', '--holdout', 'math']
+    assert main([*base, '--dense-exclude-subjects', 'virology']) == 0
+    assert 'dense weights fitted without virology' in capsys.readouterr().out

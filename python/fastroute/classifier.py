@@ -452,6 +452,57 @@ def fit(d: Design, y: np.ndarray, l2: float) -> Weights:
     return Weights(float(w[0] - dense @ mu), dense, w[1 + k :])
 
 
+def fit_ngrams(d: Design, y: np.ndarray, l2: float, offset: np.ndarray) -> tuple[float, np.ndarray]:
+    """`fit` of the bias and the n-gram weights alone, each example's dense part given as a fixed `offset` to its
+    logit: (bias, n-gram weights)."""
+    import numpy as np
+
+    n = d.n
+
+    def f(w: np.ndarray) -> tuple[float, np.ndarray]:
+        wg = w[1:]
+        z = w[0] + offset + np.bincount(d.rows, weights=d.vals * wg[d.cols], minlength=n)
+        p = 1.0 / (1.0 + np.exp(-z))
+        loss = float(np.mean(np.logaddexp(0.0, z) - y * z)) + l2 / 2 * float(wg @ wg)
+        e = (p - y) / n
+        return loss, np.concatenate(
+            [[e.sum()], np.bincount(d.cols, weights=d.vals * e[d.rows], minlength=d.dims) + l2 * wg]
+        )
+
+    w = _lbfgs(f, np.zeros(1 + d.dims))
+    return float(w[0]), w[1:]
+
+
+def fit_on(
+    examples: list[Example],
+    d: Design,
+    idx: np.ndarray,
+    l2: float,
+    *,
+    by_group: bool,
+    dense: str = 'all',
+    dense_without: frozenset[str] = frozenset(),
+) -> Weights:
+    """One fit of the training recipe on the examples `idx` (rows of `d`). `dense='consistent'`: only the dense
+    features of one sign in every MMLU category of `idx` (`consistent_dense`). `dense_without`: the dense weights
+    come from a fit without these subjects' examples, and the bias and n-gram weights are then fitted on all of
+    `idx` with those dense weights held fixed. The dense features are what carries over to prompts of other
+    kinds, so they learn only from labels that can be trusted; the n-grams still learn to recognise the left-out
+    subjects' own prompts."""
+    import numpy as np
+
+    dtr = d.subset(idx)
+    if dense == 'consistent':
+        dtr = without_dense(dtr, consistent_dense(examples, d, idx, l2))
+    y = targets(examples, idx, by_group=by_group)
+    if not dense_without:
+        return fit(dtr, y, l2)
+    trusted = idx[np.array([examples[i].group not in dense_without for i in idx], dtype=bool)]
+    first = fit(d.subset(trusted), targets(examples, trusted, by_group=by_group), l2)
+    bias, ngrams = fit_ngrams(dtr, y, l2, dtr.dense @ first.dense)
+    return Weights(bias, first.dense, ngrams)
+
+
 def targets(examples: list[Example], idx: np.ndarray, *, by_group: bool) -> np.ndarray:
     """The label the score estimates: P(strong right and weak wrong). With `by_group` (the training file's
     `subject`), each example's label is its group's mean in `idx`, which denoises the one-bit outcomes (a
@@ -494,16 +545,16 @@ def cross_validate(
     *,
     by_group: bool,
     dense: str = 'all',
+    dense_without: frozenset[str] = frozenset(),
     log: Any = None,
 ) -> CvResult:
-    """k-fold CV of the fast classifier: per-fold figures averaged, and the out-of-fold scores. With
-    `dense='consistent'`, the dense features kept are chosen on each training fold (`consistent_dense`)."""
+    """k-fold CV of the fast classifier: per-fold figures averaged, and the out-of-fold scores. Each training fold
+    is fitted by `fit_on` (with `dense='consistent'`, the dense features kept are chosen on it; with
+    `dense_without`, the dense weights come from its examples of the other subjects)."""
 
     def fold(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
-        dtr = d.subset(tr)
-        if dense == 'consistent':
-            dtr = without_dense(dtr, consistent_dense(examples, d, tr, l2))
-        return fit(dtr, targets(examples, tr, by_group=by_group), l2).scores(d.subset(te))
+        w = fit_on(examples, d, tr, l2, by_group=by_group, dense=dense, dense_without=dense_without)
+        return w.scores(d.subset(te))
 
     return cv_folds(examples, l2, k, fold, log=log)
 
@@ -576,6 +627,7 @@ def training_record(
     by_group: bool,
     select_by: str = 'folds',
     dense_kept: list[str] | None = None,
+    dense_without: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """The `label` and `trained` entries of a model file (fast or semantic): what was learnt, from what, how."""
     return {
@@ -590,11 +642,12 @@ def training_record(
             'seed': SEED,
             **({'select_by': select_by} if select_by != 'folds' else {}),
             **({'dense': 'consistent', 'dense_kept': dense_kept} if dense_kept is not None else {}),
+            **({'dense_without': sorted(dense_without)} if dense_without else {}),
         },
     }
 
 
-def _check_recipe(select_by: str, dense: str) -> None:
+def _check_recipe(select_by: str, dense: str, dense_without: frozenset[str] = frozenset()) -> None:
     """`train`'s and `holdout_eval`'s choices of L2 selection and dense features.
 
     Raises:
@@ -606,6 +659,8 @@ def _check_recipe(select_by: str, dense: str) -> None:
         raise ValueError(f'unknown dense {dense!r}; choose one of: {", ".join(DENSE)}')
     if dense != 'all' and select_by != 'folds':
         raise ValueError('dense features by category and the L2 by category are measured apart, not together')
+    if dense_without and (dense != 'all' or select_by != 'folds'):
+        raise ValueError('dense weights without some subjects are measured apart from --dense and --select-by')
 
 
 def train(
@@ -617,6 +672,7 @@ def train(
     source: str = '',
     select_by: str = 'folds',
     dense: str = 'all',
+    dense_without: frozenset[str] = frozenset(),
     log: Any = None,
 ) -> dict[str, Any]:
     """Pick the L2 strength (by k-fold CV, best mean APGR; with `select_by='category'`, by leave-one-category-out
@@ -624,7 +680,8 @@ def train(
     return the model file's contents: weights, the CV figures beside the baselines, and a calibration sample (101
     quantiles of the out-of-fold scores, for `target_share`). With `dense='consistent'` only the dense features
     of one sign in every MMLU category are fitted (`consistent_dense`, chosen within each CV training fold and
-    then on all the data); the others' weights are 0.
+    then on all the data); the others' weights are 0. With `dense_without`, every fit takes its dense weights from
+    the examples of the other subjects (`fit_on`).
 
     Raises:
         ValueError: too few examples, an unknown `select_by` or `dense`, or (`category`, `consistent`)
@@ -632,7 +689,7 @@ def train(
     """
     import numpy as np
 
-    _check_recipe(select_by, dense)
+    _check_recipe(select_by, dense, dense_without)
     if len(examples) < 2 * folds:
         raise ValueError(f'{len(examples)} examples are too few for {folds}-fold cross-validation')
     d = design([e.body for e in examples], hash_bits)
@@ -645,21 +702,19 @@ def train(
         grid = l2s
     results = []
     for l2 in grid:
-        r = cross_validate(examples, d, l2, folds, by_group=by_group, dense=dense, log=log)
+        r = cross_validate(examples, d, l2, folds, by_group=by_group, dense=dense, dense_without=dense_without, log=log)
         results.append(r)
         if log:
             log(f'l2={l2:g}: CV APGR {r.apgr:.4f}, CPT(50%) {r.cpt50:.1%}, CPT(80%) {r.cpt80:.1%}')
     best = max(results, key=lambda r: r.apgr)
     names = list(_core.classifier_feature_names()[0])
     kept = None
-    dfit = d
     if dense == 'consistent':
         keep = consistent_dense(examples, d, np.arange(d.n), best.l2)
         kept = [name for name, k in zip(names, keep, strict=True) if k]
-        dfit = without_dense(d, keep)
         if log:
             log(f'dense features of one sign in every category: {", ".join(kept) or "none"}')
-    w = fit(dfit, targets(examples, np.arange(d.n), by_group=by_group), best.l2)
+    w = fit_on(examples, d, np.arange(d.n), best.l2, by_group=by_group, dense=dense, dense_without=dense_without)
     cal = np.quantile(best.oof, np.linspace(0, 1, 101))
     return {
         'format': MODEL_FORMAT,
@@ -668,7 +723,7 @@ def train(
         'hash_bits': hash_bits,
         'bias': _r(w.bias),
         'dense': [_r(v) for v in w.dense],
-        **training_record(examples, source, best.l2, l2s, folds, by_group, select_by, kept),
+        **training_record(examples, source, best.l2, l2s, folds, by_group, select_by, kept, dense_without),
         'cv': {
             **figures(best),
             **(
@@ -812,6 +867,20 @@ def holdout_split(examples: list[Example], held: tuple[str, ...] | frozenset[str
     return train, test
 
 
+def check_subjects(examples: list[Example], names: tuple[str, ...], option: str) -> None:
+    """That the data has subjects, and an example of each of `names` (a typo would otherwise leave out nothing).
+
+    Raises:
+        ValueError: saying which, for `option`.
+    """
+    if not any(e.group is not None for e in examples):
+        raise ValueError(f'{option} needs examples with a `subject`; this data has none')
+    present = {e.group for e in examples}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(f'no example has subject {", ".join(map(repr, missing))}; check the spelling')
+
+
 def exclude_subjects(examples: list[Example], names: tuple[str, ...]) -> tuple[list[Example], list[int]]:
     """The examples whose `subject` is not one of `names`, and their positions in `examples` (1-based). For labels
     known to be wrong: the bundled file's `high_school_mathematics`, where the strong model is scored right on 5 %
@@ -821,12 +890,7 @@ def exclude_subjects(examples: list[Example], names: tuple[str, ...]) -> tuple[l
         ValueError: data without subjects, a name no example has (a typo would silently exclude nothing), or
             nothing left.
     """
-    if not any(e.group is not None for e in examples):
-        raise ValueError('--exclude-subjects needs examples with a `subject`; this data has none')
-    present = {e.group for e in examples}
-    missing = [n for n in names if n not in present]
-    if missing:
-        raise ValueError(f'no example has subject {", ".join(map(repr, missing))}; check the spelling')
+    check_subjects(examples, names, '--exclude-subjects')
     drop = frozenset(names)
     kept = [(i + 1, e) for i, e in enumerate(examples) if e.group not in drop]
     if not kept:
@@ -963,6 +1027,7 @@ def holdout_eval(
     folds: int = DEFAULT_FOLDS,
     select_by: str = 'folds',
     dense: str = 'all',
+    dense_without: frozenset[str] = frozenset(),
     log: Any = None,
 ) -> list[HoldoutResult]:
     """Leave-kind-out evaluation: for each group of `grouping`, train as `train` does (same features, labels
@@ -976,7 +1041,7 @@ def holdout_eval(
     Raises:
         ValueError: an unknown grouping, examples without MMLU subjects, or a training part too small.
     """
-    _check_recipe(select_by, dense)
+    _check_recipe(select_by, dense, dense_without)
     d = design([e.body for e in examples], hash_bits)
     out = []
     for name, subjects, tr, te in holdout_parts(examples, grouping, folds, log):
@@ -987,12 +1052,13 @@ def holdout_eval(
             l2, table = select_l2_by_category(part, dtr, l2s)
             inner = table[f'{l2:g}']['mean']  # the mean over the training part's categories
         elif len(l2s) > 1:
-            results = [cross_validate(part, dtr, v, folds, by_group=True, dense=dense) for v in l2s]
+            results = [
+                cross_validate(part, dtr, v, folds, by_group=True, dense=dense, dense_without=dense_without)
+                for v in l2s
+            ]
             best = max(results, key=lambda r: r.apgr)
             l2, inner = best.l2, best.apgr
-        if dense == 'consistent':
-            dtr = without_dense(dtr, consistent_dense(examples, d, tr, l2))
-        w = fit(dtr, targets(examples, tr, by_group=True), l2)
+        w = fit_on(examples, d, tr, l2, by_group=True, dense=dense, dense_without=dense_without)
         out.append(holdout_result(examples, name, subjects, tr, te, l2, inner, w.scores(d.subset(te)), log))
     return out
 
@@ -1099,6 +1165,12 @@ def cli_train_args(p: argparse.ArgumentParser) -> None:
         metavar='S1,S2',
         help='leave out the examples of these subjects (labels known to be wrong), e.g. high_school_mathematics',
     )
+    p.add_argument(
+        '--dense-exclude-subjects',
+        default=None,
+        metavar='S1,S2',
+        help='fit the dense weights without these subjects (labels known to be wrong), the n-grams with them',
+    )
     p.add_argument('--limit', type=int, default=None, help='use only the first N examples (quick runs)')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress lines')
     from fastroute.semantic import add_cli_args
@@ -1152,6 +1224,22 @@ def _training_data(
     return data, kept, positions
 
 
+def _dense_without(err: str, args: argparse.Namespace, examples: list[Example]) -> frozenset[str] | int:
+    """The subjects of `--dense-exclude-subjects`, checked against the data; an exit code, said on stderr."""
+    if args.dense_exclude_subjects is None:
+        return frozenset()
+    names = tuple(n.strip() for n in args.dense_exclude_subjects.split(',') if n.strip())
+    if not names:
+        print(f'{err}: --dense-exclude-subjects {args.dense_exclude_subjects!r}: give subject names', file=sys.stderr)
+        return 2
+    try:
+        check_subjects(examples, names, '--dense-exclude-subjects')
+    except ValueError as e:
+        print(f'{err}: {e}', file=sys.stderr)
+        return 1
+    return frozenset(names)
+
+
 def _progress(quiet: bool) -> Any:
     """The progress lines of a training command, on stderr (none with -q)."""
 
@@ -1172,10 +1260,15 @@ def cli_train(args: argparse.Namespace) -> int:
     data, examples, _ = got
     log = _progress(args.quiet)
     if getattr(args, 'semantic', False):
-        if args.select_by != 'folds' or args.dense != 'all' or args.exclude_subjects is not None:
+        if (
+            args.select_by != 'folds'
+            or args.dense != 'all'
+            or args.exclude_subjects is not None
+            or args.dense_exclude_subjects is not None
+        ):
             print(
-                'fastroute train: --select-by, --dense and --exclude-subjects are for the fast classifier, not '
-                '--semantic',
+                'fastroute train: --select-by, --dense and --(dense-)exclude-subjects are for the fast classifier, '
+                'not --semantic',
                 file=sys.stderr,
             )
             return 2
@@ -1183,6 +1276,9 @@ def cli_train(args: argparse.Namespace) -> int:
 
         return semantic.cli_train(args, None if args.l2 == ','.join(f'{v:g}' for v in DEFAULT_L2) else l2s, log)
 
+    dense_without = _dense_without('fastroute train', args, examples)
+    if isinstance(dense_without, int):
+        return dense_without
     try:
         model = train(
             examples,
@@ -1192,6 +1288,7 @@ def cli_train(args: argparse.Namespace) -> int:
             source=Path(data).name,
             select_by=args.select_by,
             dense=args.dense,
+            dense_without=dense_without,
             log=log,
         )
     except ValueError as e:
@@ -1211,6 +1308,8 @@ def cli_train(args: argparse.Namespace) -> int:
     print(f'wrote {args.out}: {len(examples)} examples{left_out}, l2 {model["trained"]["l2"]:g}{how}')
     if args.dense == 'consistent':
         print(f'dense features of one sign in every category: {", ".join(model["trained"]["dense_kept"]) or "none"}')
+    if dense_without:
+        print(f'dense weights fitted without: {", ".join(sorted(dense_without))}')
     print(
         _table([('classifier (CV)', cv), ('prompt length', cv['length_baseline']), ('random', cv['random_baseline'])])
     )
@@ -1269,6 +1368,12 @@ def cli_eval_args(p: argparse.ArgumentParser) -> None:
         help='with --holdout: leave out the examples of these subjects (labels known to be wrong), in training and '
         'evaluation',
     )
+    p.add_argument(
+        '--dense-exclude-subjects',
+        default=None,
+        metavar='S1,S2',
+        help='with --holdout: fit the dense weights without these subjects, as `train --dense-exclude-subjects`',
+    )
     p.add_argument('--limit', type=int, default=None, help='use only the first N examples (quick runs)')
     p.add_argument('-q', '--quiet', action='store_true', help='with --holdout: no progress lines')
     from fastroute.semantic import add_cli_args
@@ -1292,6 +1397,7 @@ def cli_eval(args: argparse.Namespace) -> int:
             ('--select-by', args.select_by),
             ('--dense', args.dense),
             ('--exclude-subjects', args.exclude_subjects),
+            ('--dense-exclude-subjects', args.dense_exclude_subjects),
         )
         if v is not None
     ]
@@ -1383,7 +1489,12 @@ def cli_holdout(args: argparse.Namespace) -> int:
     sem = bool(getattr(args, 'semantic', False))
     fast_only = [
         o
-        for o, v in (('--hash-bits', args.hash_bits), ('--select-by', args.select_by), ('--dense', args.dense))
+        for o, v in (
+            ('--hash-bits', args.hash_bits),
+            ('--select-by', args.select_by),
+            ('--dense', args.dense),
+            ('--dense-exclude-subjects', args.dense_exclude_subjects),
+        )
         if v is not None
     ]
     if sem and fast_only:
@@ -1402,6 +1513,9 @@ def cli_holdout(args: argparse.Namespace) -> int:
     if isinstance(got, int):
         return got
     data, examples, positions = got
+    dense_without = _dense_without(err, args, examples)
+    if isinstance(dense_without, int):
+        return dense_without
     log = _progress(args.quiet)
     try:
         if sem:
@@ -1424,6 +1538,7 @@ def cli_holdout(args: argparse.Namespace) -> int:
                 folds=folds,
                 select_by=args.select_by or 'folds',
                 dense=args.dense or 'all',
+                dense_without=dense_without,
                 log=log,
             )
     except ValueError as e:
@@ -1443,6 +1558,8 @@ def cli_holdout(args: argparse.Namespace) -> int:
         + ('semantic classifier (sentence embeddings)' if sem else 'classifier')
     )
     kept = '; dense features of one sign in every training category only' if args.dense == 'consistent' else ''
+    if dense_without:
+        kept += f'; dense weights fitted without {", ".join(sorted(dense_without))}'
     print(
         f'trained on the other subjects only (labels smoothed by subject within them, {how if len(l2s) > 1 else f"L2 {l2s[0]:g}"}{kept})'
     )
