@@ -495,9 +495,9 @@ def fit_on(
     if dense == 'consistent':
         dtr = without_dense(dtr, consistent_dense(examples, d, idx, l2))
     y = targets(examples, idx, by_group=by_group)
-    if not dense_without:
-        return fit(dtr, y, l2)
     trusted = idx[np.array([examples[i].group not in dense_without for i in idx], dtype=bool)]
+    if len(trusted) == len(idx):  # none of those subjects here (or none given): one joint fit
+        return fit(dtr, y, l2)
     first = fit(d.subset(trusted), targets(examples, trusted, by_group=by_group), l2)
     bias, ngrams = fit_ngrams(dtr, y, l2, dtr.dense @ first.dense)
     return Weights(bias, first.dense, ngrams)
