@@ -37,7 +37,10 @@ if TYPE_CHECKING:
 MODEL_FORMAT = 'fastroute-classifier'
 MODEL_VERSION = 2
 DEFAULT_HASH_BITS = 16
-DEFAULT_L2 = (1e-5, 3e-5)  # the shipped model's grid: `fastroute train --dense-exclude-subjects high_school_mathematics`
+DEFAULT_L2 = (
+    1e-5,
+    3e-5,
+)  # the shipped model's grid: `fastroute train --dense-exclude-subjects high_school_mathematics`
 DEFAULT_FOLDS = 5
 SEED = 0
 # How the L2 strength is picked from the grid: `folds`, the best mean APGR of k-fold CV (random folds, so every

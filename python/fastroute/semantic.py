@@ -469,7 +469,7 @@ def train_semantic(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Pick L2 by k-fold CV (best mean APGR), fit on everything; return the model file's contents and, for the
     report, the same folds' figures of the fast classifier (trained per fold as `fastroute train` does, with
-    the L2 of the shipped model) and the length and random baselines."""
+    the shipped model's L2 and `dense_without`) and the length and random baselines."""
     import numpy as np
 
     from fastroute import classifier as fast
@@ -488,8 +488,9 @@ def train_semantic(
     base = fast.baselines(examples, folds)
     shipped = fast.load_model(fast.default_model_path()).meta.get('trained', {})
     fast_l2 = float(shipped.get('l2', fast.DEFAULT_L2[0])) if isinstance(shipped, dict) else fast.DEFAULT_L2[0]
+    dense_without = frozenset(shipped.get('dense_without', ())) if isinstance(shipped, dict) else frozenset()
     d = fast.design([e.body for e in examples], fast.DEFAULT_HASH_BITS)
-    fast_cv = fast.cross_validate(examples, d, fast_l2, folds, by_group=by_group)
+    fast_cv = fast.cross_validate(examples, d, fast_l2, folds, by_group=by_group, dense_without=dense_without)
 
     fig = fast.figures
 
