@@ -1192,6 +1192,11 @@ def _l2_grid(text: str) -> tuple[float, ...] | None:
     return l2s
 
 
+def _subject_names(text: str | None) -> tuple[str, ...]:
+    """The names of a comma-separated `--exclude-subjects` / `--dense-exclude-subjects` (none: nothing given)."""
+    return tuple(n.strip() for n in (text or '').split(',') if n.strip())
+
+
 def _training_data(
     err: str, args: argparse.Namespace, l2s: tuple[float, ...] | None, hash_bits: int, folds: int
 ) -> tuple[str, list[Example], list[int]] | int:
@@ -1204,7 +1209,7 @@ def _training_data(
     if not 8 <= hash_bits <= 22 or folds < 2:
         print(f'{err}: --hash-bits must be within 8..22 and --folds at least 2', file=sys.stderr)
         return 2
-    names = tuple(n.strip() for n in (args.exclude_subjects or '').split(',') if n.strip())
+    names = _subject_names(args.exclude_subjects)
     if args.exclude_subjects is not None and not names:
         print(
             f'{err}: --exclude-subjects {args.exclude_subjects!r}: give subject names, comma-separated', file=sys.stderr
@@ -1231,7 +1236,7 @@ def _dense_without(err: str, args: argparse.Namespace, examples: list[Example]) 
     """The subjects of `--dense-exclude-subjects`, checked against the data; an exit code, said on stderr."""
     if args.dense_exclude_subjects is None:
         return frozenset()
-    names = tuple(n.strip() for n in args.dense_exclude_subjects.split(',') if n.strip())
+    names = _subject_names(args.dense_exclude_subjects)
     if not names:
         print(f'{err}: --dense-exclude-subjects {args.dense_exclude_subjects!r}: give subject names', file=sys.stderr)
         return 2
@@ -1297,7 +1302,7 @@ def cli_train(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f'fastroute train: {e}', file=sys.stderr)
         return 1
-    excluded = [n.strip() for n in (args.exclude_subjects or '').split(',') if n.strip()]
+    excluded = list(_subject_names(args.exclude_subjects))
     if excluded:
         model['trained']['excluded_subjects'] = excluded
     try:
