@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO, fastroute_cmd, subprocess_env
 from fastroute import semantic
-from fastroute.classifier import default_data_path
+from fastroute.classifier import default_data_path, load_examples
 from fastroute.config import load_config, loads_config
 from fastroute.errors import ConfigError
 from obs_support import KEYS, start_observed, total, wait_for
@@ -53,6 +53,35 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(fastroute_cmd(*args), capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
+def _cached(cache: Path, texts: list[str]) -> np.ndarray:
+    """The embeddings of `texts` as the cache's one shard holds them (read here, not through the code under test)."""
+    import hashlib
+
+    (shard,) = cache.glob('sem-*.npz')
+    with np.load(shard) as z:
+        rows = {k.tobytes(): e for k, e in zip(z['keys'], z['emb'], strict=True)}
+    return np.array([rows[hashlib.sha256(t.encode()).digest()[:16]] for t in texts])
+
+
+def test_the_embedding_cache_embeds_only_texts_it_has_not_seen(tmp_path: Path) -> None:
+    enc = semantic.encoder()
+    cache = tmp_path / 'cache'
+    texts = ['What is the capital of France?', 'Solve for x: 3x + 5 = 20.', 'Write a haiku about autumn.']
+    said: list[str] = []
+    first = semantic._embeddings_cached(enc, texts, cache, said.append)
+    assert said[0] == 'embeddings: 0 of 3 from the cache', said
+    again = semantic._embeddings_cached(enc, [texts[2], 'A new prompt.', texts[0], texts[2]], cache, said.append)
+    assert 'embeddings: 3 of 4 from the cache' in said, said  # the repeated text counts twice, is embedded once
+    assert len(list(cache.glob('sem-*.npz'))) == 2
+    assert np.array_equal(again[[0, 2, 3]], first[[2, 0, 2]])
+    assert np.allclose(again[1], enc.embed_one('A new prompt.'), atol=1e-6)
+    tag = next(cache.glob('sem-*.npz')).name.split('-')[1]
+    (cache / f'sem-{tag}-0000.npz').write_bytes(b'not a zip')  # a shard that does not read is skipped
+    said.clear()
+    assert np.array_equal(semantic._embeddings_cached(enc, texts, cache, said.append), first)
+    assert said == ['embeddings: 3 of 3 from the cache'], said
+
+
 def test_train_and_eval_semantic_on_a_slice(tmp_path: Path) -> None:
     lines = default_data_path().read_text().splitlines()[:60]
     data = tmp_path / 'slice.jsonl'
@@ -71,18 +100,18 @@ def test_train_and_eval_semantic_on_a_slice(tmp_path: Path) -> None:
     assert model['trained']['examples'] == 60
     for key in ('apgr', 'cpt50', 'cpt80'):
         assert 0 <= model['cv'][key] <= 1 and 0 <= model['cv']['fast_classifier'][key] <= 1
-    assert len(list(cache.glob('emb-*.npy'))) == 1  # the embeddings are cached ...
+    assert len(list(cache.glob('sem-*.npz'))) == 1  # the embeddings are cached ...
 
     scores = tmp_path / 'scores.txt'
     r = _run('eval', '--semantic', '--data', str(data), '--model', str(out), '--cache-dir', str(cache),
              '--scores-out', str(scores), cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert 'in-sample' in r.stdout and 'semantic' in r.stdout and 'fast classifier' in r.stdout, r.stdout
-    assert len(list(cache.glob('emb-*.npy'))) == 1  # ... and reused by eval (same prompts, same model)
+    assert len(list(cache.glob('sem-*.npz'))) == 1  # ... and reused by eval (same prompts, same model)
     got = np.array([float(v) for v in scores.read_text().split()])
     assert got.shape == (60,) and ((got > 0) & (got < 1)).all()
     # the file's weights reproduce the written scores from the cached embeddings
-    emb = np.load(next(cache.glob('emb-*.npy')))
+    emb = _cached(cache, semantic.texts_of(load_examples(data)))
     want = 1 / (1 + np.exp(-(emb @ np.array(model['weights']) + model['bias'])))
     assert np.allclose(got, want, atol=2e-6)
 
@@ -110,7 +139,7 @@ def test_eval_holdout_semantic_trains_each_group_without_it(tmp_path: Path) -> N
     from fastroute import classifier
 
     examples = classifier.load_examples(data)
-    emb = np.load(next(cache.glob('emb-*.npy')))
+    emb = _cached(cache, semantic.texts_of(examples))
     rows = [json.loads(line) for line in held.read_text().splitlines()]
     assert len(rows) == 57
     stem = [h for h in rows if h['group'] == 'stem']

@@ -379,22 +379,41 @@ def load_semantic(path: str | Path) -> SemanticModel:
 
 
 def _embeddings_cached(enc: Encoder, texts: list[str], cache_dir: Path | None, log: Any = None) -> np.ndarray:
-    """Embeddings of `texts`, cached as .npy keyed by a hash of the texts, the model and the token limit."""
+    """Embeddings of `texts` (n x dim, in input order), cached per text under `cache_dir`: each call writes the
+    texts it had to embed as one shard, `sem-<model>-<digest>.npz` (`keys`: each text's 16-byte SHA-256 prefix;
+    `emb`: its embedding), and a later call embeds only the texts no shard of the same model holds. So a file
+    that grew, a subset of one (`--exclude-subjects`, `--limit`) or another file sharing prompts reuses what
+    was embedded before. Shards that do not read, or hold another dimension, are skipped."""
     import numpy as np
 
-    h = hashlib.sha256()
-    h.update(f'{enc.name}/{enc.dim}/{enc.max_tokens}/'.encode())
-    h.update((enc.dir / 'model.safetensors').stat().st_size.to_bytes(8, 'little'))
-    for t in texts:
-        h.update(t.encode())
-        h.update(b'\0')
-    file = cache_dir / f'emb-{h.hexdigest()[:20]}.npy' if cache_dir is not None else None
-    if file is not None and file.exists():
-        arr = np.load(file)
-        if arr.shape == (len(texts), enc.dim):
-            if log:
-                log(f'embeddings: cached {file}')
-            return arr
+    model = hashlib.sha256(f'{enc.name}/{enc.dim}/{enc.max_tokens}/'.encode())
+    model.update((enc.dir / 'model.safetensors').stat().st_size.to_bytes(8, 'little'))
+    tag = model.hexdigest()[:16]
+    keys = [hashlib.sha256(t.encode()).digest()[:16] for t in texts]
+    where: dict[bytes, list[int]] = {}
+    for i, k in enumerate(keys):
+        where.setdefault(k, []).append(i)
+    out = np.zeros((len(texts), enc.dim), dtype=np.float32)
+    found: set[bytes] = set()
+    shards = sorted(cache_dir.glob(f'sem-{tag}-*.npz')) if cache_dir is not None and cache_dir.is_dir() else []
+    for shard in shards:
+        try:
+            with np.load(shard) as z:
+                skeys, emb = z['keys'], z['emb']
+        except (OSError, ValueError, KeyError):
+            continue
+        if emb.ndim != 2 or emb.shape[1] != enc.dim or skeys.shape != (len(emb), 16):
+            continue
+        for row, k in enumerate(skeys):
+            kb = k.tobytes()
+            if kb in where and kb not in found:
+                found.add(kb)
+                out[where[kb]] = emb[row]
+    todo = [k for k in where if k not in found]
+    if log:
+        log(f'embeddings: {len(texts) - sum(len(where[k]) for k in todo)} of {len(texts)} from the cache')
+    if not todo:
+        return out
     t0 = time.monotonic()
     last = [t0]
 
@@ -403,13 +422,17 @@ def _embeddings_cached(enc: Encoder, texts: list[str], cache_dir: Path | None, l
             last[0] = time.monotonic()
             log(f'embedding {i}/{n} prompts ({time.monotonic() - t0:.0f} s)')
 
-    arr = enc.embed(texts, progress=progress)
-    if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix('.tmp.npy')
-        np.save(tmp, arr)
-        tmp.replace(file)
-    return arr
+    new = enc.embed([texts[where[k][0]] for k in todo], progress=progress)
+    for k, row in zip(todo, new, strict=True):
+        out[where[k]] = row
+    if cache_dir is not None:
+        kb = np.frombuffer(b''.join(todo), dtype=np.uint8).reshape(len(todo), 16)
+        digest = hashlib.sha256(b''.join(todo)).hexdigest()[:16]
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f'.sem-{tag}-{digest}.{os.getpid()}.tmp.npz'
+        np.savez(tmp, keys=kb, emb=new)
+        tmp.replace(cache_dir / f'sem-{tag}-{digest}.npz')
+    return out
 
 
 def default_cache_dir() -> Path:
