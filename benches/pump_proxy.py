@@ -42,6 +42,9 @@ class Client(asyncio.Protocol):
         except OSError:
             self.transport.close()
             return
+        if self.transport.is_closing():  # the client left while the upstream connection was being made
+            up.close()
+            return
         self.up = up  # type: ignore[assignment]
         for data in self.early:
             up.write(data)

@@ -39,6 +39,7 @@ from fastroute import _core
 from fastroute.admin import AdminRequest, route
 from fastroute.canary import Counts, evaluate
 from fastroute.errors import RequestError
+from fastroute.upstream import USER_AGENT
 
 if TYPE_CHECKING:
     from fastroute.config import Config, Experiment
@@ -430,7 +431,7 @@ class Live:
                 ('content-type', 'application/json'),
                 ('x-request-id', f'{rid}-shadow'),
                 ('x-fastroute-shadow', '1'),
-                ('user-agent', 'fastroute'),
+                ('user-agent', USER_AGENT),
             ]
             if stream:
                 up = await ep.open_stream('POST', path, headers, body)

@@ -44,6 +44,7 @@ from fastroute.experiments import LIVE as EXPERIMENTS
 from fastroute.observe import Observer, StreamUsage, admit
 from fastroute.resilience import Walk, status_error
 from fastroute.upstream import (
+    USER_AGENT,
     Endpoint,
     Pool,
     Readiness,
@@ -80,7 +81,6 @@ PROXY, MODELS, HEALTH, READY, EXPLAIN = range(5)
 FORWARD_HEADERS = ('accept', 'traceparent', 'tracestate', 'baggage')  # and user-agent (`upstream_headers`)
 
 JSON_CT = ('content-type', 'application/json')
-USER_AGENT = 'fastroute'  # upstream, when the client names none
 _encode = msgspec.json.Encoder().encode
 
 

@@ -81,6 +81,9 @@ PROBE_AFTER_S = 1.0
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
+# The user-agent of requests fastroute makes on its own (a shadow copy), and of proxied ones whose client names
+# none: the request head carries only the caller's headers, so each caller sends exactly one.
+USER_AGENT = 'fastroute'
 # Response headers never relayed: hop-by-hop ones, and those the server in front sets itself.
 RESPONSE_DROP = frozenset(
     {
