@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import REPO, fastroute_cmd, subprocess_env
-from fastroute import semantic
+from fastroute import classifier, semantic
 from fastroute.classifier import default_data_path, load_examples
 from fastroute.config import load_config, loads_config
 from fastroute.errors import ConfigError
@@ -136,9 +136,7 @@ def test_eval_holdout_semantic_trains_each_group_without_it(tmp_path: Path) -> N
         assert row[1:3] == [str(n), str(n)], r.stdout
         assert f'{group}: trained on {57 - n} prompts (l2 0.001)' in r.stdout
     # each held-out score is the semantic fit on the other groups' embeddings only
-    from fastroute import classifier
-
-    examples = classifier.load_examples(data)
+    examples = load_examples(data)
     emb = _cached(cache, semantic.texts_of(examples))
     rows = [json.loads(line) for line in held.read_text().splitlines()]
     assert len(rows) == 57

@@ -310,7 +310,8 @@ def test_eval_holdout_bad_arguments(argv: list[str], want: str, capsys: pytest.C
         classifier.holdout_groups('subjects')
 
 
-def test_eval_holdout_on_data_without_subjects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _without_subjects(tmp_path: Path) -> Path:
+    """20 labelled prompts with no `subject` (as an access log gives them)."""
     data = tmp_path / 'plain.jsonl'
     data.write_text(
         ''.join(
@@ -318,6 +319,11 @@ def test_eval_holdout_on_data_without_subjects(tmp_path: Path, capsys: pytest.Ca
             for i in range(20)
         )
     )
+    return data
+
+
+def test_eval_holdout_on_data_without_subjects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _without_subjects(tmp_path)
     assert main(['eval', '--holdout', 'math', '--data', str(data), '-q']) == 1
     err = capsys.readouterr().err
     assert 'plain.jsonl' in err and 'has no `subject`' in err and 'Traceback' not in err, err
@@ -425,13 +431,7 @@ def test_select_by_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main([*argv, '--select-by', 'category', '-q']) == 0
     assert 'picked by leave-one-category-out CV' in capsys.readouterr().out
     assert json.loads(out.read_text())['trained']['select_by'] == 'category'
-    plain = tmp_path / 'plain.jsonl'
-    plain.write_text(
-        ''.join(
-            json.dumps({'prompt': f'q {i}', 'weak_correct': i % 2 == 0, 'strong_correct': True}) + '\n'
-            for i in range(20)
-        )
-    )
+    plain = _without_subjects(tmp_path)
     assert main(['train', '--data', str(plain), '-o', str(out), '--select-by', 'category', '-q']) == 1
     assert 'has no `subject`' in capsys.readouterr().err
     assert main(['eval', '--select-by', 'category']) == 2

@@ -37,10 +37,8 @@ if TYPE_CHECKING:
 MODEL_FORMAT = 'fastroute-classifier'
 MODEL_VERSION = 2
 DEFAULT_HASH_BITS = 16
-DEFAULT_L2 = (
-    1e-5,
-    3e-5,
-)  # the shipped model's grid: `fastroute train --dense-exclude-subjects high_school_mathematics`
+# The shipped model's L2 grid: `fastroute train --dense-exclude-subjects high_school_mathematics` remakes it.
+DEFAULT_L2 = (1e-5, 3e-5)
 DEFAULT_FOLDS = 5
 SEED = 0
 # How the L2 strength is picked from the grid: `folds`, the best mean APGR of k-fold CV (random folds, so every
@@ -427,9 +425,10 @@ def _lbfgs(f: Any, x0: np.ndarray, *, iters: int = 300, memory: int = 10, tol: f
     return x
 
 
-def fit(d: Design, y: np.ndarray, l2: float) -> Weights:
+def fit(d: Design, y: np.ndarray, l2: float, offset: np.ndarray | float = 0.0) -> Weights:
     """L2-regularised logistic regression on soft labels `y` in [0, 1] (mean cross-entropy + l2/2·|w|², bias
-    unpenalised). Dense features are standardised for the fit and the scaling folded back into the weights."""
+    unpenalised). Dense features are standardised for the fit and the scaling folded back into the weights.
+    `offset`: a fixed part of each example's logit (`fit_on` holds the dense part fixed this way)."""
     import numpy as np
 
     mu = d.dense.mean(axis=0)
@@ -441,7 +440,7 @@ def fit(d: Design, y: np.ndarray, l2: float) -> Weights:
 
     def f(w: np.ndarray) -> tuple[float, np.ndarray]:
         wd, wg = w[1 : 1 + k], w[1 + k :]
-        z = w[0] + xs @ wd + np.bincount(d.rows, weights=d.vals * wg[d.cols], minlength=n)
+        z = w[0] + xs @ wd + offset + np.bincount(d.rows, weights=d.vals * wg[d.cols], minlength=n)
         p = 1.0 / (1.0 + np.exp(-z))
         loss = float(np.mean(np.logaddexp(0.0, z) - y * z)) + l2 / 2 * float(wd @ wd + wg @ wg)
         e = (p - y) / n
@@ -453,27 +452,6 @@ def fit(d: Design, y: np.ndarray, l2: float) -> Weights:
     w = _lbfgs(f, np.zeros(1 + k + d.dims))
     dense = w[1 : 1 + k] / sd
     return Weights(float(w[0] - dense @ mu), dense, w[1 + k :])
-
-
-def fit_ngrams(d: Design, y: np.ndarray, l2: float, offset: np.ndarray) -> tuple[float, np.ndarray]:
-    """`fit` of the bias and the n-gram weights alone, each example's dense part given as a fixed `offset` to its
-    logit: (bias, n-gram weights)."""
-    import numpy as np
-
-    n = d.n
-
-    def f(w: np.ndarray) -> tuple[float, np.ndarray]:
-        wg = w[1:]
-        z = w[0] + offset + np.bincount(d.rows, weights=d.vals * wg[d.cols], minlength=n)
-        p = 1.0 / (1.0 + np.exp(-z))
-        loss = float(np.mean(np.logaddexp(0.0, z) - y * z)) + l2 / 2 * float(wg @ wg)
-        e = (p - y) / n
-        return loss, np.concatenate(
-            [[e.sum()], np.bincount(d.cols, weights=d.vals * e[d.rows], minlength=d.dims) + l2 * wg]
-        )
-
-    w = _lbfgs(f, np.zeros(1 + d.dims))
-    return float(w[0]), w[1:]
 
 
 def fit_on(
@@ -502,8 +480,9 @@ def fit_on(
     if len(trusted) == len(idx):  # none of those subjects here (or none given): one joint fit
         return fit(dtr, y, l2)
     first = fit(d.subset(trusted), targets(examples, trusted, by_group=by_group), l2)
-    bias, ngrams = fit_ngrams(dtr, y, l2, dtr.dense @ first.dense)
-    return Weights(bias, first.dense, ngrams)
+    ngrams_only = Design(dtr.dense[:, :0], dtr.rows, dtr.cols, dtr.vals, dtr.n, dtr.dims)
+    rest = fit(ngrams_only, y, l2, offset=dtr.dense @ first.dense)
+    return Weights(rest.bias, first.dense, rest.ngrams)
 
 
 def targets(examples: list[Example], idx: np.ndarray, *, by_group: bool) -> np.ndarray:
@@ -864,9 +843,6 @@ def holdout_split(examples: list[Example], held: tuple[str, ...] | frozenset[str
             raise ValueError(f'example {i + 1} {what}: held-out kinds need the MMLU subjects of the bundled file')
     test = np.array([i for i, e in enumerate(examples) if e.group in held], dtype=np.int64)
     train = np.array([i for i, e in enumerate(examples) if e.group not in held], dtype=np.int64)
-    leaked = {examples[i].group for i in train} & held
-    if leaked or len(train) + len(test) != len(examples):
-        raise AssertionError(f'held-out subjects in the training part: {sorted(leaked)}')
     return train, test
 
 
@@ -1036,10 +1012,10 @@ def holdout_eval(
     """Leave-kind-out evaluation: for each group of `grouping`, train as `train` does (same features, labels
     smoothed by subject within the training part, L2 picked when `l2s` has several values by `folds`-fold CV
     on the training part, or with `select_by='category'` by leave-one-category-out CV over the MMLU categories
-    of the training part, `select_l2_by_category`; with `dense='consistent'` only the dense features of one
-    sign in every category of the training part, `consistent_dense`) on every example of the other subjects, and score the group's prompts against
-    their raw outcomes (as `quality` does), beside prompt length and random on exactly those prompts. Groups
-    with no example in the data are left out.
+    of the training part, `select_l2_by_category`; each fit by `fit_on`, so with `dense='consistent'` or
+    `dense_without` as `train` fits) on every example of the other subjects, and score the group's prompts
+    against their raw outcomes (as `quality` does), beside prompt length and random on exactly those prompts
+    (`holdout_result`). Groups with no example in the data are left out (`holdout_parts`).
 
     Raises:
         ValueError: an unknown grouping, examples without MMLU subjects, or a training part too small.
@@ -1162,23 +1138,29 @@ def cli_train_args(p: argparse.ArgumentParser) -> None:
         help='dense features fitted: all (default), or only those of one sign in every MMLU category (needs MMLU '
         'subjects)',
     )
-    p.add_argument(
-        '--exclude-subjects',
-        default=None,
-        metavar='S1,S2',
-        help='leave out the examples of these subjects (labels known to be wrong), e.g. high_school_mathematics',
-    )
-    p.add_argument(
-        '--dense-exclude-subjects',
-        default=None,
-        metavar='S1,S2',
-        help='fit the dense weights without these subjects (labels known to be wrong), the n-grams with them',
-    )
+    _subject_args(p, '')
     p.add_argument('--limit', type=int, default=None, help='use only the first N examples (quick runs)')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress lines')
     from fastroute.semantic import add_cli_args
 
     add_cli_args(p)
+
+
+def _subject_args(p: argparse.ArgumentParser, when: str) -> None:
+    """`--exclude-subjects` and `--dense-exclude-subjects`, for `train` and (`when`: with --holdout) `eval`."""
+    p.add_argument(
+        '--exclude-subjects',
+        default=None,
+        metavar='S1,S2',
+        help=f'{when}leave out the examples of these subjects (labels known to be wrong), in training and '
+        'evaluation, e.g. high_school_mathematics',
+    )
+    p.add_argument(
+        '--dense-exclude-subjects',
+        default=None,
+        metavar='S1,S2',
+        help=f'{when}fit the dense weights without these subjects (labels known to be wrong), the n-grams with them',
+    )
 
 
 def _l2_grid(text: str) -> tuple[float, ...] | None:
@@ -1209,12 +1191,6 @@ def _training_data(
     if not 8 <= hash_bits <= 22 or folds < 2:
         print(f'{err}: --hash-bits must be within 8..22 and --folds at least 2', file=sys.stderr)
         return 2
-    names = _subject_names(args.exclude_subjects)
-    if args.exclude_subjects is not None and not names:
-        print(
-            f'{err}: --exclude-subjects {args.exclude_subjects!r}: give subject names, comma-separated', file=sys.stderr
-        )
-        return 2
     data = args.data or str(default_data_path())
     try:
         examples = load_examples(data)
@@ -1222,6 +1198,9 @@ def _training_data(
         print(f'{err}: {e}', file=sys.stderr)
         return 1
     examples = examples[: args.limit] if args.limit else examples
+    names = _subject_option(err, '--exclude-subjects', args.exclude_subjects, data, examples)
+    if isinstance(names, int):
+        return names
     if not names:
         return data, examples, list(range(1, len(examples) + 1))
     try:
@@ -1232,20 +1211,21 @@ def _training_data(
     return data, kept, positions
 
 
-def _dense_without(err: str, args: argparse.Namespace, examples: list[Example]) -> frozenset[str] | int:
-    """The subjects of `--dense-exclude-subjects`, checked against the data; an exit code, said on stderr."""
-    if args.dense_exclude_subjects is None:
-        return frozenset()
-    names = _subject_names(args.dense_exclude_subjects)
+def _subject_option(err: str, flag: str, text: str | None, data: str, examples: list[Example]) -> tuple[str, ...] | int:
+    """The subjects `--exclude-subjects` or `--dense-exclude-subjects` names (none when not given), each checked
+    to have examples in the data; an exit code, said on stderr, when something is wrong."""
+    if text is None:
+        return ()
+    names = _subject_names(text)
     if not names:
-        print(f'{err}: --dense-exclude-subjects {args.dense_exclude_subjects!r}: give subject names', file=sys.stderr)
+        print(f'{err}: {flag} {text!r}: give subject names, comma-separated', file=sys.stderr)
         return 2
     try:
-        check_subjects(examples, names, '--dense-exclude-subjects')
+        check_subjects(examples, names, flag)
     except ValueError as e:
-        print(f'{err}: {e}', file=sys.stderr)
+        print(f'{err}: {data}: {e}', file=sys.stderr)
         return 1
-    return frozenset(names)
+    return names
 
 
 def _progress(quiet: bool) -> Any:
@@ -1284,9 +1264,12 @@ def cli_train(args: argparse.Namespace) -> int:
 
         return semantic.cli_train(args, None if args.l2 == ','.join(f'{v:g}' for v in DEFAULT_L2) else l2s, log)
 
-    dense_without = _dense_without('fastroute train', args, examples)
-    if isinstance(dense_without, int):
-        return dense_without
+    dense_names = _subject_option(
+        'fastroute train', '--dense-exclude-subjects', args.dense_exclude_subjects, data, examples
+    )
+    if isinstance(dense_names, int):
+        return dense_names
+    dense_without = frozenset(dense_names)
     try:
         model = train(
             examples,
@@ -1369,19 +1352,7 @@ def cli_eval_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help='with --holdout: dense features fitted, as `train --dense` (chosen on each training part)',
     )
-    p.add_argument(
-        '--exclude-subjects',
-        default=None,
-        metavar='S1,S2',
-        help='with --holdout: leave out the examples of these subjects (labels known to be wrong), in training and '
-        'evaluation',
-    )
-    p.add_argument(
-        '--dense-exclude-subjects',
-        default=None,
-        metavar='S1,S2',
-        help='with --holdout: fit the dense weights without these subjects, as `train --dense-exclude-subjects`',
-    )
+    _subject_args(p, 'with --holdout: ')
     p.add_argument('--limit', type=int, default=None, help='use only the first N examples (quick runs)')
     p.add_argument('-q', '--quiet', action='store_true', help='with --holdout: no progress lines')
     from fastroute.semantic import add_cli_args
@@ -1521,9 +1492,10 @@ def cli_holdout(args: argparse.Namespace) -> int:
     if isinstance(got, int):
         return got
     data, examples, positions = got
-    dense_without = _dense_without(err, args, examples)
-    if isinstance(dense_without, int):
-        return dense_without
+    dense_names = _subject_option(err, '--dense-exclude-subjects', args.dense_exclude_subjects, data, examples)
+    if isinstance(dense_names, int):
+        return dense_names
+    dense_without = frozenset(dense_names)
     log = _progress(args.quiet)
     try:
         if sem:

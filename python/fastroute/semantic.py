@@ -389,10 +389,9 @@ def _embeddings_cached(enc: Encoder, texts: list[str], cache_dir: Path | None, l
     model = hashlib.sha256(f'{enc.name}/{enc.dim}/{enc.max_tokens}/'.encode())
     model.update((enc.dir / 'model.safetensors').stat().st_size.to_bytes(8, 'little'))
     tag = model.hexdigest()[:16]
-    keys = [hashlib.sha256(t.encode()).digest()[:16] for t in texts]
-    where: dict[bytes, list[int]] = {}
-    for i, k in enumerate(keys):
-        where.setdefault(k, []).append(i)
+    where: dict[bytes, list[int]] = {}  # a text's key -> its positions in `texts`
+    for i, t in enumerate(texts):
+        where.setdefault(hashlib.sha256(t.encode()).digest()[:16], []).append(i)
     out = np.zeros((len(texts), enc.dim), dtype=np.float32)
     found: set[bytes] = set()
     shards = sorted(cache_dir.glob(f'sem-{tag}-*.npz')) if cache_dir is not None and cache_dir.is_dir() else []
@@ -426,8 +425,9 @@ def _embeddings_cached(enc: Encoder, texts: list[str], cache_dir: Path | None, l
     for k, row in zip(todo, new, strict=True):
         out[where[k]] = row
     if cache_dir is not None:
-        kb = np.frombuffer(b''.join(todo), dtype=np.uint8).reshape(len(todo), 16)
-        digest = hashlib.sha256(b''.join(todo)).hexdigest()[:16]
+        joined = b''.join(todo)
+        kb = np.frombuffer(joined, dtype=np.uint8).reshape(len(todo), 16)
+        digest = hashlib.sha256(joined).hexdigest()[:16]
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_dir / f'.sem-{tag}-{digest}.{os.getpid()}.tmp.npz'
         np.savez(tmp, keys=kb, emb=new)
@@ -469,15 +469,22 @@ def cross_validate_semantic(
     examples: list[Any], x: np.ndarray, l2: float, k: int, *, by_group: bool, log: Any = None
 ) -> Any:
     """k-fold CV of the semantic classifier over the embeddings `x`, on the fast classifier's folds."""
+    from fastroute.classifier import cv_folds
+
+    return cv_folds(
+        examples, l2, k, lambda tr, te: fit_and_score(examples, x, tr, te, l2, by_group), log=log, tag='semantic '
+    )
+
+
+def fit_and_score(examples: list[Any], x: np.ndarray, tr: Any, te: Any, l2: float, by_group: bool) -> np.ndarray:
+    """The semantic model fitted on the examples `tr` (their embeddings `x[tr]`, labels as the fast classifier's)
+    and its scores of the examples `te`."""
     import numpy as np
 
-    from fastroute.classifier import cv_folds, targets
+    from fastroute.classifier import targets
 
-    def fold(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
-        b, w = fit_semantic(x[tr], targets(examples, tr, by_group=by_group), l2)
-        return 1.0 / (1.0 + np.exp(-(x[te] @ w + b)))
-
-    return cv_folds(examples, l2, k, fold, log=log, tag='semantic ')
+    b, w = fit_semantic(x[tr], targets(examples, tr, by_group=by_group), l2)
+    return 1.0 / (1.0 + np.exp(-(x[te] @ w + b)))
 
 
 def train_semantic(
@@ -561,8 +568,6 @@ def holdout_semantic(
         SemanticError: the extra or the model files are missing.
         ValueError: as `classifier.holdout_eval`.
     """
-    import numpy as np
-
     from fastroute import classifier as fast
 
     x = _embeddings_cached(encoder(model_dir), texts_of(examples), cache_dir, log)
@@ -575,8 +580,7 @@ def holdout_semantic(
                 (cross_validate_semantic(part, x[tr], v, folds, by_group=True) for v in l2s), key=lambda r: r.apgr
             )
             l2, inner = best.l2, best.apgr
-        b, w = fit_semantic(x[tr], fast.targets(examples, tr, by_group=True), l2)
-        scores = 1.0 / (1.0 + np.exp(-(x[te] @ w + b)))
+        scores = fit_and_score(examples, x, tr, te, l2, True)
         out.append(fast.holdout_result(examples, name, subjects, tr, te, l2, inner, scores, log))
     return out
 
